@@ -1,0 +1,5 @@
+import sys
+
+from qemu_vpnnet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""The `qemu-vpnnet` command: run the backend, or one of its subcommands."""
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from qemu_vpnnet import __version__
+from qemu_vpnnet.core.config import DEFAULT_MTU, DEFAULT_NET, NetConfig, ip_bytes
+from qemu_vpnnet.core.packets import parse_mac
+from qemu_vpnnet.core.stack import Stack
+from qemu_vpnnet.io.shell import Shell, StartupError
+
+log = logging.getLogger("qemu_vpnnet")
+
+DEVICE_HINT = "-device virtio-net-pci,netdev=vpnnet0"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT (HOST may be [v6] or empty for 127.0.0.1)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def static_lease(text: str) -> tuple[bytes, bytes]:
+    """MAC=ADDR for --dhcp-static."""
+    mac, sep, addr = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError("expected MAC=ADDRESS")
+        return parse_mac(mac), ip_bytes(addr)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--dhcp-static {text!r}: {exc}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qemu-vpnnet",
+        description="User-mode network backend for QEMU: guests' traffic leaves as ordinary host sockets.",
+        epilog="Subcommands: see README.rst.",
+    )
+    p.add_argument("--version", action="version", version=f"qemu-vpnnet {__version__}")
+    t = p.add_argument_group("QEMU-side transports (several may be given)")
+    t.add_argument(
+        "--socket",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="listen on a Unix stream socket (QEMU: -netdev stream,server=off,addr.path=PATH)",
+    )
+    t.add_argument(
+        "--connect",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="connect to a QEMU listening on PATH (-netdev stream,server=on,...), reconnecting",
+    )
+    t.add_argument(
+        "--listen-tcp",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        type=host_port,
+        help="listen on TCP for -netdev socket,connect=HOST:PORT (libvirt type='client')",
+    )
+    t.add_argument(
+        "--dgram",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="bind a Unix datagram socket for -netdev dgram,remote.type=unix,remote.path=PATH",
+    )
+    n = p.add_argument_group("virtual network (defaults are QEMU -netdev user's)")
+    n.add_argument("--net", default=DEFAULT_NET, metavar="CIDR", help=f"guest network (default {DEFAULT_NET})")
+    n.add_argument("--host", metavar="ADDR", help="gateway/host address (default: .2 of --net)")
+    n.add_argument("--dns", metavar="ADDR", help="DNS server address (default: .3 of --net)")
+    n.add_argument("--dhcp-start", metavar="ADDR", help="first address handed out (default: .15 of --net)")
+    n.add_argument(
+        "--dhcp-static",
+        action="append",
+        default=[],
+        type=static_lease,
+        metavar="MAC=ADDR",
+        help="always give ADDR to the guest with MAC (repeatable)",
+    )
+    n.add_argument("--lease-time", type=int, default=86400, metavar="SECONDS", help="DHCP lease time (default 86400)")
+    n.add_argument("--domain", default="", help="DNS domain handed out by DHCP")
+    n.add_argument("--dns-search", action="append", default=[], metavar="DOMAIN", help="DNS search domain (repeatable)")
+    n.add_argument(
+        "--mtu", type=int, default=DEFAULT_MTU, help=f"MTU offered by DHCP, 576..65520 (default {DEFAULT_MTU})"
+    )
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="log level (default info)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v is debug)")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> NetConfig:
+    return NetConfig(
+        net=args.net,
+        host=args.host,
+        dns=args.dns,
+        dhcp_start=args.dhcp_start,
+        mtu=args.mtu,
+        lease_time=args.lease_time,
+        domain=args.domain,
+        search=args.dns_search,
+        static_leases=dict(args.dhcp_static),
+    )
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if args.log_level:
+        level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="qemu-vpnnet %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def qemu_hints(args: argparse.Namespace) -> list[str]:
+    hints: list[str] = []
+    for path in args.socket:
+        hints.append(f"-netdev stream,id=vpnnet0,server=off,addr.type=unix,addr.path={path} {DEVICE_HINT}")
+    for host, port in args.listen_tcp:
+        hints.append(f"-netdev socket,id=vpnnet0,connect={host}:{port} -device virtio-net-pci,netdev=vpnnet0")
+    for path in args.dgram:
+        hints.append(
+            "-netdev dgram,id=vpnnet0,local.type=unix,local.path=/tmp/qemu-guest.dgram,"
+            f"remote.type=unix,remote.path={path} -device virtio-net-pci,netdev=vpnnet0"
+        )
+    for path in args.connect:
+        hints.append(f"(QEMU listens) -netdev stream,id=vpnnet0,server=on,addr.type=unix,addr.path={path}")
+    return hints
+
+
+async def serve(args: argparse.Namespace, config: NetConfig) -> int:
+    stack = Stack(config)
+    shell = Shell(stack)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for path in args.socket:
+            await shell.listen_unix(path)
+        for host, port in args.listen_tcp:
+            await shell.listen_tcp(host, port)
+        for path in args.dgram:
+            await shell.open_dgram(path, None)
+        for path in args.connect:
+            shell.connect_unix(path)
+    except StartupError as exc:
+        log.error("%s", exc)
+        await shell.close()
+        return 2
+    log.info(
+        "serving net=%s gateway=%s dns=%s dhcp-start=%s mtu=%d",
+        config.network,
+        config.host_ip_str(),
+        config.dns_ip_str(),
+        config.dhcp_start_str(),
+        config.mtu,
+    )
+    for hint in qemu_hints(args):
+        log.info("QEMU arguments: %s", hint)
+    await stop.wait()
+    log.info("stopping")
+    await shell.close()
+    return 0
+
+
+def run_backend(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    if not (args.socket or args.connect or args.listen_tcp or args.dgram):
+        parser.error("give at least one of --socket, --connect, --listen-tcp, --dgram")
+    try:
+        config = config_from(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    import uvloop
+
+    return uvloop.run(serve(args, config))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_backend(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""What the core asks the shell to do on host sockets, and the counters it keeps.
+
+The core appends HostOp records to a list; the shell drains the list after every event and
+performs each operation on the socket that the flow number names.
+"""
+
+from typing import Final, final
+
+OP_TCP_CONNECT: Final = 1  # open a TCP connection to addr:port for flow
+OP_TCP_SEND: Final = 2  # write data to the flow's socket
+OP_TCP_SHUTDOWN: Final = 3  # half-close: no more data to the host (after pending writes)
+OP_TCP_CLOSE: Final = 4  # close the socket after pending writes; the flow is gone
+OP_TCP_ABORT: Final = 5  # close at once with RST; the flow is gone
+OP_PAUSE_READING: Final = 6  # stop reading the flow's socket (guest window is full)
+OP_RESUME_READING: Final = 7  # read the flow's socket again
+OP_UDP_OPEN: Final = 8  # open a UDP socket for flow (connected to nothing)
+OP_UDP_SEND: Final = 9  # send data to addr:port from the flow's UDP socket
+OP_UDP_CLOSE: Final = 10  # close the flow's UDP socket
+OP_PING_SEND: Final = 11  # send an ICMP echo (data is the ICMP message) to addr from flow's ping socket
+OP_PING_CLOSE: Final = 12  # close the flow's ping socket
+OP_DNS_QUERY: Final = 13  # resolve: forward data (a DNS query) upstream; port is 1 for TCP, 0 for UDP
+OP_TCP_ACCEPTED: Final = 14  # a forwarded host connection for flow is now open to the guest
+
+OP_NAMES: Final = {
+    OP_TCP_CONNECT: "tcp-connect",
+    OP_TCP_SEND: "tcp-send",
+    OP_TCP_SHUTDOWN: "tcp-shutdown",
+    OP_TCP_CLOSE: "tcp-close",
+    OP_TCP_ABORT: "tcp-abort",
+    OP_PAUSE_READING: "pause-reading",
+    OP_RESUME_READING: "resume-reading",
+    OP_UDP_OPEN: "udp-open",
+    OP_UDP_SEND: "udp-send",
+    OP_UDP_CLOSE: "udp-close",
+    OP_PING_SEND: "ping-send",
+    OP_PING_CLOSE: "ping-close",
+    OP_DNS_QUERY: "dns-query",
+    OP_TCP_ACCEPTED: "tcp-accepted",
+}
+
+
+@final
+class HostOp:
+    """One socket operation for the shell to perform."""
+
+    __slots__ = ("addr", "data", "flow", "kind", "port")
+
+    def __init__(self, kind: int, flow: int, addr: str = "", port: int = 0, data: bytes = b"") -> None:
+        self.kind = kind
+        self.flow = flow
+        self.addr = addr
+        self.port = port
+        self.data = data
+
+    def __repr__(self) -> str:
+        name = OP_NAMES.get(self.kind, str(self.kind))
+        return f"HostOp({name}, flow={self.flow}, addr={self.addr!r}, port={self.port}, data={len(self.data)}B)"
+
+
+@final
+class Counters:
+    """Named event counters (frames, bytes, drops by reason, connects, ...)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+
+    def add(self, name: str, amount: int = 1) -> None:
+        self.values[name] = self.values.get(name, 0) + amount
+
+    def get(self, name: str) -> int:
+        return self.values.get(name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.values)

@@ -1,0 +1,94 @@
+"""The virtual network's settings, with QEMU `-netdev user` defaults."""
+
+import ipaddress
+import socket
+from typing import Final, final
+
+DEFAULT_NET: Final = "10.0.2.0/24"
+DEFAULT_MTU: Final = 1500
+MIN_MTU: Final = 576
+MAX_MTU: Final = 65520
+GATEWAY_MAC: Final = b"\x52\x55\x0a\x00\x02\x02"
+
+
+def ip_bytes(text: str) -> bytes:
+    """4 bytes of a dotted IPv4 address; ValueError when malformed."""
+    return socket.inet_aton(str(ipaddress.IPv4Address(text)))
+
+
+def ip_str(addr: bytes) -> str:
+    return socket.inet_ntoa(addr)
+
+
+def ip_int(addr: bytes) -> int:
+    return int.from_bytes(addr, "big")
+
+
+def int_ip(value: int) -> bytes:
+    return (value & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+@final
+class NetConfig:
+    """Addresses of the virtual network; all checked for consistency at construction."""
+
+    def __init__(
+        self,
+        net: str = DEFAULT_NET,
+        host: str | None = None,
+        dns: str | None = None,
+        dhcp_start: str | None = None,
+        mtu: int = DEFAULT_MTU,
+        lease_time: int = 86400,
+        domain: str = "",
+        search: list[str] | None = None,
+        static_leases: dict[bytes, bytes] | None = None,
+        host_loopback: bool = True,
+        host_names: list[str] | None = None,
+    ) -> None:
+        network = ipaddress.IPv4Network(net, strict=False)
+        if network.prefixlen > 29:
+            raise ValueError(f"network {net} is too small: at most /29")
+        self.network: ipaddress.IPv4Network = network
+        self.net_addr: bytes = network.network_address.packed
+        self.prefix: int = network.prefixlen
+        self.netmask: bytes = network.netmask.packed
+        self.broadcast: bytes = network.broadcast_address.packed
+        base = int(network.network_address)
+        self.host_ip: bytes = self._inside(host, base + 2, "host")
+        self.dns_ip: bytes = self._inside(dns, base + 3, "dns")
+        self.dhcp_start: bytes = self._inside(
+            dhcp_start, base + 15 if network.prefixlen <= 27 else base + 4, "dhcp-start"
+        )
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise ValueError(f"MTU {mtu} is out of range {MIN_MTU}..{MAX_MTU}")
+        self.mtu: int = mtu
+        self.lease_time: int = lease_time
+        self.domain: str = domain
+        self.search: list[str] = list(search) if search else []
+        self.static_leases: dict[bytes, bytes] = dict(static_leases) if static_leases else {}
+        for mac, addr in self.static_leases.items():
+            if not self.contains(addr) or addr in (self.host_ip, self.dns_ip, self.net_addr, self.broadcast):
+                raise ValueError(f"static lease {ip_str(addr)} for {mac.hex(':')} is not a usable address of {net}")
+        self.host_loopback: bool = host_loopback
+        self.host_names: list[str] = ["host.internal"] + [n.lower().rstrip(".") for n in (host_names or [])]
+        self.gateway_mac: bytes = GATEWAY_MAC
+
+    def _inside(self, text: str | None, default: int, what: str) -> bytes:
+        addr = int_ip(default) if text is None else ip_bytes(text)
+        if not self.contains(addr) or addr in (self.net_addr, self.broadcast):
+            raise ValueError(f"--{what} {ip_str(addr)} is not a host address of {self.network}")
+        return addr
+
+    def host_ip_str(self) -> str:
+        return ip_str(self.host_ip)
+
+    def dns_ip_str(self) -> str:
+        return ip_str(self.dns_ip)
+
+    def dhcp_start_str(self) -> str:
+        return ip_str(self.dhcp_start)
+
+    def contains(self, addr: bytes) -> bool:
+        mask = ip_int(self.netmask)
+        return (ip_int(addr) & mask) == ip_int(self.net_addr)

@@ -1,0 +1,133 @@
+"""Parse and build Ethernet, ARP, IPv4, ICMP, UDP and TCP headers.
+
+Builders return whole Ethernet frames as bytes with every checksum filled in. Parsers are
+plain functions over bytes that raise nothing: callers check lengths first and count drops.
+"""
+
+import struct
+from typing import Final
+
+from qemu_vpnnet.core.checksum import checksum, finish, pseudo_header_sum, sum16
+
+ETH_HLEN: Final = 14
+ETH_P_IP: Final = 0x0800
+ETH_P_ARP: Final = 0x0806
+ETH_P_IPV6: Final = 0x86DD
+BROADCAST_MAC: Final = b"\xff\xff\xff\xff\xff\xff"
+
+IPPROTO_ICMP: Final = 1
+IPPROTO_TCP: Final = 6
+IPPROTO_UDP: Final = 17
+
+IP_HLEN: Final = 20
+UDP_HLEN: Final = 8
+TCP_HLEN: Final = 20
+
+TCP_FIN: Final = 0x01
+TCP_SYN: Final = 0x02
+TCP_RST: Final = 0x04
+TCP_PSH: Final = 0x08
+TCP_ACK: Final = 0x10
+
+_ETH: Final = struct.Struct("!6s6sH")
+_IP: Final = struct.Struct("!BBHHHBBH4s4s")
+_UDP: Final = struct.Struct("!HHHH")
+_TCP: Final = struct.Struct("!HHIIBBHHH")
+_ARP: Final = struct.Struct("!HHBBH6s4s6s4s")
+_ICMP_ECHO: Final = struct.Struct("!BBHHH")
+
+
+def mac_str(mac: bytes) -> str:
+    """52:54:00:12:34:56 form of a 6-byte MAC address."""
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_mac(text: str) -> bytes:
+    """6 bytes from 52:54:00:12:34:56 (or with dashes); ValueError when malformed."""
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6:
+        raise ValueError(f"bad MAC address {text!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def eth_header(dst: bytes, src: bytes, ethertype: int) -> bytes:
+    return _ETH.pack(dst, src, ethertype)
+
+
+def ipv4_header(src: bytes, dst: bytes, proto: int, payload_len: int, ident: int, ttl: int = 64) -> bytes:
+    """A 20-byte IPv4 header with the checksum filled in, Don't-Fragment set."""
+    hdr = _IP.pack(0x45, 0, IP_HLEN + payload_len, ident & 0xFFFF, 0x4000, ttl, proto, 0, src, dst)
+    csum = checksum(hdr)
+    return hdr[:10] + bytes(((csum >> 8) & 0xFF, csum & 0xFF)) + hdr[12:]
+
+
+def build_ipv4_frame(
+    dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, proto: int, l4: bytes, ident: int
+) -> bytes:
+    return _ETH.pack(dst_mac, src_mac, ETH_P_IP) + ipv4_header(src, dst, proto, len(l4), ident) + l4
+
+
+def udp_segment(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
+    """A UDP header plus payload, checksum over the pseudo-header filled in."""
+    length = UDP_HLEN + len(payload)
+    hdr = _UDP.pack(sport, dport, length, 0)
+    total = sum16(hdr, pseudo_header_sum(src, dst, IPPROTO_UDP, length))
+    csum = finish(sum16(payload, total))
+    if csum == 0:
+        csum = 0xFFFF
+    return _UDP.pack(sport, dport, length, csum) + payload
+
+
+def tcp_segment(
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    options: bytes,
+    payload: bytes,
+) -> bytes:
+    """A TCP header (with options, a multiple of 4 bytes) plus payload, checksum filled in."""
+    hlen = TCP_HLEN + len(options)
+    length = hlen + len(payload)
+    hdr = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hlen // 4) << 4, flags, window, 0, 0)
+    hdr += options
+    total = sum16(hdr, pseudo_header_sum(src, dst, IPPROTO_TCP, length))
+    if payload:
+        total = sum16(payload, total)
+    csum = finish(total)
+    return hdr[:16] + bytes(((csum >> 8) & 0xFF, csum & 0xFF)) + hdr[18:] + payload
+
+
+def icmp_message(icmp_type: int, code: int, rest: bytes) -> bytes:
+    """An ICMP message: type, code, checksum, then rest (identifier/sequence/data or unused+quote)."""
+    body = bytes((icmp_type, code, 0, 0)) + rest
+    csum = checksum(body)
+    return body[:2] + bytes(((csum >> 8) & 0xFF, csum & 0xFF)) + body[4:]
+
+
+def arp_packet(op: int, sha: bytes, spa: bytes, tha: bytes, tpa: bytes) -> bytes:
+    return _ARP.pack(1, ETH_P_IP, 6, 4, op, sha, spa, tha, tpa)
+
+
+def unpack_arp(data: bytes, offset: int) -> tuple[int, int, int, int, int, bytes, bytes, bytes, bytes]:
+    return _ARP.unpack_from(data, offset)
+
+
+def unpack_ipv4(data: bytes, offset: int) -> tuple[int, int, int, int, int, int, int, int, bytes, bytes]:
+    return _IP.unpack_from(data, offset)
+
+
+def unpack_udp(data: bytes, offset: int) -> tuple[int, int, int, int]:
+    return _UDP.unpack_from(data, offset)
+
+
+def unpack_tcp(data: bytes, offset: int) -> tuple[int, int, int, int, int, int, int, int, int]:
+    return _TCP.unpack_from(data, offset)
+
+
+def unpack_icmp_echo(data: bytes, offset: int) -> tuple[int, int, int, int, int]:
+    return _ICMP_ECHO.unpack_from(data, offset)

@@ -1,0 +1,75 @@
+"""A learning Ethernet switch joining every connected QEMU (port) and the virtual gateway.
+
+Frames queue per port in `out`; the shell drains the queues after each batch of events and
+writes each port's frames in one call.
+"""
+
+from typing import Final, final
+
+from qemu_vpnnet.core.actions import Counters
+
+MAX_MACS: Final = 4096
+
+
+@final
+class Switch:
+    def __init__(self, gateway_mac: bytes, counters: Counters) -> None:
+        self.gateway_mac = gateway_mac
+        self.counters = counters
+        self.ports: list[int] = []
+        self.mac_table: dict[bytes, int] = {}
+        self.out: dict[int, list[bytes]] = {}
+
+    def attach(self, port: int) -> None:
+        if port not in self.out:
+            self.ports.append(port)
+            self.out[port] = []
+
+    def detach(self, port: int) -> None:
+        if port in self.out:
+            self.ports.remove(port)
+            del self.out[port]
+            for mac in [m for m, p in self.mac_table.items() if p == port]:
+                del self.mac_table[mac]
+
+    def learn(self, mac: bytes, port: int) -> None:
+        """Remember which port a source MAC address lives on (not multicast sources)."""
+        if mac[0] & 1:
+            return
+        if self.mac_table.get(mac) != port:
+            if len(self.mac_table) >= MAX_MACS and mac not in self.mac_table:
+                del self.mac_table[next(iter(self.mac_table))]
+            self.mac_table[mac] = port
+
+    def forward(self, in_port: int, dst_mac: bytes, frame: bytes) -> bool:
+        """Pass a guest's frame on to other guests; True when the gateway must see it too."""
+        if dst_mac == self.gateway_mac:
+            return True
+        if dst_mac[0] & 1:  # broadcast or multicast: every other port, and the gateway
+            for port in self.ports:
+                if port != in_port:
+                    self.out[port].append(frame)
+            return True
+        known = self.mac_table.get(dst_mac)
+        if known is None:
+            for other in self.ports:
+                if other != in_port:
+                    self.out[other].append(frame)
+        elif known != in_port:
+            self.out[known].append(frame)
+        return False
+
+    def send(self, dst_mac: bytes, frame: bytes) -> None:
+        """Send a frame from the gateway toward a guest MAC (flooded when unknown)."""
+        port = self.mac_table.get(dst_mac)
+        if port is not None:
+            self.out[port].append(frame)
+            return
+        for other in self.ports:
+            self.out[other].append(frame)
+
+    def pending(self) -> bool:
+        for frames in self.out.values():
+            if frames:
+                return True
+        return False

@@ -1,0 +1,1 @@
+"""The asyncio shell: moves bytes between QEMU, host sockets and the sans-IO core."""

@@ -1,0 +1,186 @@
+"""QEMU-side transports: each connected QEMU netdev is one port of the virtual switch.
+
+- StreamPort: `-netdev stream` (Unix) and `-netdev socket` (TCP), length-prefixed frames.
+- DgramEndpoint: `-netdev dgram` over Unix datagram sockets, one frame per datagram; each
+  distinct peer address is its own port.
+"""
+
+import asyncio
+import logging
+from typing import Final, Protocol, cast
+
+from qemu_vpnnet.io.framing import FramingError, frame_stream, split_frames
+
+log = logging.getLogger("qemu_vpnnet.qemu")
+
+READ_BUFFER: Final = 1 << 20
+
+
+class FrameSink(Protocol):
+    """What the ports deliver to (the Shell)."""
+
+    def port_opened(self, port: "QemuPort") -> None: ...
+
+    def port_closed(self, port: "QemuPort", reason: str) -> None: ...
+
+    def frames_received(self, port: "QemuPort", frames: list[bytes]) -> None: ...
+
+    def malformed_input(self, port: "QemuPort", reason: str) -> None: ...
+
+
+class QemuPort:
+    """One QEMU netdev attached to the switch."""
+
+    id: int
+    description: str
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class StreamPort(asyncio.BufferedProtocol, QemuPort):
+    """A stream connection from (or to) QEMU, read into one large buffer."""
+
+    def __init__(self, sink: FrameSink, port_id: int, description: str) -> None:
+        self.sink = sink
+        self.id = port_id
+        self.description = description
+        self.buf = bytearray(READ_BUFFER)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.description = f"{self.description} peer={peer}"
+        self.sink.port_opened(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif len(self.buf) - self.end < 65536 + 8:
+            # move the partial frame to the front to make room
+            remaining = self.end - self.start
+            self.buf[0:remaining] = self.buf[self.start : self.end]
+            self.start, self.end = 0, remaining
+        return self.view[self.end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.end += nbytes
+        frames: list[bytes] = []
+        try:
+            self.start = split_frames(self.buf, self.start, self.end, frames)
+        except FramingError as exc:
+            if frames:
+                self.sink.frames_received(self, frames)
+            self.sink.malformed_input(self, str(exc))
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if frames:
+            self.sink.frames_received(self, frames)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sink.port_closed(self, str(exc) if exc else "closed by peer")
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame_stream(frames))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class DgramPeer(QemuPort):
+    """One QEMU talking to our datagram socket from its own address."""
+
+    def __init__(self, endpoint: "DgramEndpoint", port_id: int, address: str) -> None:
+        self.endpoint = endpoint
+        self.id = port_id
+        self.address = address
+        self.description = f"dgram peer={address!r}"
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        transport = self.endpoint.transport
+        if transport is None:
+            return
+        for frame in frames:
+            try:
+                transport.sendto(frame, self.address)
+            except OSError as exc:
+                log.warning("dgram send to %s failed: %s", self.address, exc)
+                return
+
+    def close(self) -> None:
+        self.endpoint.peers.pop(self.address, None)
+
+
+class DgramEndpoint(asyncio.DatagramProtocol):
+    """Our bound Unix datagram socket for `-netdev dgram`."""
+
+    MAX_PEERS: Final = 64
+
+    def __init__(self, sink: FrameSink, next_id: "PortIds", peer: str | None) -> None:
+        self.sink = sink
+        self.next_id = next_id
+        self.fixed_peer = peer
+        self.peers: dict[str, DgramPeer] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        if self.fixed_peer is not None:
+            self._peer(self.fixed_peer)
+
+    def _peer(self, address: str) -> DgramPeer:
+        peer = self.peers.get(address)
+        if peer is None:
+            if len(self.peers) >= self.MAX_PEERS:
+                oldest = next(iter(self.peers.values()))
+                self.sink.port_closed(oldest, "too many datagram peers")
+                oldest.close()
+            peer = DgramPeer(self, self.next_id.take(), address)
+            self.peers[address] = peer
+            self.sink.port_opened(peer)
+        return peer
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if not isinstance(addr, str) or not addr:
+            if self.fixed_peer is None:
+                log.warning("dgram frame from an unbound socket ignored (QEMU must bind local.path)")
+                return
+            addr = self.fixed_peer
+        assert isinstance(addr, str)
+        self.sink.frames_received(self._peer(addr), [data])
+
+    def error_received(self, exc: Exception) -> None:
+        log.warning("dgram socket error: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for peer in list(self.peers.values()):
+            self.sink.port_closed(peer, "dgram socket closed")
+        self.peers.clear()
+
+
+class PortIds:
+    """Hands out port numbers."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def take(self) -> int:
+        self.last += 1
+        return self.last

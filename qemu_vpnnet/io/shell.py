@@ -1,0 +1,257 @@
+"""The Shell: runs the core on the event loop, moving frames, socket operations and time."""
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from typing import Final
+
+from qemu_vpnnet.core.actions import HostOp
+from qemu_vpnnet.core.stack import NO_DEADLINE, Stack
+from qemu_vpnnet.io.qemu_ports import DgramEndpoint, PortIds, QemuPort, StreamPort
+
+log = logging.getLogger("qemu_vpnnet")
+
+EventListener = Callable[[str, dict[str, object]], None]
+OpPerformer = Callable[[HostOp], None]
+RECONNECT_DELAY: Final = 1.0
+
+
+class StartupError(Exception):
+    """A start-up argument cannot be used (the message says why)."""
+
+
+def prepare_unix_path(path: str) -> None:
+    """Make path usable for a listening Unix socket, or raise StartupError.
+
+    A stale socket file (nobody accepting) is removed; a live one is an error, as is any other
+    kind of file or a directory we cannot write to.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StartupError(f"{path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StartupError(f"{path}: directory {directory} is not writable")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path}: exists and is not a socket")
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        probe = socket.socket(socket.AF_UNIX, kind)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.EPROTOTYPE, errno.ECONNREFUSED):
+                continue
+            raise StartupError(f"{path}: cannot probe socket: {exc}") from exc
+        else:
+            raise StartupError(f"{path}: socket is in use by a running process")
+        finally:
+            probe.close()
+    os.unlink(path)
+
+
+class Shell:
+    """Owns the core (Stack) and every QEMU-side port; performs what the core asks for."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.loop = asyncio.get_running_loop()
+        self.ports: dict[int, QemuPort] = {}
+        self.port_ids = PortIds()
+        self.event_listeners: list[EventListener] = []
+        self.op_performers: dict[int, OpPerformer] = {}
+        self.servers: list[asyncio.AbstractServer] = []
+        self.dgram_transports: list[asyncio.DatagramTransport] = []
+        self.unix_paths: list[str] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.flush_scheduled = False
+        self.timer_handle: asyncio.TimerHandle | None = None
+        self.internal_errors = 0
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    # ---- FrameSink ---------------------------------------------------------------------
+    def port_opened(self, port: QemuPort) -> None:
+        self.ports[port.id] = port
+        self.stack.attach_port(port.id)
+        log.info("guest connected: port=%d %s", port.id, port.description)
+        self.emit("GUEST_CONNECTED", {"port": port.id, "transport": port.description})
+
+    def port_closed(self, port: QemuPort, reason: str) -> None:
+        if self.ports.pop(port.id, None) is None:
+            return
+        self.stack.detach_port(port.id)
+        log.info("guest disconnected: port=%d %s (%s)", port.id, port.description, reason)
+        self.emit("GUEST_DISCONNECTED", {"port": port.id, "transport": port.description, "reason": reason})
+
+    def malformed_input(self, port: QemuPort, reason: str) -> None:
+        self.stack.counters.add("drop-malformed-stream")
+        log.error("port %d (%s): %s; dropping this connection", port.id, port.description, reason)
+
+    def frames_received(self, port: QemuPort, frames: list[bytes]) -> None:
+        stack = self.stack
+        now = self.loop.time()
+        port_id = port.id
+        for frame in frames:
+            try:
+                stack.frame_received(port_id, frame, now)
+            except Exception:
+                self.internal_error(f"frame from port {port_id}")
+        self.schedule_flush()
+
+    def internal_error(self, what: str) -> None:
+        self.internal_errors += 1
+        self.stack.counters.add("internal-errors")
+        if self.internal_errors <= 20 or self.internal_errors % 1000 == 0:
+            log.exception("internal error handling %s (count %d)", what, self.internal_errors)
+
+    # ---- output ------------------------------------------------------------------------
+    def schedule_flush(self) -> None:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write queued frames, perform queued ops, deliver events, re-arm the timer."""
+        self.flush_scheduled = False
+        stack = self.stack
+        for _round in range(8):
+            out = stack.switch.out
+            for port_id, frames in out.items():
+                if frames:
+                    out[port_id] = []
+                    port = self.ports.get(port_id)
+                    if port is not None:
+                        port.send_frames(frames)
+            if stack.ops:
+                ops = stack.ops
+                stack.ops = []
+                for op in ops:
+                    performer = self.op_performers.get(op.kind)
+                    if performer is None:
+                        log.debug("no performer for %r", op)
+                        continue
+                    try:
+                        performer(op)
+                    except Exception:
+                        self.internal_error(repr(op))
+            if stack.events:
+                events = stack.events
+                stack.events = []
+                for name, data in events:
+                    self.emit(name, data)
+            if not stack.ops and not stack.switch.pending() and not stack.events:
+                break
+        self.arm_timer()
+
+    def emit(self, name: str, data: dict[str, object]) -> None:
+        if name == "GUEST_LEASE":
+            log.info("lease: %s -> %s", data.get("mac"), data.get("address"))
+        for listener in list(self.event_listeners):
+            try:
+                listener(name, data)
+            except Exception:
+                log.exception("event listener failed")
+
+    def arm_timer(self) -> None:
+        deadline = self.stack.next_deadline()
+        if deadline == NO_DEADLINE:
+            return
+        handle = self.timer_handle
+        if handle is not None and not handle.cancelled() and handle.when() <= deadline + 0.001:
+            return
+        if handle is not None:
+            handle.cancel()
+        self.timer_handle = self.loop.call_at(deadline, self.on_timer)
+
+    def on_timer(self) -> None:
+        self.timer_handle = None
+        try:
+            self.stack.timer(self.loop.time())
+        except Exception:
+            self.internal_error("timer")
+        self.flush()
+
+    # ---- transports --------------------------------------------------------------------
+    async def listen_unix(self, path: str) -> None:
+        prepare_unix_path(path)
+        server = await self.loop.create_unix_server(
+            lambda: StreamPort(self, self.port_ids.take(), f"stream unix={path}"), path
+        )
+        self.servers.append(server)
+        self.unix_paths.append(path)
+
+    async def listen_tcp(self, host: str, port: int) -> None:
+        try:
+            server = await self.loop.create_server(
+                lambda: StreamPort(self, self.port_ids.take(), f"socket tcp={host}:{port}"),
+                host,
+                port,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise StartupError(f"--listen-tcp {host}:{port}: {exc.strerror or exc}") from exc
+        self.servers.append(server)
+
+    async def open_dgram(self, path: str, peer: str | None) -> None:
+        prepare_unix_path(path)
+        transport, _ = await self.loop.create_datagram_endpoint(
+            lambda: DgramEndpoint(self, self.port_ids, peer), local_addr=path, family=socket.AF_UNIX
+        )
+        self.dgram_transports.append(transport)
+        self.unix_paths.append(path)
+
+    def connect_unix(self, path: str) -> None:
+        """Connect to a QEMU that listens (`server=on`), and reconnect whenever it goes away."""
+        task = self.loop.create_task(self._connect_loop(path))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _connect_loop(self, path: str) -> None:
+        warned = False
+        while True:
+            try:
+                _, protocol = await self.loop.create_unix_connection(
+                    lambda: StreamPort(self, self.port_ids.take(), f"stream connect={path}"), path
+                )
+            except OSError as exc:
+                if not warned:
+                    log.warning("cannot connect to QEMU at %s: %s; retrying every %.0fs", path, exc, RECONNECT_DELAY)
+                    warned = True
+                await asyncio.sleep(RECONNECT_DELAY)
+                continue
+            warned = False
+            assert isinstance(protocol, StreamPort)
+            await protocol.closed
+            await asyncio.sleep(RECONNECT_DELAY / 4)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for server in self.servers:
+            server.close()
+        for port in list(self.ports.values()):
+            port.close()
+        for transport in self.dgram_transports:
+            transport.close()
+        for server in self.servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+            except TimeoutError:
+                pass
+        for path in self.unix_paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if self.timer_handle is not None:
+            self.timer_handle.cancel()

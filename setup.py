@@ -1,0 +1,34 @@
+"""Build qemu-vpnnet; the sans-IO core is compiled with mypyc when it is available.
+
+Set QEMU_VPNNET_PURE=1 to install the plain Python sources only.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules = []
+if os.environ.get("QEMU_VPNNET_PURE") != "1":
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        print("qemu-vpnnet: mypyc not available, installing the uncompiled core")
+    else:
+        core = sorted(p for p in glob.glob("qemu_vpnnet/core/*.py") if not p.endswith("__init__.py"))
+        ext_modules = mypycify(["--ignore-missing-imports", *core], opt_level="3")
+
+setup(
+    name="qemu-vpnnet",
+    version="0.1.0",
+    description="User-mode network backend for QEMU: guest traffic leaves as ordinary host sockets",
+    long_description=open("README.rst", encoding="utf-8").read() if os.path.exists("README.rst") else "",
+    long_description_content_type="text/x-rst",
+    python_requires=">=3.11",
+    packages=find_packages(include=["qemu_vpnnet", "qemu_vpnnet.*"]),
+    install_requires=["qemu.qmp>=0.0.3", "pyroute2>=0.7", "dpkt>=1.9.8", "uvloop>=0.19", "mypy-extensions>=1.0"],
+    extras_require={"test": ["pytest>=7", "mypy>=1.8", "ruff>=0.4"]},
+    ext_modules=ext_modules,
+    entry_points={"console_scripts": ["qemu-vpnnet = qemu_vpnnet.cli:main"]},
+    zip_safe=False,
+)
