@@ -95,6 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument(
         "--mtu", type=int, default=DEFAULT_MTU, help=f"MTU offered by DHCP, 576..65520 (default {DEFAULT_MTU})"
     )
+    o = p.add_argument_group("outbound traffic")
+    o.add_argument(
+        "--dns-upstream",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="upstream DNS server (repeatable; default: the host's /etc/resolv.conf, followed when it changes)",
+    )
+    o.add_argument(
+        "--host-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name that resolves to the gateway address, besides host.internal (repeatable)",
+    )
+    o.add_argument(
+        "--no-host-loopback",
+        action="store_true",
+        help="do not map the gateway address to the host's 127.0.0.1",
+    )
+    o.add_argument("--udp-timeout", type=float, default=60.0, metavar="SECONDS", help="UDP flow idle timeout")
+    o.add_argument("--max-udp-flows", type=int, default=4096, help="UDP flows kept at once (oldest evicted)")
+    o.add_argument("--max-tcp-flows", type=int, default=65536, help="TCP connections kept at once")
     p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="log level (default info)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v is debug)")
     return p
@@ -111,6 +134,11 @@ def config_from(args: argparse.Namespace) -> NetConfig:
         domain=args.domain,
         search=args.dns_search,
         static_leases=dict(args.dhcp_static),
+        host_loopback=not args.no_host_loopback,
+        host_names=args.host_name,
+        udp_idle_timeout=args.udp_timeout,
+        max_udp_flows=args.max_udp_flows,
+        max_tcp_flows=args.max_tcp_flows,
     )
 
 

@@ -45,6 +45,9 @@ class NetConfig:
         static_leases: dict[bytes, bytes] | None = None,
         host_loopback: bool = True,
         host_names: list[str] | None = None,
+        udp_idle_timeout: float = 60.0,
+        max_udp_flows: int = 4096,
+        max_tcp_flows: int = 65536,
     ) -> None:
         network = ipaddress.IPv4Network(net, strict=False)
         if network.prefixlen > 29:
@@ -73,6 +76,20 @@ class NetConfig:
         self.host_loopback: bool = host_loopback
         self.host_names: list[str] = ["host.internal"] + [n.lower().rstrip(".") for n in (host_names or [])]
         self.gateway_mac: bytes = GATEWAY_MAC
+        self.udp_idle_timeout: float = udp_idle_timeout
+        self.max_udp_flows: int = max_udp_flows
+        self.max_tcp_flows: int = max_tcp_flows
+
+    def host_side_address(self, dst: bytes) -> str:
+        """Where a guest packet to dst goes on the host: the gateway address means loopback.
+
+        Returns "" when dst is a virtual address that has no host-side counterpart.
+        """
+        if dst == self.host_ip:
+            return "127.0.0.1" if self.host_loopback else ""
+        if self.contains(dst):
+            return ""
+        return ip_str(dst)
 
     def _inside(self, text: str | None, default: int, what: str) -> bytes:
         addr = int_ip(default) if text is None else ip_bytes(text)

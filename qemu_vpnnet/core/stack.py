@@ -7,10 +7,12 @@ control plane), and next_deadline().
 
 from typing import Final, final
 
-from qemu_vpnnet.core.actions import Counters, HostOp
 from qemu_vpnnet.core.checksum import checksum
 from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.dhcp import DHCP_CLIENT_PORT, DHCP_SERVER_PORT, DhcpServer
+from qemu_vpnnet.core.dns import DnsServer
+from qemu_vpnnet.core.icmp import IcmpProxy
+from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import (
     ETH_HLEN,
     ETH_P_ARP,
@@ -22,17 +24,15 @@ from qemu_vpnnet.core.packets import (
     IPPROTO_UDP,
     UDP_HLEN,
     arp_packet,
-    build_ipv4_frame,
     eth_header,
     icmp_message,
-    udp_segment,
     unpack_arp,
     unpack_ipv4,
     unpack_udp,
 )
-from qemu_vpnnet.core.switch import Switch
+from qemu_vpnnet.core.tcp import TcpEngine
+from qemu_vpnnet.core.udp import UdpNat
 
-MAX_GUEST_HOSTS: Final = 4096
 NO_DEADLINE: Final = float("inf")
 
 
@@ -40,13 +40,15 @@ NO_DEADLINE: Final = float("inf")
 class Stack:
     def __init__(self, config: NetConfig) -> None:
         self.config = config
-        self.counters = Counters()
-        self.switch = Switch(config.gateway_mac, self.counters)
-        self.ops: list[HostOp] = []
-        self.events: list[tuple[str, dict[str, object]]] = []
+        out = Output(config)
+        self.out = out
+        self.counters = out.counters
+        self.switch = out.switch
         self.dhcp = DhcpServer(config)
-        self.guest_macs: dict[bytes, bytes] = {}  # guest IPv4 address -> MAC, learned from traffic
-        self.ip_ident = 0
+        self.udp = UdpNat(out)
+        self.icmp = IcmpProxy(out)
+        self.dns = DnsServer(out)
+        self.tcp = TcpEngine(out)
 
     # ---- ports -------------------------------------------------------------------------
     def attach_port(self, port: int) -> None:
@@ -55,39 +57,18 @@ class Stack:
     def detach_port(self, port: int) -> None:
         self.switch.detach(port)
 
-    # ---- output helpers used by the protocol modules -------------------------------------
-    def next_ident(self) -> int:
-        self.ip_ident = (self.ip_ident + 1) & 0xFFFF
-        return self.ip_ident
-
-    def send_ip(self, dst_mac: bytes, src: bytes, dst: bytes, proto: int, l4: bytes) -> None:
-        frame = build_ipv4_frame(dst_mac, self.config.gateway_mac, src, dst, proto, l4, self.next_ident())
-        self.counters.add("tx-frames")
-        self.counters.add("tx-bytes", len(frame))
-        self.switch.send(dst_mac, frame)
-
-    def send_udp(self, dst_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> None:
-        self.send_ip(dst_mac, src, dst, IPPROTO_UDP, udp_segment(src, dst, sport, dport, payload))
-
-    def mac_of(self, guest_ip: bytes) -> bytes | None:
-        return self.guest_macs.get(guest_ip)
-
-    def drop(self, reason: str) -> None:
-        self.counters.add("rx-dropped")
-        self.counters.add("drop-" + reason)
-
     # ---- input -------------------------------------------------------------------------
     def frame_received(self, port: int, frame: bytes, now: float) -> None:
         """One Ethernet frame from a guest on port."""
         self.counters.add("rx-frames")
         self.counters.add("rx-bytes", len(frame))
         if len(frame) < ETH_HLEN:
-            self.drop("runt-frame")
+            self.out.drop("runt-frame")
             return
         dst_mac = frame[0:6]
         src_mac = frame[6:12]
         if src_mac[0] & 1 or src_mac == self.config.gateway_mac:
-            self.drop("bad-source-mac")
+            self.out.drop("bad-source-mac")
             return
         self.switch.learn(src_mac, port)
         if not self.switch.forward(port, dst_mac, frame):
@@ -104,46 +85,39 @@ class Stack:
 
     def arp_received(self, src_mac: bytes, frame: bytes) -> None:
         if len(frame) < ETH_HLEN + 28:
-            self.drop("short-arp")
+            self.out.drop("short-arp")
             return
         htype, ptype, hlen, plen, op, sha, spa, _tha, tpa = unpack_arp(frame, ETH_HLEN)
         if htype != 1 or ptype != ETH_P_IP or hlen != 6 or plen != 4:
-            self.drop("bad-arp")
+            self.out.drop("bad-arp")
             return
         if self.config.contains(spa) and spa != b"\x00\x00\x00\x00" and not sha[0] & 1:
-            self.remember_guest(spa, sha)
+            self.out.remember_guest(spa, sha)
         if op != 1:
             return
         cfg = self.config
         if tpa == cfg.host_ip or tpa == cfg.dns_ip:
             reply = arp_packet(2, cfg.gateway_mac, tpa, sha, spa)
-            self.counters.add("tx-frames")
-            self.switch.send(src_mac, eth_header(src_mac, cfg.gateway_mac, ETH_P_ARP) + reply)
-
-    def remember_guest(self, addr: bytes, mac: bytes) -> None:
-        if self.guest_macs.get(addr) != mac:
-            if len(self.guest_macs) >= MAX_GUEST_HOSTS and addr not in self.guest_macs:
-                del self.guest_macs[next(iter(self.guest_macs))]
-            self.guest_macs[addr] = mac
+            self.out.send_frame(src_mac, eth_header(src_mac, cfg.gateway_mac, ETH_P_ARP) + reply)
 
     def ipv4_received(self, src_mac: bytes, frame: bytes, now: float) -> None:
         if len(frame) < ETH_HLEN + IP_HLEN:
-            self.drop("short-ip")
+            self.out.drop("short-ip")
             return
         ver_ihl, _tos, total_len, _ident, frag, _ttl, proto, _csum, src, dst = unpack_ipv4(frame, ETH_HLEN)
         ihl = (ver_ihl & 0x0F) * 4
         if ver_ihl >> 4 != 4 or ihl < IP_HLEN or total_len < ihl or ETH_HLEN + total_len > len(frame):
-            self.drop("bad-ip-length")
+            self.out.drop("bad-ip-length")
             return
         if checksum(frame[ETH_HLEN : ETH_HLEN + ihl]) != 0:
-            self.drop("bad-ip-checksum")
+            self.out.drop("bad-ip-checksum")
             return
         if frag & 0x3FFF:
-            self.drop("ip-fragment")
+            self.out.drop("ip-fragment")
             return
         cfg = self.config
         if src != b"\x00\x00\x00\x00" and cfg.contains(src):
-            self.remember_guest(src, src_mac)
+            self.out.remember_guest(src, src_mac)
         start = ETH_HLEN + ihl
         end = ETH_HLEN + total_len
         if proto == IPPROTO_UDP:
@@ -153,66 +127,75 @@ class Stack:
         elif proto == IPPROTO_TCP:
             self.tcp_received(src_mac, src, dst, frame, start, end, now)
         else:
-            self.drop("ip-protocol")
+            self.out.drop("ip-protocol")
 
     def udp_received(
         self, src_mac: bytes, src: bytes, dst: bytes, frame: bytes, start: int, end: int, now: float
     ) -> None:
         if end - start < UDP_HLEN:
-            self.drop("short-udp")
+            self.out.drop("short-udp")
             return
-        _sport, dport, length, _csum = unpack_udp(frame, start)
+        sport, dport, length, _csum = unpack_udp(frame, start)
         if length < UDP_HLEN or length > end - start:
-            self.drop("bad-udp-length")
+            self.out.drop("bad-udp-length")
             return
         payload = frame[start + UDP_HLEN : start + length]
         cfg = self.config
         if dport == DHCP_SERVER_PORT and (dst == cfg.host_ip or dst == b"\xff\xff\xff\xff"):
             self.dhcp_received(src_mac, payload, now)
             return
-        self.drop("udp-unhandled")
+        if dst == cfg.dns_ip and dport == 53:
+            self.dns.from_guest(src_mac, src, dst, sport, payload, now)
+            return
+        self.udp.from_guest(src_mac, src, dst, sport, dport, payload, now)
 
     def dhcp_received(self, src_mac: bytes, payload: bytes, now: float) -> None:
         try:
             reply = self.dhcp.handle(payload, src_mac, now)
         except ValueError:
-            self.drop("bad-dhcp")
+            self.out.drop("bad-dhcp")
             return
         if self.dhcp.events:
-            self.events.extend(self.dhcp.events)
+            self.out.events.extend(self.dhcp.events)
             self.dhcp.events.clear()
         if reply is None:
             return
         self.counters.add("dhcp-replies")
         # Ethernet unicast to the client's hardware address works for every client, even one
         # asking for a broadcast reply; other guests on the segment need not see it.
-        self.send_udp(
+        self.out.send_udp(
             reply.dst_mac, self.config.host_ip, reply.dst_ip, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, reply.payload
         )
 
     def icmp_received(self, src_mac: bytes, src: bytes, dst: bytes, message: bytes, now: float) -> None:
         if len(message) < 8:
-            self.drop("short-icmp")
+            self.out.drop("short-icmp")
             return
         cfg = self.config
         if dst == cfg.host_ip or dst == cfg.dns_ip:
             if message[0] == 8:  # echo request to a virtual address: answer it ourselves
                 if checksum(message) != 0:
-                    self.drop("bad-icmp-checksum")
+                    self.out.drop("bad-icmp-checksum")
                     return
                 self.counters.add("icmp-echo-local")
-                self.send_ip(src_mac, dst, src, IPPROTO_ICMP, icmp_message(0, 0, message[4:]))
+                self.out.send_ip(src_mac, dst, src, IPPROTO_ICMP, icmp_message(0, 0, message[4:]))
             return
-        self.drop("icmp-unhandled")
+        self.icmp.from_guest(src_mac, src, dst, message, now)
 
     def tcp_received(
         self, src_mac: bytes, src: bytes, dst: bytes, frame: bytes, start: int, end: int, now: float
     ) -> None:
-        self.drop("tcp-unhandled")
+        self.tcp.segment_received(src_mac, src, dst, frame, start, end, now)
 
     # ---- time --------------------------------------------------------------------------
     def timer(self, now: float) -> None:
         """Run everything whose deadline has passed."""
+        self.tcp.timer(now)
+        self.udp.timer(now)
+        self.icmp.timer(now)
+        self.dns.timer(now)
 
     def next_deadline(self) -> float:
-        return NO_DEADLINE
+        return min(
+            self.tcp.next_deadline(), self.udp.next_deadline(), self.icmp.next_deadline(), self.dns.next_deadline()
+        )

@@ -125,16 +125,16 @@ class Shell:
         self.flush_scheduled = False
         stack = self.stack
         for _round in range(8):
-            out = stack.switch.out
+            out = stack.out.switch.out
             for port_id, frames in out.items():
                 if frames:
                     out[port_id] = []
                     port = self.ports.get(port_id)
                     if port is not None:
                         port.send_frames(frames)
-            if stack.ops:
-                ops = stack.ops
-                stack.ops = []
+            if stack.out.ops:
+                ops = list(stack.out.ops)
+                stack.out.ops.clear()
                 for op in ops:
                     performer = self.op_performers.get(op.kind)
                     if performer is None:
@@ -144,12 +144,12 @@ class Shell:
                         performer(op)
                     except Exception:
                         self.internal_error(repr(op))
-            if stack.events:
-                events = stack.events
-                stack.events = []
+            if stack.out.events:
+                events = list(stack.out.events)
+                stack.out.events.clear()
                 for name, data in events:
                     self.emit(name, data)
-            if not stack.ops and not stack.switch.pending() and not stack.events:
+            if not stack.out.ops and not stack.switch.pending() and not stack.out.events:
                 break
         self.arm_timer()
 
