@@ -11,6 +11,7 @@ from qemu_vpnnet import __version__
 from qemu_vpnnet.core.config import DEFAULT_MTU, DEFAULT_NET, NetConfig, ip_bytes
 from qemu_vpnnet.core.packets import parse_mac
 from qemu_vpnnet.core.stack import Stack
+from qemu_vpnnet.io.host_side import install_host_side
 from qemu_vpnnet.io.shell import Shell, StartupError
 
 log = logging.getLogger("qemu_vpnnet")
@@ -168,6 +169,7 @@ def qemu_hints(args: argparse.Namespace) -> list[str]:
 async def serve(args: argparse.Namespace, config: NetConfig) -> int:
     stack = Stack(config)
     shell = Shell(stack)
+    install_host_side(shell, args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
