@@ -131,3 +131,38 @@ def unpack_tcp(data: bytes, offset: int) -> tuple[int, int, int, int, int, int, 
 
 def unpack_icmp_echo(data: bytes, offset: int) -> tuple[int, int, int, int, int]:
     return _ICMP_ECHO.unpack_from(data, offset)
+
+
+def ipv4_fragments(
+    dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, proto: int, l4: bytes, ident: int, mtu: int
+) -> list[bytes]:
+    """Whole Ethernet frames carrying l4 as IPv4 fragments of at most mtu bytes each (RFC 791).
+
+    For a packet that does not fit the guest's MTU (a large UDP reply, a big echo reply); the
+    fragments have Don't-Fragment clear and share ident. mtu must be at least 28.
+    """
+    step = ((mtu - IP_HLEN) // 8) * 8
+    eth = _ETH.pack(dst_mac, src_mac, ETH_P_IP)
+    frames: list[bytes] = []
+    offset = 0
+    total = len(l4)
+    while offset < total:
+        chunk = l4[offset : offset + step]
+        more = 0x2000 if offset + len(chunk) < total else 0
+        hdr = _IP.pack(0x45, 0, IP_HLEN + len(chunk), ident & 0xFFFF, more | (offset >> 3), 64, proto, 0, src, dst)
+        csum = checksum(hdr)
+        frames.append(eth + hdr[:10] + bytes(((csum >> 8) & 0xFF, csum & 0xFF)) + hdr[12:] + chunk)
+        offset += len(chunk)
+    return frames
+
+
+def udp_quote(src: bytes, dst: bytes, sport: int, dport: int, payload_len: int) -> bytes:
+    """The IPv4 + UDP header of a datagram as an ICMP error quotes it (UDP checksum left 0)."""
+    length = UDP_HLEN + payload_len
+    return ipv4_header(src, dst, IPPROTO_UDP, length, 0) + _UDP.pack(sport, dport, length, 0)
+
+
+def is_unicast_outside(addr: bytes) -> bool:
+    """False for addresses no packet may be sent to from outside: 0/8, 127/8, multicast, class E."""
+    first = addr[0]
+    return first != 0 and first != 127 and first < 224

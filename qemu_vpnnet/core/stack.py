@@ -187,6 +187,10 @@ class Stack:
     ) -> None:
         self.tcp.segment_received(src_mac, src, dst, frame, start, end, now)
 
+    def flush(self, now: float) -> None:
+        """End of a batch of events: hand on joined data and coalesced ACKs."""
+        self.tcp.flush(now)
+
     # ---- time --------------------------------------------------------------------------
     def timer(self, now: float) -> None:
         """Run everything whose deadline has passed."""

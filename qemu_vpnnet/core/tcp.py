@@ -1,22 +1,872 @@
-"""PLACEHOLDER: interface fixed, body being written."""
+"""The TCP splice engine: every guest TCP connection is joined to one host socket.
 
-from typing import final
+Toward the guest this module is a real TCP endpoint (RFC 9293): handshake, MSS and window
+scaling, sequence and acknowledgement tracking, retransmission, out-of-order segments kept in a
+bounded queue, half-close both ways, RST both ways. Toward the host it asks the shell for socket
+operations (connect, send, shutdown, close, abort, pause/resume reading).
 
+A guest SYN becomes a host connect(); the guest sees SYN-ACK only once the host connect
+succeeded, and RST (or an ICMP error) when it failed. Forwarded host connections go the other
+way (connect_guest): SYN toward the guest, and the host socket is read only once it answered.
+
+Sequence numbers are kept unwrapped as Python ints (64-bit in practice); only the wire sees 32.
+Memory per connection is bounded: at most SND_BUF_LIMIT bytes waiting for the guest (host
+reading is paused above it) and at most RCV_WINDOW bytes out of order; the window we advertise
+stops moving while the host socket cannot take more.
+"""
+
+import errno
+import heapq
+from typing import Final, final
+
+from qemu_vpnnet.core.actions import (
+    OP_PAUSE_READING,
+    OP_RESUME_READING,
+    OP_TCP_ABORT,
+    OP_TCP_ACCEPTED,
+    OP_TCP_CLOSE,
+    OP_TCP_CONNECT,
+    OP_TCP_SEND,
+    OP_TCP_SHUTDOWN,
+    HostOp,
+)
+from qemu_vpnnet.core.config import ip_str
 from qemu_vpnnet.core.output import Output
+from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
+from qemu_vpnnet.core.tcp_wire import build_tcp_frame, parse_syn_options, syn_options, unpack_tcp_header, unwrap
+
+# States, named as in RFC 9293; CONNECTING is SYN received from the guest, host connect pending.
+CLOSED: Final = 0
+SYN_SENT: Final = 1
+SYN_RECEIVED: Final = 2
+ESTABLISHED: Final = 3
+FIN_WAIT_1: Final = 4
+FIN_WAIT_2: Final = 5
+CLOSE_WAIT: Final = 6
+CLOSING: Final = 7
+LAST_ACK: Final = 8
+TIME_WAIT: Final = 9
+CONNECTING: Final = 10
+STATE_NAMES: Final = (
+    "CLOSED",
+    "SYN-SENT",
+    "SYN-RECEIVED",
+    "ESTABLISHED",
+    "FIN-WAIT-1",
+    "FIN-WAIT-2",
+    "CLOSE-WAIT",
+    "CLOSING",
+    "LAST-ACK",
+    "TIME-WAIT",
+    "CONNECTING",
+)
+
+DNS_UPSTREAM: Final = "dns-upstream"  # connect target for guest TCP to the DNS address, port 53
+
+RCV_WINDOW: Final = 1 << 20  # what we let the guest have in flight toward us
+RCV_WSCALE: Final = 5
+SND_BUF_LIMIT: Final = 1 << 20  # bytes from the host waiting for the guest before we stop reading
+OOO_LIMIT: Final = RCV_WINDOW
+CONNECT_TIMEOUT: Final = 60.0
+TIME_WAIT_TIME: Final = 2.0
+RTO_INITIAL: Final = 1.0
+RTO_MIN: Final = 0.2
+RTO_MAX: Final = 30.0
+MAX_RETRIES: Final = 12
+SYN_RETRIES: Final = 4
+INF: Final = float("inf")
+
+
+@final
+class TcpConn:
+    """One spliced connection: the guest-facing TCP state plus its host socket's flags."""
+
+    def __init__(
+        self,
+        flow: int,
+        key: bytes,
+        guest_mac: bytes,
+        guest_ip: bytes,
+        guest_port: int,
+        remote_ip: bytes,
+        remote_port: int,
+        now: float,
+    ) -> None:
+        self.flow = flow
+        self.key = key
+        self.guest_mac = guest_mac
+        self.guest_ip = guest_ip
+        self.guest_port = guest_port
+        self.remote_ip = remote_ip
+        self.remote_port = remote_port
+        self.state = CLOSED
+        self.created = now
+        self.outbound = True  # opened by the guest (False: a forwarded host connection)
+        self.host_addr = ""
+        # send side (host -> guest)
+        self.iss = 0
+        self.snd_una = 0
+        self.snd_nxt = 0
+        self.snd_max = 0
+        self.snd_buf = bytearray()
+        self.snd_wnd = 0
+        self.snd_wl1 = 0
+        self.snd_wl2 = 0
+        self.snd_wscale = 0
+        self.mss = 536
+        self.fin_queued = False  # the host sent EOF: FIN follows the buffered data
+        self.fin_seq = -1  # sequence number of our FIN once sent
+        self.reading_paused = False
+        # receive side (guest -> host)
+        self.rcv_nxt = 0
+        self.rcv_adv = 0
+        self.rcv_wscale = 0
+        self.fin_received = False
+        self.ooo: dict[int, bytes] = {}
+        self.ooo_bytes = 0
+        self.ooo_fin = -1
+        self.host_write_paused = False
+        self.pending_send: list[bytes] = []
+        self.shutdown_pending = False
+        self.ack_needed = False
+        # timers and retransmission
+        self.rto = RTO_INITIAL
+        self.srtt = 0.0
+        self.rttvar = 0.0
+        self.rtt_seq = -1
+        self.rtt_time = 0.0
+        self.retries = 0
+        self.dupacks = 0
+        self.deadline = INF
+        self.queued_at = INF
+        self.syn_quote = b""  # the guest SYN's IP header + 8 bytes, for ICMP errors
+        # accounting
+        self.bytes_to_host = 0
+        self.bytes_to_guest = 0
 
 
 @final
 class TcpEngine:
     def __init__(self, out: Output) -> None:
         self.out = out
+        self.config = out.config
+        self.counters = out.counters
+        self.flows: dict[int, TcpConn] = {}
+        self.by_key: dict[bytes, TcpConn] = {}
+        self.dirty: dict[int, TcpConn] = {}
+        self.timers: list[tuple[float, int]] = []
+        self.next_flow = 0
+        self.iss_seed = 0x5EED1234
 
-    def timer(self, now: float) -> None:
-        pass
+    # ---- bookkeeping -------------------------------------------------------------------
+    def new_flow_id(self) -> int:
+        self.next_flow += 1
+        return self.next_flow
 
-    def next_deadline(self) -> float:
-        return float("inf")
+    def make_iss(self, now: float, flow: int) -> int:
+        self.iss_seed = (self.iss_seed * 1103515245 + 12345 + flow + int(now * 1e6)) & 0xFFFFFFFF
+        return self.iss_seed
 
+    def set_deadline(self, conn: TcpConn, when: float) -> None:
+        conn.deadline = when
+        if when < conn.queued_at:
+            conn.queued_at = when
+            heapq.heappush(self.timers, (when, conn.flow))
+
+    def remove(self, conn: TcpConn) -> None:
+        conn.state = CLOSED
+        self.flows.pop(conn.flow, None)
+        if self.by_key.get(conn.key) is conn:
+            del self.by_key[conn.key]
+        self.dirty.pop(conn.flow, None)
+        conn.snd_buf = bytearray()
+        conn.ooo.clear()
+
+    def host_op(self, conn: TcpConn, kind: int) -> None:
+        """A socket op for the host side, after any guest data still waiting to be sent."""
+        self.flush_conn(conn)
+        self.out.op(HostOp(kind, conn.flow))
+
+    # ---- emitting segments -------------------------------------------------------------
+    def advertised_window(self, conn: TcpConn) -> int:
+        """The window field for a segment (scaled), moving the right edge only when we may."""
+        limit = min(RCV_WINDOW, 65535 << conn.rcv_wscale)
+        if conn.host_write_paused:
+            win = max(0, conn.rcv_adv - conn.rcv_nxt)
+        else:
+            win = limit - conn.ooo_bytes
+            if conn.rcv_nxt + win > conn.rcv_adv:
+                conn.rcv_adv = conn.rcv_nxt + win
+            else:
+                win = conn.rcv_adv - conn.rcv_nxt
+        return min(win >> conn.rcv_wscale, 65535)
+
+    def emit(self, conn: TcpConn, seq: int, flags: int, payload: bytes, options: bytes = b"") -> None:
+        out = self.out
+        window = self.advertised_window(conn) if not flags & TCP_SYN else min(RCV_WINDOW, 65535)
+        frame = build_tcp_frame(
+            conn.guest_mac,
+            self.config.gateway_mac,
+            conn.remote_ip,
+            conn.guest_ip,
+            conn.remote_port,
+            conn.guest_port,
+            seq,
+            conn.rcv_nxt,
+            flags,
+            window,
+            options,
+            payload,
+            out.next_ident(),
+        )
+        out.send_frame(conn.guest_mac, frame)
+        conn.ack_needed = False
+
+    def send_ack(self, conn: TcpConn) -> None:
+        self.emit(conn, conn.snd_nxt, TCP_ACK, b"")
+
+    def send_rst(self, conn: TcpConn) -> None:
+        self.counters.add("tcp-rst-to-guest")
+        self.emit(conn, conn.snd_nxt, TCP_RST | TCP_ACK, b"")
+
+    def reset_unknown(
+        self,
+        src_mac: bytes,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        seg_len: int,
+    ) -> None:
+        """RST for a segment that belongs to no connection (RFC 9293 3.10.7.1)."""
+        if flags & TCP_RST:
+            return
+        if flags & TCP_ACK:
+            rst_seq, rst_ack, rst_flags = ack, 0, TCP_RST
+        else:
+            extra = (1 if flags & TCP_SYN else 0) + (1 if flags & TCP_FIN else 0)
+            rst_seq, rst_ack, rst_flags = 0, seq + seg_len + extra, TCP_RST | TCP_ACK
+        self.counters.add("tcp-rst-to-guest")
+        out = self.out
+        frame = build_tcp_frame(
+            src_mac,
+            self.config.gateway_mac,
+            dst,
+            src,
+            dport,
+            sport,
+            rst_seq,
+            rst_ack,
+            rst_flags,
+            0,
+            b"",
+            b"",
+            out.next_ident(),
+        )
+        out.send_frame(src_mac, frame)
+
+    def transmit(self, conn: TcpConn, now: float) -> None:
+        """Send whatever the guest's window allows, then a FIN if one is due."""
+        buf_len = len(conn.snd_buf)
+        buf_end = conn.snd_una + buf_len
+        win_end = conn.snd_una + conn.snd_wnd
+        sent = False
+        while conn.snd_nxt < buf_end:
+            limit = buf_end if buf_end < win_end else win_end
+            if conn.snd_nxt >= limit:
+                break
+            n = limit - conn.snd_nxt
+            if n > conn.mss:
+                n = conn.mss
+            off = conn.snd_nxt - conn.snd_una
+            payload = bytes(conn.snd_buf[off : off + n])
+            end = conn.snd_nxt + n
+            flags = TCP_ACK | TCP_PSH if end == buf_end else TCP_ACK
+            self.emit(conn, conn.snd_nxt, flags, payload)
+            if end > conn.snd_max:
+                conn.bytes_to_guest += end - max(conn.snd_nxt, conn.snd_max)
+                if conn.rtt_seq < 0:
+                    conn.rtt_seq = end
+                    conn.rtt_time = now
+            else:
+                conn.rtt_seq = -1  # Karn: no sample from retransmitted data
+            conn.snd_nxt = end
+            sent = True
+        if conn.fin_queued and conn.snd_nxt == buf_end and conn.state in (ESTABLISHED, CLOSE_WAIT, SYN_RECEIVED):
+            if conn.state != SYN_RECEIVED:
+                conn.fin_seq = buf_end
+                self.emit(conn, buf_end, TCP_FIN | TCP_ACK, b"")
+                conn.snd_nxt = buf_end + 1
+                conn.state = FIN_WAIT_1 if conn.state == ESTABLISHED else LAST_ACK
+                sent = True
+        elif conn.fin_seq >= 0 and conn.snd_nxt == conn.fin_seq:  # FIN retransmission after a rewind
+            self.emit(conn, conn.fin_seq, TCP_FIN | TCP_ACK, b"")
+            conn.snd_nxt = conn.fin_seq + 1
+            sent = True
+        if conn.snd_nxt > conn.snd_max:
+            conn.snd_max = conn.snd_nxt
+        if sent and conn.deadline == INF:
+            self.set_deadline(conn, now + conn.rto)
+        elif conn.snd_wnd == 0 and conn.snd_nxt < buf_end and conn.deadline == INF:
+            self.set_deadline(conn, now + conn.rto)  # persist timer: probe the zero window
+
+    # ---- guest segments ----------------------------------------------------------------
     def segment_received(
         self, src_mac: bytes, src: bytes, dst: bytes, frame: bytes, start: int, end: int, now: float
     ) -> None:
-        self.out.drop("tcp-unhandled")
+        if end - start < 20:
+            self.out.drop("short-tcp")
+            return
+        sport, dport, seq, ack, doff_byte, flags, window, _csum, _urg = unpack_tcp_header(frame, start)
+        hlen = (doff_byte >> 4) * 4
+        if hlen < 20 or start + hlen > end:
+            self.out.drop("bad-tcp-header")
+            return
+        if sport == 0 or dport == 0 or (flags & TCP_SYN and flags & (TCP_FIN | TCP_RST)):
+            self.out.drop("bad-tcp-flags")
+            return
+        key = src + dst + frame[start : start + 4]
+        conn = self.by_key.get(key)
+        seg_len = end - start - hlen
+        if conn is None or (conn.state == TIME_WAIT and flags & TCP_SYN and not flags & TCP_ACK):
+            if conn is not None:
+                self.remove(conn)
+            if flags & TCP_SYN and not flags & TCP_ACK:
+                self.guest_syn(src_mac, src, dst, sport, dport, seq, window, frame, start, hlen, key, now)
+            else:
+                self.counters.add("tcp-segment-no-connection")
+                self.reset_unknown(src_mac, src, dst, sport, dport, seq, ack, flags, seg_len)
+            return
+        if conn.guest_mac != src_mac:
+            conn.guest_mac = src_mac
+        state = conn.state
+        if flags & TCP_RST:
+            self.guest_rst(conn, seq, ack, flags)
+            return
+        if state == CONNECTING:
+            return  # a repeated SYN while the host connect is pending: absorbed
+        if state == SYN_SENT:
+            self.syn_sent_segment(conn, seq, ack, flags, window, frame, start, hlen, now)
+            return
+        if flags & TCP_SYN:
+            if state == SYN_RECEIVED:
+                self.send_syn_ack(conn)
+            else:
+                self.send_ack(conn)  # challenge ACK (RFC 5961)
+            return
+        if not flags & TCP_ACK:
+            return
+        ack64 = unwrap(ack, conn.snd_una)
+        if state == SYN_RECEIVED:
+            if ack64 != conn.iss + 1:
+                self.reset_unknown(src_mac, src, dst, sport, dport, seq, ack, flags, seg_len)
+                return
+            conn.state = ESTABLISHED
+            self.counters.add("tcp-established")
+            conn.snd_wnd = window << conn.snd_wscale
+            conn.snd_wl1 = unwrap(seq, conn.rcv_nxt)
+            conn.snd_wl2 = ack64
+        self.process_ack(conn, seq, ack64, window, seg_len, flags, now)
+        if conn.state == CLOSED:
+            return
+        if seg_len or flags & TCP_FIN:
+            self.process_data(conn, seq, frame, end - seg_len, end, flags, now)
+
+    def guest_syn(
+        self,
+        src_mac: bytes,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        seq: int,
+        window: int,
+        frame: bytes,
+        start: int,
+        hlen: int,
+        key: bytes,
+        now: float,
+    ) -> None:
+        cfg = self.config
+        if dst == cfg.dns_ip and dport == 53:
+            host_addr = DNS_UPSTREAM
+        else:
+            host_addr = cfg.host_side_address(dst)
+        if not host_addr or dst[0] == 127 or dst[0] >= 224 or dst == b"\x00\x00\x00\x00":
+            self.counters.add("tcp-refused-virtual")
+            self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
+            return
+        if len(self.flows) >= cfg.max_tcp_flows:
+            self.counters.add("tcp-refused-flow-limit")
+            self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
+            return
+        try:
+            mss, wscale = parse_syn_options(frame[start + 20 : start + hlen])
+        except ValueError:
+            self.out.drop("bad-tcp-options")
+            return
+        conn = TcpConn(self.new_flow_id(), key, src_mac, src, sport, dst, dport, now)
+        conn.state = CONNECTING
+        conn.host_addr = host_addr
+        conn.rcv_nxt = seq + 1
+        conn.rcv_adv = conn.rcv_nxt
+        conn.snd_wnd = window
+        conn.mss = max(64, min(mss, cfg.mtu - 40))
+        if wscale >= 0:
+            conn.snd_wscale = wscale
+            conn.rcv_wscale = RCV_WSCALE
+        conn.syn_quote = frame[ETH_HLEN : start + 8]
+        self.flows[conn.flow] = conn
+        self.by_key[key] = conn
+        self.counters.add("tcp-connects")
+        self.set_deadline(conn, now + CONNECT_TIMEOUT)
+        self.out.op(HostOp(OP_TCP_CONNECT, conn.flow, host_addr, dport))
+
+    def send_syn_ack(self, conn: TcpConn) -> None:
+        opts = syn_options(self.config.mtu - 40, conn.rcv_wscale if conn.rcv_wscale else -1)
+        self.emit(conn, conn.iss, TCP_SYN | TCP_ACK, b"", opts)
+
+    def syn_sent_segment(
+        self,
+        conn: TcpConn,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        frame: bytes,
+        start: int,
+        hlen: int,
+        now: float,
+    ) -> None:
+        """The guest's answer to our SYN (a forwarded host connection)."""
+        if not flags & TCP_SYN or not flags & TCP_ACK or ack != (conn.iss + 1) & 0xFFFFFFFF:
+            return
+        try:
+            mss, wscale = parse_syn_options(frame[start + 20 : start + hlen])
+        except ValueError:
+            self.out.drop("bad-tcp-options")
+            return
+        conn.mss = max(64, min(mss, self.config.mtu - 40))
+        if wscale >= 0:
+            conn.snd_wscale = wscale
+        else:
+            conn.rcv_wscale = 0
+        conn.rcv_nxt = seq + 1
+        conn.rcv_adv = conn.rcv_nxt
+        conn.snd_una = conn.snd_nxt = conn.snd_max = conn.iss + 1
+        conn.snd_wnd = window
+        conn.snd_wl1 = conn.rcv_nxt
+        conn.snd_wl2 = conn.snd_una
+        conn.state = ESTABLISHED
+        conn.retries = 0
+        conn.deadline = INF
+        self.counters.add("tcp-established")
+        self.send_ack(conn)
+        self.out.op(HostOp(OP_TCP_ACCEPTED, conn.flow))
+        self.transmit(conn, now)
+
+    def guest_rst(self, conn: TcpConn, seq: int, ack: int, flags: int) -> None:
+        if conn.state == SYN_SENT:
+            if flags & TCP_ACK and ack == (conn.iss + 1) & 0xFFFFFFFF:
+                self.counters.add("tcp-forward-refused")
+                self.out.op(HostOp(OP_TCP_ABORT, conn.flow))
+                self.remove(conn)
+            return
+        seq64 = unwrap(seq, conn.rcv_nxt)
+        if seq64 < conn.rcv_nxt - 1 or seq64 > conn.rcv_nxt + RCV_WINDOW:
+            return
+        self.counters.add("tcp-rst-from-guest")
+        if conn.state != TIME_WAIT:
+            self.out.op(HostOp(OP_TCP_ABORT, conn.flow))
+        self.remove(conn)
+
+    def process_ack(
+        self, conn: TcpConn, seq: int, ack64: int, window: int, seg_len: int, flags: int, now: float
+    ) -> None:
+        if ack64 > conn.snd_max:
+            conn.ack_needed = True  # acknowledges something never sent
+            self.dirty[conn.flow] = conn
+            return
+        seq64 = unwrap(seq, conn.rcv_nxt)
+        if seq64 > conn.snd_wl1 or (seq64 == conn.snd_wl1 and ack64 >= conn.snd_wl2):
+            new_wnd = window << conn.snd_wscale
+            window_changed = new_wnd != conn.snd_wnd
+            conn.snd_wnd = new_wnd
+            conn.snd_wl1 = seq64
+            conn.snd_wl2 = ack64
+        else:
+            window_changed = False
+        if ack64 > conn.snd_una:
+            acked = ack64 - conn.snd_una
+            data_acked = acked if acked <= len(conn.snd_buf) else len(conn.snd_buf)
+            if data_acked:
+                del conn.snd_buf[:data_acked]
+            conn.snd_una = ack64
+            if conn.snd_nxt < ack64:
+                conn.snd_nxt = ack64
+            conn.dupacks = 0
+            conn.retries = 0
+            if conn.rtt_seq >= 0 and ack64 >= conn.rtt_seq:
+                self.rtt_sample(conn, now - conn.rtt_time)
+                conn.rtt_seq = -1
+            if conn.snd_nxt > conn.snd_una:
+                conn.deadline = now + conn.rto
+                self.set_deadline(conn, conn.deadline)
+            else:
+                conn.deadline = INF
+            if conn.reading_paused and len(conn.snd_buf) < SND_BUF_LIMIT // 2:
+                conn.reading_paused = False
+                self.out.op(HostOp(OP_RESUME_READING, conn.flow))
+            if conn.fin_seq >= 0 and ack64 > conn.fin_seq:
+                self.our_fin_acked(conn, now)
+                if conn.state == CLOSED:
+                    return
+        elif ack64 == conn.snd_una and seg_len == 0 and not flags & TCP_FIN and conn.snd_nxt > conn.snd_una:
+            if not window_changed:
+                conn.dupacks += 1
+                if conn.dupacks == 3:
+                    self.counters.add("tcp-fast-retransmit")
+                    self.retransmit_first(conn, now)
+        self.transmit(conn, now)
+
+    def rtt_sample(self, conn: TcpConn, rtt: float) -> None:
+        if conn.srtt == 0.0:
+            conn.srtt = rtt
+            conn.rttvar = rtt / 2
+        else:
+            conn.rttvar = 0.75 * conn.rttvar + 0.25 * abs(conn.srtt - rtt)
+            conn.srtt = 0.875 * conn.srtt + 0.125 * rtt
+        conn.rto = min(RTO_MAX, max(RTO_MIN, conn.srtt + 4 * conn.rttvar))
+
+    def retransmit_first(self, conn: TcpConn, now: float) -> None:
+        """Resend the first unacknowledged segment (or FIN)."""
+        n = min(conn.mss, len(conn.snd_buf))
+        if n > 0:
+            self.emit(conn, conn.snd_una, TCP_ACK, bytes(conn.snd_buf[:n]))
+        elif conn.fin_seq >= 0 and conn.snd_una == conn.fin_seq:
+            self.emit(conn, conn.fin_seq, TCP_FIN | TCP_ACK, b"")
+        conn.rtt_seq = -1
+
+    def our_fin_acked(self, conn: TcpConn, now: float) -> None:
+        state = conn.state
+        if state == FIN_WAIT_1:
+            conn.state = FIN_WAIT_2
+        elif state == CLOSING:
+            self.enter_time_wait(conn, now)
+        elif state == LAST_ACK:
+            self.host_op(conn, OP_TCP_CLOSE)
+            self.remove(conn)
+
+    def enter_time_wait(self, conn: TcpConn, now: float) -> None:
+        self.host_op(conn, OP_TCP_CLOSE)
+        conn.state = TIME_WAIT
+        conn.snd_buf = bytearray()
+        conn.deadline = now + TIME_WAIT_TIME
+        self.set_deadline(conn, conn.deadline)
+
+    def process_data(self, conn: TcpConn, seq: int, frame: bytes, start: int, end: int, flags: int, now: float) -> None:
+        seq64 = unwrap(seq, conn.rcv_nxt)
+        fin = flags & TCP_FIN != 0
+        if conn.state in (CLOSE_WAIT, CLOSING, LAST_ACK, TIME_WAIT):
+            # the guest already sent FIN: anything more is a retransmission
+            conn.ack_needed = True
+            self.dirty[conn.flow] = conn
+            return
+        seg_len = end - start
+        if seq64 > conn.rcv_nxt:
+            # out of order: keep it (bounded), and tell the guest what we miss
+            self.counters.add("tcp-out-of-order")
+            if seg_len and seq64 not in conn.ooo and seq64 + seg_len <= conn.rcv_nxt + RCV_WINDOW:
+                if conn.ooo_bytes + seg_len <= OOO_LIMIT:
+                    conn.ooo[seq64] = frame[start:end]
+                    conn.ooo_bytes += seg_len
+            if fin:
+                conn.ooo_fin = seq64 + seg_len
+            self.send_ack(conn)
+            return
+        if seq64 < conn.rcv_nxt:
+            overlap = conn.rcv_nxt - seq64
+            if overlap >= seg_len:
+                if not (fin and seq64 + seg_len == conn.rcv_nxt and not conn.fin_received):
+                    conn.ack_needed = True  # a duplicate or keep-alive probe
+                    self.dirty[conn.flow] = conn
+                    return
+                seg_len = 0
+                start = end
+            else:
+                start += overlap
+                seg_len -= overlap
+        if seg_len:
+            if conn.host_write_paused and conn.rcv_nxt + seg_len > conn.rcv_adv:
+                allowed = max(0, conn.rcv_adv - conn.rcv_nxt)  # beyond our window: keep what fits
+                end = start + allowed
+                seg_len = allowed
+                fin = False
+            if seg_len:
+                conn.pending_send.append(frame[start:end])
+                conn.rcv_nxt += seg_len
+                conn.bytes_to_host += seg_len
+            if conn.ooo:
+                self.drain_ooo(conn)
+        if fin or (conn.ooo_fin >= 0 and conn.ooo_fin == conn.rcv_nxt):
+            self.guest_fin(conn, now)
+        conn.ack_needed = True
+        self.dirty[conn.flow] = conn
+
+    def drain_ooo(self, conn: TcpConn) -> None:
+        progress = True
+        while progress and conn.ooo:
+            progress = False
+            for seq64 in list(conn.ooo):
+                if seq64 <= conn.rcv_nxt:
+                    data = conn.ooo.pop(seq64)
+                    conn.ooo_bytes -= len(data)
+                    skip = conn.rcv_nxt - seq64
+                    if skip < len(data):
+                        conn.pending_send.append(data[skip:])
+                        conn.rcv_nxt += len(data) - skip
+                        conn.bytes_to_host += len(data) - skip
+                        progress = True
+
+    def guest_fin(self, conn: TcpConn, now: float) -> None:
+        conn.rcv_nxt += 1
+        conn.fin_received = True
+        conn.ooo_fin = -1
+        conn.ooo.clear()
+        conn.ooo_bytes = 0
+        conn.shutdown_pending = True
+        state = conn.state
+        if state == ESTABLISHED:
+            conn.state = CLOSE_WAIT
+        elif state == FIN_WAIT_1:
+            conn.state = CLOSING
+        elif state == FIN_WAIT_2:
+            self.enter_time_wait(conn, now)
+        self.send_ack(conn)
+
+    # ---- end of a batch of events ------------------------------------------------------
+    def flush_conn(self, conn: TcpConn) -> None:
+        if conn.pending_send:
+            data = conn.pending_send[0] if len(conn.pending_send) == 1 else b"".join(conn.pending_send)
+            conn.pending_send.clear()
+            self.out.op(HostOp(OP_TCP_SEND, conn.flow, "", 0, data))
+        if conn.shutdown_pending:
+            conn.shutdown_pending = False
+            self.out.op(HostOp(OP_TCP_SHUTDOWN, conn.flow))
+
+    def flush(self, now: float) -> None:
+        """Hand joined guest data to the host and send one ACK per connection that needs it."""
+        if not self.dirty:
+            return
+        dirty = self.dirty
+        self.dirty = {}
+        for conn in dirty.values():
+            if conn.state == CLOSED:
+                continue
+            self.flush_conn(conn)
+            if conn.ack_needed:
+                self.send_ack(conn)
+
+    # ---- host events -------------------------------------------------------------------
+    def host_connected(self, flow: int, now: float) -> None:
+        conn = self.flows.get(flow)
+        if conn is None or conn.state != CONNECTING:
+            return
+        conn.iss = self.make_iss(now, flow)
+        conn.snd_una = conn.iss
+        conn.snd_nxt = conn.snd_max = conn.iss + 1
+        conn.state = SYN_RECEIVED
+        conn.syn_quote = b""
+        conn.deadline = INF
+        conn.queued_at = INF
+        self.set_deadline(conn, now + conn.rto)
+        self.send_syn_ack(conn)
+
+    def host_refused(self, flow: int, err: int, now: float) -> None:
+        """The host connect failed with errno err: RST, or ICMP unreachable for routing errors."""
+        conn = self.flows.get(flow)
+        if conn is None or conn.state != CONNECTING:
+            return
+        self.counters.add("tcp-connect-failed")
+        if err in (errno.ENETUNREACH, errno.EHOSTUNREACH) and conn.syn_quote:
+            from qemu_vpnnet.core.icmp import send_icmp_error
+
+            code = 0 if err == errno.ENETUNREACH else 1
+            send_icmp_error(self.out, conn.guest_mac, conn.guest_ip, conn.remote_ip, 3, code, conn.syn_quote)
+        else:
+            self.send_rst(conn)
+        self.remove(conn)
+
+    def host_data(self, flow: int, data: bytes, now: float) -> None:
+        conn = self.flows.get(flow)
+        if conn is None or conn.fin_queued or conn.state == CLOSED:
+            return
+        conn.snd_buf += data
+        if len(conn.snd_buf) >= SND_BUF_LIMIT and not conn.reading_paused:
+            conn.reading_paused = True
+            self.out.op(HostOp(OP_PAUSE_READING, flow))
+        if conn.state != SYN_RECEIVED and conn.state != SYN_SENT:
+            self.transmit(conn, now)
+
+    def host_eof(self, flow: int, now: float) -> None:
+        conn = self.flows.get(flow)
+        if conn is None or conn.fin_queued:
+            return
+        conn.fin_queued = True
+        if conn.state == SYN_SENT:
+            return
+        self.transmit(conn, now)
+
+    def host_reset(self, flow: int, now: float) -> None:
+        """The host socket failed or was reset: reset the guest side too."""
+        conn = self.flows.get(flow)
+        if conn is None:
+            return
+        self.counters.add("tcp-host-reset")
+        if conn.state not in (CONNECTING, TIME_WAIT, SYN_SENT):
+            self.send_rst(conn)
+        self.remove(conn)
+
+    def host_write_paused(self, flow: int) -> None:
+        conn = self.flows.get(flow)
+        if conn is not None:
+            conn.host_write_paused = True
+
+    def host_write_resumed(self, flow: int) -> None:
+        conn = self.flows.get(flow)
+        if conn is not None and conn.host_write_paused:
+            conn.host_write_paused = False
+            if conn.state != CLOSED:
+                conn.ack_needed = True  # window update
+                self.dirty[flow] = conn
+
+    # ---- forwarded host connections ----------------------------------------------------
+    def connect_guest(
+        self, guest_mac: bytes, guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: int, now: float
+    ) -> int:
+        """Open a connection toward a guest for a forwarded host connection; the flow id, or -1.
+
+        The host socket must not be read until OP_TCP_ACCEPTED comes for the flow; OP_TCP_ABORT
+        means the guest refused or did not answer.
+        """
+        key = guest_ip + src_ip + guest_port.to_bytes(2, "big") + src_port.to_bytes(2, "big")
+        if key in self.by_key or len(self.flows) >= self.config.max_tcp_flows:
+            return -1
+        conn = TcpConn(self.new_flow_id(), key, guest_mac, guest_ip, guest_port, src_ip, src_port, now)
+        conn.outbound = False
+        conn.state = SYN_SENT
+        conn.iss = self.make_iss(now, conn.flow)
+        conn.snd_una = conn.iss
+        conn.snd_nxt = conn.snd_max = conn.iss + 1
+        conn.rcv_wscale = RCV_WSCALE
+        self.flows[conn.flow] = conn
+        self.by_key[key] = conn
+        self.send_syn(conn)
+        self.set_deadline(conn, now + conn.rto)
+        return conn.flow
+
+    def send_syn(self, conn: TcpConn) -> None:
+        self.emit(conn, conn.iss, TCP_SYN, b"", syn_options(self.config.mtu - 40, RCV_WSCALE))
+
+    def close_flow(self, flow: int) -> None:
+        """The shell's socket for flow is gone for good (e.g. a forward was removed): reset."""
+        conn = self.flows.get(flow)
+        if conn is None:
+            return
+        if conn.state not in (CONNECTING, TIME_WAIT):
+            self.send_rst(conn)
+        self.remove(conn)
+
+    # ---- time --------------------------------------------------------------------------
+    def timer(self, now: float) -> None:
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            when, flow = heapq.heappop(timers)
+            conn = self.flows.get(flow)
+            if conn is None or when != conn.queued_at:
+                continue
+            conn.queued_at = INF
+            if conn.deadline <= now:
+                conn.deadline = INF
+                self.expired(conn, now)
+            elif conn.deadline != INF:
+                self.set_deadline(conn, conn.deadline)
+
+    def expired(self, conn: TcpConn, now: float) -> None:
+        state = conn.state
+        if state == CONNECTING:
+            self.counters.add("tcp-connect-timeout")
+            self.send_rst(conn)
+            self.out.op(HostOp(OP_TCP_ABORT, conn.flow))
+            self.remove(conn)
+            return
+        if state == TIME_WAIT:
+            self.remove(conn)
+            return
+        if state in (SYN_SENT, SYN_RECEIVED):
+            conn.retries += 1
+            if conn.retries > SYN_RETRIES:
+                self.counters.add("tcp-handshake-timeout")
+                self.out.op(HostOp(OP_TCP_ABORT, conn.flow))
+                if state == SYN_RECEIVED:
+                    self.send_rst(conn)
+                self.remove(conn)
+                return
+            conn.rto = min(RTO_MAX, conn.rto * 2)
+            if state == SYN_SENT:
+                self.send_syn(conn)
+            else:
+                self.send_syn_ack(conn)
+            self.set_deadline(conn, now + conn.rto)
+            return
+        buf_end = conn.snd_una + len(conn.snd_buf)
+        if conn.snd_nxt > conn.snd_una:
+            conn.retries += 1
+            if conn.retries > MAX_RETRIES:
+                self.counters.add("tcp-retransmit-timeout")
+                self.send_rst(conn)
+                self.out.op(HostOp(OP_TCP_ABORT, conn.flow))
+                self.remove(conn)
+                return
+            self.counters.add("tcp-retransmit")
+            conn.rto = min(RTO_MAX, conn.rto * 2)
+            conn.snd_nxt = conn.snd_una  # go back N
+            conn.rtt_seq = -1
+            self.transmit(conn, now)
+            if conn.deadline == INF:
+                self.set_deadline(conn, now + conn.rto)
+        elif conn.snd_wnd == 0 and conn.snd_nxt < buf_end:
+            # zero-window probe: one byte past the window makes the guest tell us its window
+            self.counters.add("tcp-window-probe")
+            off = conn.snd_nxt - conn.snd_una
+            self.emit(conn, conn.snd_nxt, TCP_ACK, bytes(conn.snd_buf[off : off + 1]))
+            conn.snd_nxt += 1
+            if conn.snd_nxt > conn.snd_max:
+                conn.snd_max = conn.snd_nxt
+            conn.rto = min(RTO_MAX, conn.rto * 2)
+            self.set_deadline(conn, now + conn.rto)
+
+    def next_deadline(self) -> float:
+        return self.timers[0][0] if self.timers else INF
+
+    # ---- introspection -----------------------------------------------------------------
+    def connections(self, now: float) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for conn in self.flows.values():
+            out.append(
+                {
+                    "protocol": "tcp",
+                    "flow": conn.flow,
+                    "direction": "outbound" if conn.outbound else "forwarded",
+                    "guest": f"{ip_str(conn.guest_ip)}:{conn.guest_port}",
+                    "remote": f"{ip_str(conn.remote_ip)}:{conn.remote_port}",
+                    "state": STATE_NAMES[conn.state],
+                    "bytes-to-host": conn.bytes_to_host,
+                    "bytes-to-guest": conn.bytes_to_guest,
+                    "age": round(now - conn.created, 3),
+                }
+            )
+        return out

@@ -7,10 +7,13 @@ import os
 import socket
 import stat
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from qemu_vpnnet.core.actions import HostOp
 from qemu_vpnnet.core.stack import NO_DEADLINE, Stack
+
+if TYPE_CHECKING:
+    from qemu_vpnnet.io.host_tcp import HostTcp
 from qemu_vpnnet.io.qemu_ports import DgramEndpoint, PortIds, QemuPort, StreamPort
 
 log = logging.getLogger("qemu_vpnnet")
@@ -75,6 +78,7 @@ class Shell:
         self.flush_scheduled = False
         self.timer_handle: asyncio.TimerHandle | None = None
         self.internal_errors = 0
+        self.host_tcp: HostTcp | None = None  # set by install_host_side
 
     def now(self) -> float:
         return self.loop.time()
@@ -124,6 +128,10 @@ class Shell:
         """Write queued frames, perform queued ops, deliver events, re-arm the timer."""
         self.flush_scheduled = False
         stack = self.stack
+        try:
+            stack.flush(self.loop.time())
+        except Exception:
+            self.internal_error("flush")
         for _round in range(8):
             out = stack.out.switch.out
             for port_id, frames in out.items():
@@ -235,6 +243,8 @@ class Shell:
             await asyncio.sleep(RECONNECT_DELAY / 4)
 
     async def close(self) -> None:
+        if self.host_tcp is not None:
+            self.host_tcp.close_all()
         for task in list(self.tasks):
             task.cancel()
         for server in self.servers:

@@ -1,0 +1,108 @@
+"""TCP on the wire: whole frames toward a guest, option parsing, 32-bit sequence arithmetic."""
+
+import struct
+from typing import Final
+
+from qemu_vpnnet.core.checksum import checksum, finish, pseudo_header_sum, sum16
+from qemu_vpnnet.core.packets import ETH_P_IP, IPPROTO_TCP
+
+_ETH: Final = struct.Struct("!6s6sH")
+_IP: Final = struct.Struct("!BBHHHBBH4s4s")
+_TCP: Final = struct.Struct("!HHIIBBHHH")
+SEQ_MOD: Final = 1 << 32
+SEQ_HALF: Final = 1 << 31
+
+OPT_END: Final = 0
+OPT_NOP: Final = 1
+OPT_MSS: Final = 2
+OPT_WSCALE: Final = 3
+
+
+def build_tcp_frame(
+    dst_mac: bytes,
+    src_mac: bytes,
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    options: bytes,
+    payload: bytes,
+    ident: int,
+) -> bytes:
+    """An Ethernet frame carrying one TCP segment, IP and TCP checksums filled in."""
+    hlen = 20 + len(options)
+    tcp_len = hlen + len(payload)
+    ip_hdr = _IP.pack(0x45, 0, 20 + tcp_len, ident & 0xFFFF, 0x4000, 64, IPPROTO_TCP, 0, src, dst)
+    ip_csum = checksum(ip_hdr)
+    seq &= 0xFFFFFFFF
+    ack &= 0xFFFFFFFF
+    tcp_hdr = _TCP.pack(sport, dport, seq, ack, (hlen >> 2) << 4, flags, window, 0, 0)
+    total = sum16(tcp_hdr, pseudo_header_sum(src, dst, IPPROTO_TCP, tcp_len))
+    if options:
+        total = sum16(options, total)
+    if payload:
+        total = sum16(payload, total)
+    tcp_csum = finish(total)
+    return b"".join(
+        (
+            _ETH.pack(dst_mac, src_mac, ETH_P_IP),
+            _IP.pack(0x45, 0, 20 + tcp_len, ident & 0xFFFF, 0x4000, 64, IPPROTO_TCP, ip_csum, src, dst),
+            _TCP.pack(sport, dport, seq, ack, (hlen >> 2) << 4, flags, window, tcp_csum, 0),
+            options,
+            payload,
+        )
+    )
+
+
+def unpack_tcp_header(frame: bytes, offset: int) -> tuple[int, int, int, int, int, int, int, int, int]:
+    """(sport, dport, seq, ack, data offset byte, flags, window, checksum, urgent)."""
+    return _TCP.unpack_from(frame, offset)
+
+
+def parse_syn_options(options: bytes) -> tuple[int, int]:
+    """(MSS, window scale) from a SYN's options; MSS 536 and scale -1 when absent.
+
+    Raises ValueError for options that run past their end.
+    """
+    mss = 536
+    wscale = -1
+    i = 0
+    n = len(options)
+    while i < n:
+        kind = options[i]
+        if kind == OPT_END:
+            break
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= n:
+            raise ValueError("truncated TCP option")
+        length = options[i + 1]
+        if length < 2 or i + length > n:
+            raise ValueError("bad TCP option length")
+        if kind == OPT_MSS and length == 4:
+            mss = (options[i + 2] << 8) | options[i + 3]
+        elif kind == OPT_WSCALE and length == 3:
+            wscale = min(options[i + 2], 14)
+        i += length
+    return mss, wscale
+
+
+def syn_options(mss: int, wscale: int) -> bytes:
+    """Options for our SYN or SYN-ACK: MSS, and window scale when wscale >= 0."""
+    opts = bytes((OPT_MSS, 4, (mss >> 8) & 0xFF, mss & 0xFF))
+    if wscale >= 0:
+        opts += bytes((OPT_NOP, OPT_WSCALE, 3, wscale))
+    return opts
+
+
+def unwrap(value: int, reference: int) -> int:
+    """The 64-bit sequence number nearest reference whose low 32 bits are value."""
+    delta = (value - reference) & 0xFFFFFFFF
+    if delta >= SEQ_HALF:
+        delta -= SEQ_MOD
+    return reference + delta
