@@ -1,0 +1,340 @@
+"""Unit tests of the TCP splice engine, read as the RFC: handshake, data, windows, teardown."""
+
+import errno
+
+import dpkt
+import pytest
+
+from qemu_vpnnet.core import actions as A
+from qemu_vpnnet.core import tcp as T
+from qemu_vpnnet.core.config import NetConfig
+from qemu_vpnnet.core.stack import Stack
+from tests.guestframes import GUEST_MAC, ip, l4_checksum_ok, parse, tcp_frame
+
+SYN, ACK, FIN, RST, PSH = dpkt.tcp.TH_SYN, dpkt.tcp.TH_ACK, dpkt.tcp.TH_FIN, dpkt.tcp.TH_RST, dpkt.tcp.TH_PUSH
+MSS_1460_WS7 = b"\x02\x04\x05\xb4\x01\x03\x03\x07"
+
+
+class Guest:
+    """Plays the guest's side of one connection against a Stack."""
+
+    def __init__(self, mtu: int = 1500, dst: str = "198.18.0.9", dport: int = 80) -> None:
+        self.stack = Stack(NetConfig(mtu=mtu))
+        self.stack.attach_port(1)
+        self.dst = dst
+        self.dport = dport
+        self.sport = 40000
+        self.seq = 1000
+        self.now = 0.0
+        self.peer_seq = 0
+
+    def send(
+        self,
+        flags: int,
+        data: bytes = b"",
+        seq: int | None = None,
+        window: int = 65535,
+        opts: bytes = b"",
+        ack: int | None = None,
+    ) -> None:
+        frame = tcp_frame(
+            "10.0.2.15",
+            self.dst,
+            self.sport,
+            self.dport,
+            self.seq if seq is None else seq,
+            self.peer_seq if ack is None else ack,
+            flags,
+            data,
+            window,
+            opts,
+        )
+        self.stack.frame_received(1, frame, self.now)
+        self.stack.flush(self.now)
+
+    def frames(self) -> list[dpkt.tcp.TCP]:
+        out = self.stack.switch.out[1]
+        self.stack.switch.out[1] = []
+        segs = []
+        for frame in out:
+            assert l4_checksum_ok(frame), "bad checksum in a frame the core built"
+            segs.append(parse(frame).data.data)
+        return segs
+
+    def ops(self) -> list[A.HostOp]:
+        ops = list(self.stack.out.ops)
+        self.stack.out.ops.clear()
+        return ops
+
+    def connect(self, opts: bytes = MSS_1460_WS7) -> int:
+        self.send(SYN, opts=opts)
+        (op,) = self.ops()
+        assert op.kind == A.OP_TCP_CONNECT and op.addr == self.dst and op.port == self.dport
+        self.stack.tcp.host_connected(op.flow, self.now)
+        (synack,) = self.frames()
+        assert synack.flags == SYN | ACK and synack.ack == self.seq + 1
+        self.seq += 1
+        self.peer_seq = synack.seq + 1
+        self.send(ACK)
+        return op.flow
+
+    def conn(self, flow: int) -> T.TcpConn:
+        return self.stack.tcp.flows[flow]
+
+
+def test_syn_becomes_host_connect_and_synack_only_after_success() -> None:
+    g = Guest()
+    g.send(SYN, opts=MSS_1460_WS7)
+    assert g.frames() == []  # nothing for the guest until the host socket is connected
+    (op,) = g.ops()
+    assert op.kind == A.OP_TCP_CONNECT
+    g.send(SYN, opts=MSS_1460_WS7)  # a retransmitted SYN while connecting is absorbed
+    assert g.frames() == [] and g.ops() == []
+    g.stack.tcp.host_connected(op.flow, 0.0)
+    (synack,) = g.frames()
+    assert synack.flags == SYN | ACK
+    opts = dict(dpkt.tcp.parse_opts(synack.opts))
+    assert opts[dpkt.tcp.TCP_OPT_MSS] == (1460).to_bytes(2, "big")
+    assert opts[dpkt.tcp.TCP_OPT_WSCALE] == bytes((T.RCV_WSCALE,))
+
+
+def test_refused_connect_answers_rst() -> None:
+    g = Guest()
+    g.send(SYN)
+    (op,) = g.ops()
+    g.stack.tcp.host_refused(op.flow, errno.ECONNREFUSED, 0.0)
+    (rst,) = g.frames()
+    assert rst.flags & RST and rst.ack == g.seq + 1
+    assert op.flow not in g.stack.tcp.flows
+
+
+def test_gateway_maps_to_loopback_and_can_be_switched_off() -> None:
+    g = Guest(dst="10.0.2.2", dport=8080)
+    g.send(SYN)
+    (op,) = g.ops()
+    assert op.addr == "127.0.0.1" and op.port == 8080
+    g2 = Guest(dst="10.0.2.2")
+    g2.stack = Stack(NetConfig(host_loopback=False))
+    g2.stack.attach_port(1)
+    g2.send(SYN)
+    assert g2.ops() == [] and g2.frames()[0].flags & RST
+
+
+def test_guest_data_is_joined_into_one_host_send_and_acked_once() -> None:
+    g = Guest()
+    flow = g.connect()
+    frames = [
+        tcp_frame("10.0.2.15", g.dst, g.sport, g.dport, g.seq + i * 100, g.peer_seq, ACK, bytes([65 + i]) * 100)
+        for i in range(5)
+    ]
+    for frame in frames:
+        g.stack.frame_received(1, frame, 0.0)
+    g.stack.flush(0.0)
+    ops = g.ops()
+    assert [(o.kind, o.data) for o in ops] == [(A.OP_TCP_SEND, b"".join(bytes([65 + i]) * 100 for i in range(5)))]
+    acks = g.frames()
+    assert len(acks) == 1 and acks[0].ack == g.seq + 500
+    assert g.conn(flow).bytes_to_host == 500
+
+
+def test_out_of_order_segments_are_kept_and_delivered_in_order() -> None:
+    g = Guest()
+    g.connect()
+    g.send(ACK, b"B" * 10, seq=g.seq + 10)  # a gap: held, duplicate ACK says what is missing
+    assert g.ops() == []
+    (dup,) = g.frames()
+    assert dup.ack == g.seq
+    g.send(ACK, b"A" * 10)
+    assert [o.data for o in g.ops()] == [b"A" * 10 + b"B" * 10]
+    assert g.frames()[-1].ack == g.seq + 20
+
+
+def test_overlapping_retransmission_delivers_only_new_bytes() -> None:
+    g = Guest()
+    g.connect()
+    g.send(ACK, b"0123456789")
+    g.ops()
+    g.send(ACK, b"0123456789abcdef")
+    assert [o.data for o in g.ops()] == [b"abcdef"]
+
+
+def test_host_data_is_segmented_to_mss_and_window() -> None:
+    g = Guest()
+    flow = g.connect(opts=b"\x02\x04\x02\x00")  # MSS 512, no window scaling
+    g.stack.tcp.host_data(flow, b"x" * 5000, 0.0)
+    segs = g.frames()
+    assert [len(s.data) for s in segs] == [512] * 9 + [392]
+    assert segs[-1].flags & PSH
+    # a window of 1000 bytes limits what is in flight
+    g2 = Guest()
+    flow2 = g2.connect(opts=b"\x02\x04\x05\xb4")
+    g2.send(ACK, window=1000)
+    g2.frames()
+    g2.stack.tcp.host_data(flow2, b"y" * 5000, 0.0)
+    assert sum(len(s.data) for s in g2.frames()) == 1000
+
+
+def test_retransmission_on_timeout_then_ack_stops_it() -> None:
+    g = Guest()
+    flow = g.connect()
+    g.stack.tcp.host_data(flow, b"z" * 100, 0.0)
+    (seg,) = g.frames()
+    deadline = g.stack.next_deadline()
+    assert 0 < deadline < 5
+    g.stack.timer(deadline + 0.01)
+    (again,) = g.frames()
+    assert again.seq == seg.seq and again.data == seg.data
+    g.send(ACK, ack=seg.seq + 100)
+    g.stack.timer(100.0)
+    assert g.frames() == []
+    assert g.conn(flow).snd_una == g.conn(flow).snd_nxt
+
+
+def test_three_duplicate_acks_retransmit_at_once() -> None:
+    g = Guest()
+    flow = g.connect()
+    g.stack.tcp.host_data(flow, b"q" * 3000, 0.0)
+    first = g.frames()[0]
+    for _ in range(3):
+        g.send(ACK, ack=first.seq)
+    (resent,) = g.frames()
+    assert resent.seq == first.seq and len(resent.data) == 1460
+
+
+def test_half_close_both_directions() -> None:
+    g = Guest()
+    flow = g.connect()
+    g.send(FIN | ACK, b"bye")
+    ops = g.ops()
+    assert [(o.kind, o.data) for o in ops] == [(A.OP_TCP_SEND, b"bye"), (A.OP_TCP_SHUTDOWN, b"")]
+    assert g.frames()[-1].ack == g.seq + 4
+    g.seq += 4
+    assert g.conn(flow).state == T.CLOSE_WAIT
+    # the host still answers after the guest's FIN
+    g.stack.tcp.host_data(flow, b"reply", 0.0)
+    g.stack.tcp.host_eof(flow, 0.0)
+    segs = g.frames()
+    assert segs[0].data == b"reply" and segs[-1].flags & FIN
+    assert g.conn(flow).state == T.LAST_ACK
+    g.send(ACK, ack=segs[-1].seq + 1)
+    assert [o.kind for o in g.ops()] == [A.OP_TCP_CLOSE]
+    assert flow not in g.stack.tcp.flows
+
+
+def test_host_eof_first_then_guest_keeps_sending() -> None:
+    g = Guest()
+    flow = g.connect()
+    g.stack.tcp.host_eof(flow, 0.0)
+    (fin,) = g.frames()
+    assert fin.flags & FIN
+    g.send(ACK, ack=fin.seq + 1)
+    assert g.conn(flow).state == T.FIN_WAIT_2
+    g.send(ACK | PSH, b"more", ack=fin.seq + 1)
+    assert [o.data for o in g.ops()] == [b"more"]
+    g.seq += 4
+    g.send(FIN | ACK, ack=fin.seq + 1)
+    assert [o.kind for o in g.ops()] == [A.OP_TCP_SHUTDOWN, A.OP_TCP_CLOSE]
+    assert g.conn(flow).state == T.TIME_WAIT
+    g.stack.timer(10.0)
+    assert flow not in g.stack.tcp.flows
+
+
+def test_rst_both_ways() -> None:
+    g = Guest()
+    flow = g.connect()
+    g.send(RST | ACK)
+    assert [o.kind for o in g.ops()] == [A.OP_TCP_ABORT]
+    assert flow not in g.stack.tcp.flows
+    g2 = Guest()
+    flow2 = g2.connect()
+    g2.stack.tcp.host_reset(flow2, 0.0)
+    assert g2.frames()[-1].flags & RST
+
+
+def test_segment_for_unknown_connection_gets_rst() -> None:
+    g = Guest()
+    g.send(ACK, b"stray", ack=5555)
+    (rst,) = g.frames()
+    assert rst.flags & RST and rst.seq == 5555
+
+
+def test_backpressure_pauses_host_reading_and_resumes() -> None:
+    g = Guest()
+    flow = g.connect()
+    g.send(ACK, window=0)
+    g.frames()
+    g.stack.tcp.host_data(flow, b"p" * T.SND_BUF_LIMIT, 0.0)
+    assert [o.kind for o in g.ops()] == [A.OP_PAUSE_READING]
+    assert g.frames() == []  # zero window: nothing sent yet
+    g.stack.timer(g.stack.next_deadline())  # zero-window probe
+    (probe,) = g.frames()
+    assert len(probe.data) == 1
+    g.send(ACK, ack=probe.seq + 1, window=65535)
+    sent = g.frames()
+    assert sum(len(s.data) for s in sent) == T.SND_BUF_LIMIT - 1  # all the rest fits the new window
+    g.send(ACK, ack=sent[-1].seq + len(sent[-1].data), window=65535)
+    assert A.OP_RESUME_READING in [o.kind for o in g.ops()]
+
+
+def test_window_stops_moving_while_host_cannot_take_more() -> None:
+    g = Guest()
+    flow = g.connect()
+    g.stack.tcp.host_write_paused(flow)
+    g.send(ACK, b"a" * 1000)
+    first = g.frames()[-1]
+    g.send(ACK, b"b" * 1000, seq=g.seq + 1000)
+    second = g.frames()[-1]
+    edge1 = first.ack + (first.win << T.RCV_WSCALE)
+    edge2 = second.ack + (second.win << T.RCV_WSCALE)
+    assert edge2 <= edge1 + (1 << T.RCV_WSCALE)  # the right edge did not move on
+    g.stack.tcp.host_write_resumed(flow)
+    g.stack.flush(0.0)
+    update = g.frames()[-1]
+    assert update.ack + (update.win << T.RCV_WSCALE) > edge2
+
+
+def test_keepalive_probe_is_answered() -> None:
+    g = Guest()
+    g.connect()
+    g.send(ACK, b"\x00", seq=g.seq - 1)
+    (ack,) = g.frames()
+    assert ack.ack == g.seq
+    assert g.ops() == []
+
+
+@pytest.mark.parametrize("bad", [b"\x50", b"\x00" * 19])
+def test_truncated_tcp_header_dropped(bad: bytes) -> None:
+    g = Guest()
+    frame = tcp_frame("10.0.2.15", g.dst, 1, 2, 0, 0, SYN)
+    raw = bytearray(frame[:34] + bad)
+    raw[16:18] = (20 + len(bad)).to_bytes(2, "big")
+    raw[24:26] = b"\x00\x00"
+    from qemu_vpnnet.core.checksum import checksum
+
+    raw[24:26] = checksum(bytes(raw[14:34])).to_bytes(2, "big")
+    g.stack.frame_received(1, bytes(raw), 0.0)
+    assert g.stack.counters.get("drop-short-tcp") == 1
+
+
+def test_forwarded_connection_to_guest() -> None:
+    g = Guest()
+    flow = g.stack.tcp.connect_guest(GUEST_MAC, ip("10.0.2.15"), 22, ip("10.0.2.2"), 33333, 0.0)
+    (syn,) = g.frames()
+    assert syn.flags == SYN and syn.dport == 22
+    frame = tcp_frame("10.0.2.15", "10.0.2.2", 22, 33333, 500, syn.seq + 1, SYN | ACK, opts=MSS_1460_WS7)
+    g.stack.frame_received(1, frame, 0.0)
+    assert [o.kind for o in g.ops()] == [A.OP_TCP_ACCEPTED]
+    assert g.frames()[-1].ack == 501
+    assert g.conn(flow).state == T.ESTABLISHED
+    # a guest that refuses: RST closes the host socket
+    flow2 = g.stack.tcp.connect_guest(GUEST_MAC, ip("10.0.2.15"), 23, ip("10.0.2.2"), 33334, 0.0)
+    (syn2,) = g.frames()
+    g.stack.frame_received(1, tcp_frame("10.0.2.15", "10.0.2.2", 23, 33334, 0, syn2.seq + 1, RST | ACK), 0.0)
+    assert [o.kind for o in g.ops()] == [A.OP_TCP_ABORT] and flow2 not in g.stack.tcp.flows
+    # a guest that never answers: SYN retried, then given up
+    flow3 = g.stack.tcp.connect_guest(GUEST_MAC, ip("10.0.2.15"), 24, ip("10.0.2.2"), 33335, 0.0)
+    t = 0.0
+    while flow3 in g.stack.tcp.flows and t < 120:
+        t = g.stack.next_deadline()
+        g.stack.timer(t)
+    assert flow3 not in g.stack.tcp.flows and A.OP_TCP_ABORT in [o.kind for o in g.ops()]
