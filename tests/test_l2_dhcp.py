@@ -71,7 +71,7 @@ def lease(stack: Stack, mac: bytes, port: int, now: float = 0.0) -> str:
     assert opts[53] == bytes((dpkt.dhcp.DHCPOFFER,))
     addr = ip_str(offer.yiaddr)
     stack.frame_received(port, dhcp_frame(mac, dpkt.dhcp.DHCPREQUEST, requested=addr, server_id="10.0.2.2"), now)
-    ack, opts = dhcp_reply(take(stack, port)[-1])
+    _ack, opts = dhcp_reply(take(stack, port)[-1])
     assert opts[53] == bytes((dpkt.dhcp.DHCPACK,))
     return addr
 

@@ -8,6 +8,10 @@
 #
 # Outputs:
 #   build/vmlinuz     the kernel (from the package linux-image-amd64 depends on)
+#   build/vmlinux     the same kernel uncompressed (ELF): QEMU boots it directly
+#                     through its PVH entry point, without firmware real mode and
+#                     decompression, which halves a TCG boot (about 3 s vs 6 s).
+#                     Absent when the kernel has no PVH entry (CONFIG_PVH).
 #   build/initrd.gz   busybox + virtio-net modules + /init (vm-images/init)
 #                     + /udhcpc.script (vm-images/udhcpc.script) + /www
 #
@@ -99,11 +103,11 @@ fetch_kernel() {
     if id _apt >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then chown _apt "$tmp/deb"; fi
     log "downloading $pkg"
     (cd "$tmp/deb" && apt-get download -q "$pkg" >&2) || die "apt-get download $pkg failed"
-    deb=$(ls "$tmp"/deb/*.deb)
+    deb=$(find "$tmp/deb" -name '*.deb' | head -n1)
     log "unpacking $(basename "$deb")"
     dpkg -x "$deb" "$tmp/root"
     root="$tmp/root"
-    src=$(ls "$root"/boot/vmlinuz-* | head -n1)
+    src=$(find "$root/boot" -name 'vmlinuz-*' | head -n1)
     [ -f "$src" ] || die "no boot/vmlinuz-* in $deb"
     ver=${src##*/vmlinuz-}
     [ -d "$root/lib/modules/$ver" ] || die "no lib/modules/$ver in $deb"
@@ -127,12 +131,47 @@ fetch_kernel() {
     mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
     echo "$ver" >"$OUT/kernel/version"
     echo "$pkg" >"$OUT/kernel/package"
+    if grep -q '^CONFIG_PVH=y' "$root/boot/config-$ver" 2>/dev/null; then
+        echo y >"$OUT/kernel/pvh"
+    else
+        echo n >"$OUT/kernel/pvh"
+    fi
+    rm -f "$OUT/vmlinux"
     rm -rf "$tmp"
     log "kernel $ver ready"
 }
 
+# Uncompress the kernel the way the kernel's scripts/extract-vmlinux does: try
+# each compression's magic number until the result is an ELF file. (The magic
+# numbers are cut before any NUL byte, which bash strings cannot hold.)
+extract_vmlinux() {  # $1 = bzImage, $2 = output ELF
+    local i magic pos
+    local magics=($'\xfd7zXZ' $'\x1f\x8b\x08' $'\x28\xb5\x2f\xfd' $'\x02\x21\x4c\x18' 'BZh')
+    local cmds=("xz -dc --single-stream" "gzip -dc" "zstd -dcq" "lz4 -dc" "bzip2 -dc")
+    for i in "${!magics[@]}"; do
+        magic=${magics[$i]}
+        command -v "${cmds[$i]%% *}" >/dev/null || continue
+        for pos in $(LC_ALL=C grep -abo -- "$magic" "$1" | cut -d: -f1 | head -n 5); do
+            tail -c +$((pos + 1)) "$1" | ${cmds[$i]} >"$2.tmp" 2>/dev/null || true
+            if [ "$(head -c 4 "$2.tmp" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; then
+                mv "$2.tmp" "$2"
+                return 0
+            fi
+        done
+    done
+    rm -f "$2.tmp"
+    return 1
+}
+
 if [ "$FORCE" = 1 ] || ! kernel_ok; then
     fetch_kernel
+fi
+if [ "$(cat "$OUT/kernel/pvh" 2>/dev/null)" = y ] && { [ ! -s "$OUT/vmlinux" ] || [ "$OUT/vmlinux" -ot "$OUT/vmlinuz" ]; }; then
+    if extract_vmlinux "$OUT/vmlinuz" "$OUT/vmlinux"; then
+        log "uncompressed kernel ready: $OUT/vmlinux"
+    else
+        log "warning: could not uncompress $OUT/vmlinuz; guests boot the compressed kernel"
+    fi
 fi
 
 # --- initramfs -------------------------------------------------------------

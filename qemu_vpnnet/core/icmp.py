@@ -1,20 +1,267 @@
-"""PLACEHOLDER: interface fixed, body being written."""
+"""ICMP: guest echo requests to the outside through unprivileged ping sockets, and ICMP errors.
 
-from typing import final
+Each (guest address, echo identifier) pair is one flow with one host ping socket
+(`socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)`). The kernel rewrites the identifier of what a
+ping socket sends to the socket's own number, so replies get the guest's identifier back (and a
+new checksum) before they go to the guest. Flows close after `config.udp_idle_timeout` seconds
+idle; at most MAX_PING_FLOWS are kept, the least recently used is evicted first.
 
+Echo requests to the gateway and DNS addresses never get here: the Stack answers them.
+
+When the host refuses ping sockets (net.ipv4.ping_group_range), the shell calls unavailable():
+echo requests to the outside are then dropped (counted) for PING_RETRY seconds, after which
+the next request tries again.
+
+Also home of the helpers that send IP packets and ICMP errors to guests, shared by udp, dns and
+tcp: send_ip_fragmented() and send_icmp_error().
+"""
+
+import socket
+from typing import Final, final
+
+from qemu_vpnnet.core.actions import OP_PING_CLOSE, OP_PING_SEND, HostOp
+from qemu_vpnnet.core.checksum import checksum
+from qemu_vpnnet.core.config import ip_int, ip_str
 from qemu_vpnnet.core.output import Output
+from qemu_vpnnet.core.packets import (
+    IP_HLEN,
+    IPPROTO_ICMP,
+    icmp_message,
+    ipv4_fragments,
+    ipv4_header,
+    is_unicast_outside,
+)
+
+MAX_PING_FLOWS: Final = 1024
+PING_RETRY: Final = 60.0  # seconds without trying ping sockets after the host refused them
+MAX_QUOTE: Final = 548  # 576 - IP header - ICMP header (RFC 1812 4.3.2.3)
+
+ICMP_ECHO_REPLY: Final = 0
+ICMP_DEST_UNREACH: Final = 3
+ICMP_ECHO_REQUEST: Final = 8
+ICMP_TIME_EXCEEDED: Final = 11
+ICMP_PARAMETER_PROBLEM: Final = 12
+UNREACH_FRAG_NEEDED: Final = 4
+
+
+def send_ip_fragmented(out: Output, dst_mac: bytes, src: bytes, dst: bytes, proto: int, l4: bytes) -> None:
+    """Send an IPv4 packet to a guest, as fragments when it does not fit the guest's MTU."""
+    mtu = out.config.mtu
+    if IP_HLEN + len(l4) <= mtu:
+        out.send_ip(dst_mac, src, dst, proto, l4)
+        return
+    out.counters.add("tx-fragmented")
+    for frame in ipv4_fragments(dst_mac, out.config.gateway_mac, src, dst, proto, l4, out.next_ident(), mtu):
+        out.send_frame(dst_mac, frame)
+
+
+def send_icmp_error(
+    out: Output,
+    guest_mac: bytes,
+    guest_ip: bytes,
+    src: bytes,
+    icmp_type: int,
+    code: int,
+    quoted: bytes,
+    mtu: int = 0,
+) -> None:
+    """Send an ICMP error (destination unreachable, time exceeded, ...) from src to a guest.
+
+    quoted is the start of the guest's offending packet: its IP header and at least 8 bytes
+    after it (more is kept up to 548 bytes). mtu is the next-hop MTU for "fragmentation
+    needed" (type 3 code 4), else 0.
+    """
+    rest = bytes((0, 0, (mtu >> 8) & 0xFF, mtu & 0xFF)) + quoted[:MAX_QUOTE]
+    out.counters.add("icmp-errors-sent")
+    out.send_ip(guest_mac, src, guest_ip, IPPROTO_ICMP, icmp_message(icmp_type, code, rest))
+
+
+def guest_visible_source(out: Output, addr: str) -> bytes:
+    """The address a packet from host-side addr appears to come from to guests; b"" to drop it.
+
+    127.0.0.1 is the gateway when host loopback is on; other loopback, multicast and addresses
+    inside the virtual network itself cannot be sources from the outside.
+    """
+    cfg = out.config
+    if addr == "127.0.0.1":
+        return cfg.host_ip if cfg.host_loopback else b""
+    try:
+        raw = socket.inet_aton(addr)
+    except OSError:
+        return b""
+    if not is_unicast_outside(raw) or cfg.contains(raw):
+        return b""
+    return raw
+
+
+@final
+class PingFlow:
+    """One guest's echo identifier, mapped to one host ping socket."""
+
+    def __init__(self, flow_id: int, key: int, guest_mac: bytes, guest_ip: bytes, ident: int, now: float) -> None:
+        self.id = flow_id
+        self.key = key
+        self.guest_mac = guest_mac
+        self.guest_ip = guest_ip
+        self.ident = ident
+        self.created = now
+        self.last_active = now
+        self.last_dst = b""  # guest-visible destination of the last request
+        self.last_addr = ""  # its host-side address
+        self.requests = 0
+        self.replies = 0
 
 
 @final
 class IcmpProxy:
     def __init__(self, out: Output) -> None:
         self.out = out
+        self.table: dict[int, PingFlow] = {}  # key -> flow, least recently used first
+        self.by_id: dict[int, PingFlow] = {}
+        self.next_id = 1
+        self.unavailable_until = -1.0
+
+    # ---- guest side --------------------------------------------------------------------
+    def from_guest(self, src_mac: bytes, src: bytes, dst: bytes, message: bytes, now: float) -> None:
+        """An ICMP message from a guest to an address that is not virtual."""
+        out = self.out
+        if message[0] != ICMP_ECHO_REQUEST:
+            out.drop("icmp-type")
+            return
+        if checksum(message) != 0:
+            out.drop("bad-icmp-checksum")
+            return
+        cfg = out.config
+        if not cfg.contains(src) or src == cfg.net_addr or src == cfg.broadcast:
+            out.drop("icmp-bad-source")
+            return
+        addr = cfg.host_side_address(dst) if is_unicast_outside(dst) else ""
+        if not addr:
+            out.drop("icmp-no-route")
+            return
+        if now < self.unavailable_until:
+            out.drop("icmp-ping-unavailable")
+            return
+        ident = (message[4] << 8) | message[5]
+        key = (ip_int(src) << 16) | ident
+        flow = self.table.get(key)
+        if flow is None:
+            if len(self.table) >= max(1, MAX_PING_FLOWS):
+                self.close(next(iter(self.table.values())))
+                out.counters.add("icmp-flows-evicted")
+            flow = PingFlow(self.next_id, key, src_mac, src, ident, now)
+            self.next_id += 1
+            self.by_id[flow.id] = flow
+            out.counters.add("icmp-flows-opened")
+        else:
+            del self.table[key]
+        self.table[key] = flow
+        flow.guest_mac = src_mac
+        flow.last_active = now
+        flow.last_dst = dst
+        flow.last_addr = addr
+        flow.requests += 1
+        out.op(HostOp(OP_PING_SEND, flow.id, addr=addr, data=message))
+
+    # ---- host side ---------------------------------------------------------------------
+    def host_reply(self, flow_id: int, data: bytes, addr: str, now: float) -> None:
+        """An echo reply (ICMP header and data, as a ping socket reads it) from addr."""
+        flow = self.by_id.get(flow_id)
+        out = self.out
+        if flow is None:
+            out.counters.add("icmp-late-reply")
+            return
+        if len(data) < 8 or data[0] != ICMP_ECHO_REPLY:
+            out.counters.add("icmp-reply-ignored")
+            return
+        src = flow.last_dst if addr == flow.last_addr else guest_visible_source(out, addr)
+        if not src:
+            out.counters.add("icmp-reply-ignored")
+            return
+        self.touch(flow, now)
+        flow.replies += 1
+        ident = flow.ident
+        message = icmp_message(ICMP_ECHO_REPLY, data[1], bytes(((ident >> 8) & 0xFF, ident & 0xFF)) + data[6:])
+        send_ip_fragmented(out, flow.guest_mac, src, flow.guest_ip, IPPROTO_ICMP, message)
+
+    def host_error(
+        self, flow_id: int, addr: str, icmp_type: int, code: int, info: int, original: bytes, now: float
+    ) -> None:
+        """The host got an ICMP error about an echo request this flow sent to addr.
+
+        original is the echo request as the ping socket sent it (the error queue's payload).
+        The guest gets the same error, quoting its own request.
+        """
+        flow = self.by_id.get(flow_id)
+        if flow is None:
+            return
+        dst = flow.last_dst if addr == flow.last_addr else guest_visible_source(self.out, addr)
+        if not dst:
+            return
+        if len(original) < 8:
+            original = bytes((ICMP_ECHO_REQUEST, 0, 0, 0, 0, 0, 0, 0))
+        ident = flow.ident
+        echo = original[:4] + bytes(((ident >> 8) & 0xFF, ident & 0xFF)) + original[6:8]
+        quoted = ipv4_header(flow.guest_ip, dst, IPPROTO_ICMP, len(original), 0) + echo
+        mtu = info if icmp_type == ICMP_DEST_UNREACH and code == UNREACH_FRAG_NEEDED else 0
+        send_icmp_error(self.out, flow.guest_mac, flow.guest_ip, dst, icmp_type, code, quoted, mtu)
+
+    def host_failed(self, flow_id: int, now: float) -> None:
+        """The shell could not open a ping socket for the flow (out of descriptors, ...)."""
+        flow = self.by_id.get(flow_id)
+        if flow is not None:
+            self.forget(flow)
+            self.out.counters.add("icmp-open-failed")
+
+    def unavailable(self, now: float) -> None:
+        """The host refuses ping sockets: drop echo requests to the outside for PING_RETRY s."""
+        self.unavailable_until = now + PING_RETRY
+        for flow in list(self.table.values()):
+            self.forget(flow)
+
+    # ---- flows -------------------------------------------------------------------------
+    def touch(self, flow: PingFlow, now: float) -> None:
+        flow.last_active = now
+        del self.table[flow.key]
+        self.table[flow.key] = flow
+
+    def forget(self, flow: PingFlow) -> None:
+        self.table.pop(flow.key, None)
+        self.by_id.pop(flow.id, None)
+
+    def close(self, flow: PingFlow) -> None:
+        self.forget(flow)
+        self.out.op(HostOp(OP_PING_CLOSE, flow.id))
 
     def timer(self, now: float) -> None:
-        pass
+        timeout = self.out.config.udp_idle_timeout
+        while self.table:
+            flow = next(iter(self.table.values()))
+            if flow.last_active + timeout > now:
+                break
+            self.close(flow)
+            self.out.counters.add("icmp-flows-expired")
 
     def next_deadline(self) -> float:
-        return float("inf")
+        if not self.table:
+            return float("inf")
+        return next(iter(self.table.values())).last_active + self.out.config.udp_idle_timeout
 
-    def from_guest(self, src_mac: bytes, src: bytes, dst: bytes, message: bytes, now: float) -> None:
-        self.out.drop("icmp-unhandled")
+    def flows(self, now: float) -> list[dict[str, object]]:
+        """The open ping flows, for query-connections."""
+        result: list[dict[str, object]] = []
+        for flow in self.table.values():
+            result.append(
+                {
+                    "protocol": "icmp",
+                    "guest-address": ip_str(flow.guest_ip),
+                    "echo-id": flow.ident,
+                    "remote-address": ip_str(flow.last_dst) if flow.last_dst else "",
+                    "host-address": flow.last_addr,
+                    "requests": flow.requests,
+                    "replies": flow.replies,
+                    "age": now - flow.created,
+                    "idle": now - flow.last_active,
+                }
+            )
+        return result

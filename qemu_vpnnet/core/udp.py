@@ -1,22 +1,209 @@
-"""PLACEHOLDER: interface fixed, body being written."""
+"""UDP NAT: each guest flow (guest address, guest port) gets one host UDP socket.
 
-from typing import final
+The first datagram of a flow opens the socket (OP_UDP_OPEN); every datagram is sent from it
+(OP_UDP_SEND) to the host-side address of its destination (the gateway address is the host's
+127.0.0.1 unless host loopback is off). The socket is connected to nothing, so replies from any
+remote come back (NAT traversal) and reach the guest as from that remote; one from 127.0.0.1
+appears as from the gateway address.
 
+Flows close after `config.udp_idle_timeout` seconds without traffic either way (OP_UDP_CLOSE);
+at most `config.max_udp_flows` are kept and the least recently used one is evicted first.
+
+ICMP errors the host gets for a flow's datagrams (port unreachable when nobody listens, host
+unreachable, ...) are passed to the guest, quoting the headers of its last datagram there.
+"""
+
+from typing import Final, final
+
+from qemu_vpnnet.core.actions import OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
+from qemu_vpnnet.core.config import ip_int, ip_str
+from qemu_vpnnet.core.icmp import (
+    ICMP_DEST_UNREACH,
+    UNREACH_FRAG_NEEDED,
+    guest_visible_source,
+    send_icmp_error,
+    send_ip_fragmented,
+)
 from qemu_vpnnet.core.output import Output
+from qemu_vpnnet.core.packets import IPPROTO_UDP, is_unicast_outside, udp_quote, udp_segment
+
+UNREACH_PORT: Final = 3
+
+
+def send_udp_to_guest(out: Output, dst_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int, data: bytes) -> None:
+    """A UDP datagram to a guest, fragmented when it is larger than the guest's MTU."""
+    send_ip_fragmented(out, dst_mac, src, dst, IPPROTO_UDP, udp_segment(src, dst, sport, dport, data))
+
+
+@final
+class UdpFlow:
+    """One guest (address, port) and its host socket."""
+
+    def __init__(self, flow_id: int, key: int, guest_mac: bytes, guest_ip: bytes, guest_port: int, now: float) -> None:
+        self.id = flow_id
+        self.key = key
+        self.guest_mac = guest_mac
+        self.guest_ip = guest_ip
+        self.guest_port = guest_port
+        self.created = now
+        self.last_active = now
+        self.last_dst = b""  # guest-visible destination of the last datagram from the guest
+        self.last_addr = ""  # its host-side address
+        self.last_port = 0
+        self.last_len = 0  # its payload length (for ICMP error quotes)
+        self.bytes_out = 0  # guest -> host
+        self.bytes_in = 0  # host -> guest
+        self.packets_out = 0
+        self.packets_in = 0
 
 
 @final
 class UdpNat:
     def __init__(self, out: Output) -> None:
         self.out = out
+        self.table: dict[int, UdpFlow] = {}  # (address << 16 | port) -> flow, least recently used first
+        self.by_id: dict[int, UdpFlow] = {}
+        self.next_id = 1
 
-    def timer(self, now: float) -> None:
-        pass
-
-    def next_deadline(self) -> float:
-        return float("inf")
-
+    # ---- guest side --------------------------------------------------------------------
     def from_guest(
         self, src_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes, now: float
     ) -> None:
-        self.out.drop("udp-unhandled")
+        """A datagram from a guest to anything but the DHCP and DNS services."""
+        out = self.out
+        cfg = out.config
+        if not cfg.contains(src) or src == cfg.net_addr or src == cfg.broadcast or sport == 0:
+            out.drop("udp-bad-source")
+            return
+        if dst == cfg.broadcast or not is_unicast_outside(dst) or dst == b"\xff\xff\xff\xff":
+            out.drop("udp-broadcast")
+            return
+        addr = cfg.host_side_address(dst)
+        if not addr:
+            out.drop("udp-no-route")
+            return
+        if dport == 0:
+            out.drop("udp-port-zero")
+            return
+        key = (ip_int(src) << 16) | sport
+        flow = self.table.get(key)
+        if flow is None:
+            if len(self.table) >= max(1, cfg.max_udp_flows):
+                self.close(next(iter(self.table.values())))
+                out.counters.add("udp-flows-evicted")
+            flow = UdpFlow(self.next_id, key, src_mac, src, sport, now)
+            self.next_id += 1
+            self.by_id[flow.id] = flow
+            out.counters.add("udp-flows-opened")
+            out.op(HostOp(OP_UDP_OPEN, flow.id))
+        else:
+            del self.table[key]
+        self.table[key] = flow
+        flow.guest_mac = src_mac
+        flow.last_active = now
+        flow.last_dst = dst
+        flow.last_addr = addr
+        flow.last_port = dport
+        flow.last_len = len(payload)
+        flow.bytes_out += len(payload)
+        flow.packets_out += 1
+        out.op(HostOp(OP_UDP_SEND, flow.id, addr=addr, port=dport, data=payload))
+
+    # ---- host side ---------------------------------------------------------------------
+    def host_datagram(self, flow_id: int, data: bytes, addr: str, port: int, now: float) -> None:
+        """A datagram the flow's host socket received from addr:port."""
+        out = self.out
+        flow = self.by_id.get(flow_id)
+        if flow is None:
+            out.counters.add("udp-late-datagram")
+            return
+        src = flow.last_dst if addr == flow.last_addr else guest_visible_source(out, addr)
+        if not src:
+            out.counters.add("udp-reply-bad-source")
+            return
+        flow.last_active = now
+        del self.table[flow.key]
+        self.table[flow.key] = flow
+        flow.bytes_in += len(data)
+        flow.packets_in += 1
+        send_udp_to_guest(out, flow.guest_mac, src, flow.guest_ip, port, flow.guest_port, data)
+
+    def host_error(self, flow_id: int, addr: str, port: int, icmp_type: int, code: int, info: int, now: float) -> None:
+        """The host got an ICMP error about a datagram the flow sent to addr:port.
+
+        addr "" means the shell does not know where the datagram went: the flow's last
+        destination is assumed. Port unreachable is type 3 code 3; info is the next-hop MTU
+        for "fragmentation needed".
+        """
+        flow = self.by_id.get(flow_id)
+        if flow is None or not flow.last_dst:
+            return
+        if not addr or (addr == flow.last_addr and port == flow.last_port):
+            dst = flow.last_dst
+            port = flow.last_port
+            length = flow.last_len
+        else:
+            dst = guest_visible_source(self.out, addr)
+            length = 0
+            if not dst:
+                return
+        self.out.counters.add("udp-icmp-errors")
+        quote = udp_quote(flow.guest_ip, dst, flow.guest_port, port, length)
+        mtu = info if icmp_type == ICMP_DEST_UNREACH and code == UNREACH_FRAG_NEEDED else 0
+        send_icmp_error(self.out, flow.guest_mac, flow.guest_ip, dst, icmp_type, code, quote, mtu)
+
+    def host_refused(self, flow_id: int, now: float) -> None:
+        """ECONNREFUSED on the flow's socket without details: port unreachable from its last peer."""
+        self.host_error(flow_id, "", 0, ICMP_DEST_UNREACH, UNREACH_PORT, 0, now)
+
+    def host_failed(self, flow_id: int, now: float) -> None:
+        """The shell could not open the flow's socket: forget the flow (nothing to close)."""
+        flow = self.by_id.get(flow_id)
+        if flow is not None:
+            self.forget(flow)
+            self.out.counters.add("udp-open-failed")
+
+    # ---- flows -------------------------------------------------------------------------
+    def forget(self, flow: UdpFlow) -> None:
+        self.table.pop(flow.key, None)
+        self.by_id.pop(flow.id, None)
+
+    def close(self, flow: UdpFlow) -> None:
+        self.forget(flow)
+        self.out.op(HostOp(OP_UDP_CLOSE, flow.id))
+
+    def timer(self, now: float) -> None:
+        timeout = self.out.config.udp_idle_timeout
+        while self.table:
+            flow = next(iter(self.table.values()))
+            if flow.last_active + timeout > now:
+                break
+            self.close(flow)
+            self.out.counters.add("udp-flows-expired")
+
+    def next_deadline(self) -> float:
+        if not self.table:
+            return float("inf")
+        return next(iter(self.table.values())).last_active + self.out.config.udp_idle_timeout
+
+    def flows(self, now: float) -> list[dict[str, object]]:
+        """The open UDP flows, for query-connections."""
+        result: list[dict[str, object]] = []
+        for flow in self.table.values():
+            result.append(
+                {
+                    "protocol": "udp",
+                    "guest-address": ip_str(flow.guest_ip),
+                    "guest-port": flow.guest_port,
+                    "remote-address": ip_str(flow.last_dst),
+                    "remote-port": flow.last_port,
+                    "host-address": flow.last_addr,
+                    "bytes-out": flow.bytes_out,
+                    "bytes-in": flow.bytes_in,
+                    "packets-out": flow.packets_out,
+                    "packets-in": flow.packets_in,
+                    "age": now - flow.created,
+                    "idle": now - flow.last_active,
+                }
+            )
+        return result
