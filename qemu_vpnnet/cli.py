@@ -2,10 +2,11 @@
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from qemu_vpnnet import __version__
 from qemu_vpnnet.core.config import DEFAULT_MTU, DEFAULT_NET, NetConfig, ip_bytes
@@ -119,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--udp-timeout", type=float, default=60.0, metavar="SECONDS", help="UDP flow idle timeout")
     o.add_argument("--max-udp-flows", type=int, default=4096, help="UDP flows kept at once (oldest evicted)")
     o.add_argument("--max-tcp-flows", type=int, default=65536, help="TCP connections kept at once")
+    c = p.add_argument_group("port forwarding and control")
+    c.add_argument(
+        "--hostfwd",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="forward host to guest, QEMU syntax [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport "
+        "(hostaddr default 127.0.0.1, guestaddr default the first leased guest; repeatable)",
+    )
+    c.add_argument(
+        "--qmp",
+        action="append",
+        default=[],
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="QMP control socket (repeatable); unix sockets are created mode 0600",
+    )
+    c.add_argument("--state", metavar="FILE", help="keep the forward table in FILE across restarts")
     p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="log level (default info)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v is debug)")
     return p
@@ -218,8 +236,23 @@ def run_backend(argv: Sequence[str]) -> int:
     return uvloop.run(serve(args, config))
 
 
+# Subcommands: each module has main(argv) -> int. Imported only when used.
+SUBCOMMANDS = {
+    "ctl": "qemu_vpnnet.control.ctl",
+    "attach": "qemu_vpnnet.integrations.attach",
+    "detach": "qemu_vpnnet.integrations.attach",
+    "run": "qemu_vpnnet.integrations.launcher",
+    "libvirt": "qemu_vpnnet.integrations.libvirt",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """`qemu-vpnnet [backend options]` runs the backend; `qemu-vpnnet SUBCOMMAND ...` the rest."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[args[0]])
+        entry: Callable[[list[str]], int] = module.main
+        return entry(args)
     return run_backend(args)
 
 

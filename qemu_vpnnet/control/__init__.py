@@ -1,0 +1,1 @@
+"""The control plane: the QMP server and the ctl client."""

@@ -1,0 +1,1 @@
+"""Integrations: attach to a running QEMU, the launcher, libvirt."""
