@@ -12,6 +12,8 @@ from qemu_vpnnet import __version__
 from qemu_vpnnet.core.config import DEFAULT_MTU, DEFAULT_NET, NetConfig, ip_bytes
 from qemu_vpnnet.core.packets import parse_mac
 from qemu_vpnnet.core.stack import Stack
+from qemu_vpnnet.hostfwd import HostFwdSyntaxError, parse_hostfwd
+from qemu_vpnnet.io.forwards import Forwarder, ForwardError
 from qemu_vpnnet.io.host_side import install_host_side
 from qemu_vpnnet.io.shell import Shell, StartupError
 
@@ -184,6 +186,19 @@ def qemu_hints(args: argparse.Namespace) -> list[str]:
     return hints
 
 
+async def add_forwards(forwarder: Forwarder, rules: list[str]) -> None:
+    """The --hostfwd rules, then those kept in the state file; StartupError when one fails."""
+    try:
+        specs = [parse_hostfwd(rule) for rule in rules]
+        known = {(s.protocol, s.host_addr, s.host_port) for s in specs}
+        specs += [s for s in forwarder.load_state() if (s.protocol, s.host_addr, s.host_port) not in known]
+        for spec in specs:
+            await forwarder.add(spec, persist=False)
+    except (HostFwdSyntaxError, ForwardError) as exc:
+        raise StartupError(f"--hostfwd: {exc}") from exc
+    forwarder.save()
+
+
 async def serve(args: argparse.Namespace, config: NetConfig) -> int:
     stack = Stack(config)
     shell = Shell(stack)
@@ -192,6 +207,7 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    forwarder = Forwarder(shell, args.state)
     try:
         for path in args.socket:
             await shell.listen_unix(path)
@@ -201,8 +217,10 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
             await shell.open_dgram(path, None)
         for path in args.connect:
             shell.connect_unix(path)
+        await add_forwards(forwarder, args.hostfwd)
     except StartupError as exc:
         log.error("%s", exc)
+        await forwarder.close()
         await shell.close()
         return 2
     log.info(
@@ -217,6 +235,7 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         log.info("QEMU arguments: %s", hint)
     await stop.wait()
     log.info("stopping")
+    await forwarder.close()
     await shell.close()
     return 0
 

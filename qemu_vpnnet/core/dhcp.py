@@ -265,6 +265,20 @@ class DhcpServer:
         )
         return DhcpReply(bytes(reply), b"\xff\xff\xff\xff", mac)
 
+    def first_bound(self, now: float) -> Lease | None:
+        """The earliest-bound live lease: where a forward without a guest address goes."""
+        for lease in self.by_mac.values():
+            if lease.bound and lease.expires > now:
+                return lease
+        return None
+
+    def bound_mac(self, addr: bytes, now: float) -> bytes | None:
+        """The MAC holding a live lease on addr."""
+        lease = self.by_addr.get(addr)
+        if lease is None or not lease.bound or lease.expires <= now:
+            return None
+        return lease.mac
+
     def leases(self, now: float) -> list[dict[str, object]]:
         """The bound leases, for query-leases."""
         out: list[dict[str, object]] = []

@@ -34,11 +34,12 @@ DnsTarget = Callable[[], tuple[str, int] | None]
 class HostConnection(asyncio.Protocol):
     """The host socket of one spliced flow."""
 
-    def __init__(self, host: "HostTcp", flow: int) -> None:
+    def __init__(self, host: "HostTcp", flow: int, on_made: "Callable[[HostConnection], None] | None" = None) -> None:
         self.host = host
         self.flow = flow
         self.transport: asyncio.Transport | None = None
         self.gone = False  # the core no longer knows this flow
+        self.on_made = on_made  # for accepted (forwarded) connections: the forwarder picks the flow
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -49,6 +50,8 @@ class HostConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        if self.on_made is not None:
+            self.on_made(self)
 
     def data_received(self, data: bytes) -> None:
         if self.gone:

@@ -1,0 +1,298 @@
+"""Port forwarding from host to guest: listeners on the host, connections opened toward a guest.
+
+A TCP connection accepted on a forward's listener becomes a TCP connection that the core opens
+toward the guest: SYN from the gateway address (config.host_ip) and a source port of our own, so
+a guest server sees every forwarded client as coming from the gateway (as with QEMU's slirp).
+The host socket is not read until the guest accepted; a guest RST closes it at once (the host
+client sees a reset), and a guest that does not answer times out.
+
+Forwards without a guest address go to the guest holding the first live lease at the time of
+each connection, so they follow a guest whose address changes; while no guest has a lease,
+connections are refused (reset) right away.
+"""
+
+import asyncio
+import builtins
+import json
+import logging
+import os
+import socket
+import tempfile
+from typing import Final
+
+from qemu_vpnnet.core.config import ip_bytes, ip_str
+from qemu_vpnnet.hostfwd import ForwardSpec, HostFwdSyntaxError, check_guest_addr, check_host_addr, check_protocol
+from qemu_vpnnet.io.host_tcp import HostConnection, HostTcp
+from qemu_vpnnet.io.shell import Shell
+
+log = logging.getLogger("qemu_vpnnet.hostfwd")
+
+SOURCE_PORT_FIRST: Final = 49152
+MAX_FORWARDS: Final = 1024
+
+
+class ForwardError(Exception):
+    """A forward cannot be added or removed; the message is for the user."""
+
+
+class Forward:
+    """One active forward: its listener and the flows it opened."""
+
+    def __init__(self, spec: ForwardSpec, bound_port: int) -> None:
+        self.spec = spec
+        self.bound_port = bound_port
+        self.server: asyncio.AbstractServer | None = None
+        self.udp: UdpForward | None = None
+        self.flows: set[int] = set()
+        self.accepted = 0
+        self.refused = 0
+
+    def key(self) -> tuple[str, str, int]:
+        return (self.spec.protocol, self.spec.host_addr, self.bound_port)
+
+    def describe(self) -> dict[str, object]:
+        spec = self.spec
+        host = f"[{spec.host_addr}]" if ":" in spec.host_addr else spec.host_addr
+        return {
+            "protocol": spec.protocol,
+            "host-addr": spec.host_addr,
+            "host-port": self.bound_port,
+            "guest-addr": spec.guest_addr,
+            "guest-port": spec.guest_port,
+            "rule": f"{spec.protocol}:{host}:{self.bound_port}-{spec.guest_addr}:{spec.guest_port}",
+            "connections": len(self.flows),
+            "accepted": self.accepted,
+            "refused": self.refused,
+        }
+
+
+class Forwarder:
+    """The forward table: add, remove, list; persisted to a state file when one is given."""
+
+    def __init__(self, shell: Shell, state_file: str | None = None) -> None:
+        self.shell = shell
+        self.state_file = state_file
+        self.forwards: dict[tuple[str, str, int], Forward] = {}
+        self.next_source_port = SOURCE_PORT_FIRST
+
+    @property
+    def host_tcp(self) -> HostTcp:
+        if self.shell.host_tcp is None:
+            raise ForwardError("TCP forwarding is not available (no host TCP handler)")
+        return self.shell.host_tcp
+
+    # ---- table -------------------------------------------------------------------------
+    async def add(self, spec: ForwardSpec, persist: bool = True) -> dict[str, object]:
+        if len(self.forwards) >= MAX_FORWARDS:
+            raise ForwardError(f"too many forwards (at most {MAX_FORWARDS})")
+        if spec.host_port and (spec.protocol, spec.host_addr, spec.host_port) in self.forwards:
+            raise ForwardError(f"a {spec.protocol} forward from {spec.host_addr}:{spec.host_port} exists already")
+        if spec.guest_addr:
+            cfg = self.shell.stack.config
+            addr = ip_bytes(spec.guest_addr)
+            if not cfg.contains(addr) or addr in (cfg.host_ip, cfg.dns_ip, cfg.net_addr, cfg.broadcast):
+                raise ForwardError(f"guest address {spec.guest_addr} is not a guest address of {cfg.network}")
+        family = socket.AF_INET6 if ":" in spec.host_addr else socket.AF_INET
+        try:
+            if spec.protocol == "tcp":
+                forward = await self._listen_tcp(spec, family)
+            else:
+                forward = await self._listen_udp(spec, family)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ForwardError(f"cannot listen on {spec.protocol} {spec.host_addr}:{spec.host_port}: {reason}") from exc
+        self.forwards[forward.key()] = forward
+        info = forward.describe()
+        log.info("forward added: %s", info["rule"])
+        self.shell.emit("HOSTFWD_ADDED", info)
+        if persist:
+            self.save()
+        return info
+
+    async def _listen_tcp(self, spec: ForwardSpec, family: int) -> Forward:
+        forward = Forward(spec, spec.host_port)
+        server = await self.shell.loop.create_server(
+            lambda: HostConnection(self.host_tcp, -1, lambda conn: self.accepted(forward, conn)),
+            spec.host_addr,
+            spec.host_port,
+            family=family,
+            reuse_address=True,
+        )
+        forward.server = server
+        forward.bound_port = server.sockets[0].getsockname()[1]
+        return forward
+
+    async def _listen_udp(self, spec: ForwardSpec, family: int) -> Forward:
+        forward = Forward(spec, spec.host_port)
+        transport, protocol = await self.shell.loop.create_datagram_endpoint(
+            lambda: UdpForward(self, forward), local_addr=(spec.host_addr, spec.host_port), family=family
+        )
+        forward.udp = protocol
+        forward.bound_port = transport.get_extra_info("sockname")[1]
+        return forward
+
+    async def remove(
+        self, protocol: str, host_addr: str, host_port: int, close_connections: bool = False, persist: bool = True
+    ) -> dict[str, object]:
+        try:
+            key = (check_protocol(protocol), check_host_addr(host_addr), host_port)
+        except HostFwdSyntaxError as exc:
+            raise ForwardError(str(exc)) from exc
+        forward = self.forwards.pop(key, None)
+        if forward is None:
+            raise ForwardError(f"no {key[0]} forward from {key[1]}:{key[2]}")
+        if forward.server is not None:
+            forward.server.close()  # the port is free again at once: the listening socket is closed now
+        if forward.udp is not None:
+            forward.udp.close()
+        if close_connections:
+            self.close_flows(forward)
+        info = forward.describe()
+        log.info("forward removed: %s", info["rule"])
+        self.shell.emit("HOSTFWD_REMOVED", info)
+        if persist:
+            self.save()
+        return info
+
+    def close_flows(self, forward: Forward) -> None:
+        tcp = self.shell.stack.tcp
+        host_tcp = self.shell.host_tcp
+        for flow in list(forward.flows):
+            tcp.close_flow(flow)
+            if host_tcp is not None:
+                conn = host_tcp.conns.pop(flow, None)
+                if conn is not None:
+                    conn.abort_with_rst()
+        forward.flows.clear()
+        self.shell.schedule_flush()
+
+    def list(self) -> list[dict[str, object]]:
+        self.prune()
+        return [forward.describe() for forward in self.forwards.values()]
+
+    def prune(self) -> None:
+        flows = self.shell.stack.tcp.flows
+        for forward in self.forwards.values():
+            forward.flows.intersection_update(flows)
+
+    async def close(self) -> None:
+        for forward in list(self.forwards.values()):
+            if forward.server is not None:
+                forward.server.close()
+            if forward.udp is not None:
+                forward.udp.close()
+            self.close_flows(forward)
+        self.forwards.clear()
+
+    # ---- connections -------------------------------------------------------------------
+    def guest_for(self, spec: ForwardSpec) -> tuple[bytes, bytes] | None:
+        """(guest MAC, guest address) for a new forwarded connection, or None if no guest is there."""
+        stack = self.shell.stack
+        now = self.shell.now()
+        if spec.guest_addr:
+            addr = ip_bytes(spec.guest_addr)
+            mac = stack.dhcp.bound_mac(addr, now) or stack.out.mac_of(addr)
+            return None if mac is None else (mac, addr)
+        lease = stack.dhcp.first_bound(now)
+        if lease is None:
+            return None
+        return lease.mac, lease.addr
+
+    def accepted(self, forward: Forward, conn: HostConnection) -> None:
+        transport = conn.transport
+        assert transport is not None
+        transport.pause_reading()  # read only once the guest accepted
+        guest = self.guest_for(forward.spec)
+        if guest is None:
+            forward.refused += 1
+            log.info("forward %s: no guest has a lease yet; connection refused", forward.spec.rule())
+            conn.abort_with_rst()
+            return
+        mac, addr = guest
+        stack = self.shell.stack
+        flow = -1
+        for _attempt in range(64):
+            port = self.next_source_port
+            self.next_source_port = port + 1 if port < 65535 else SOURCE_PORT_FIRST
+            flow = stack.tcp.connect_guest(
+                mac, addr, forward.spec.guest_port, stack.config.host_ip, port, self.shell.now()
+            )
+            if flow >= 0:
+                break
+        if flow < 0:
+            forward.refused += 1
+            log.warning("forward %s: no connection slot free; refused", forward.spec.rule())
+            conn.abort_with_rst()
+            return
+        forward.accepted += 1
+        conn.flow = flow
+        self.host_tcp.adopt(flow, conn)
+        forward.flows.add(flow)
+        if len(forward.flows) > 4096:
+            self.prune()
+        log.debug("forward %s: flow %d to %s:%d", forward.spec.rule(), flow, ip_str(addr), forward.spec.guest_port)
+        self.shell.schedule_flush()
+
+    # ---- persistence -------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the table atomically (temporary file, fsync, rename)."""
+        if not self.state_file:
+            return
+        rules = [
+            {
+                "protocol": f.spec.protocol,
+                "host-addr": f.spec.host_addr,
+                "host-port": f.bound_port,
+                "guest-addr": f.spec.guest_addr,
+                "guest-port": f.spec.guest_port,
+            }
+            for f in self.forwards.values()
+        ]
+        directory = os.path.dirname(os.path.abspath(self.state_file))
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".vpnnet-state-", dir=directory)
+            with os.fdopen(fd, "w") as stream:
+                json.dump({"version": 1, "hostfwd": rules}, stream, indent=1)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            log.error("cannot write state file %s: %s", self.state_file, exc)
+
+    def load_state(self) -> builtins.list[ForwardSpec]:
+        """The forwards in the state file (none if it does not exist); ForwardError if unreadable."""
+        if not self.state_file or not os.path.exists(self.state_file):
+            return []
+        try:
+            with open(self.state_file) as stream:
+                data = json.load(stream)
+            specs = []
+            for rule in data.get("hostfwd", []):
+                specs.append(
+                    ForwardSpec(
+                        check_protocol(str(rule["protocol"])),
+                        check_host_addr(str(rule["host-addr"])),
+                        int(rule["host-port"]),
+                        check_guest_addr(str(rule.get("guest-addr", ""))),
+                        int(rule["guest-port"]),
+                    )
+                )
+            return specs
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ForwardError(f"state file {self.state_file} is unreadable: {exc}") from exc
+
+
+class UdpForward(asyncio.DatagramProtocol):
+    """Placeholder replaced below once the core can map guest replies back (see udp_forward)."""
+
+    def __init__(self, forwarder: Forwarder, forward: Forward) -> None:
+        self.forwarder = forwarder
+        self.forward = forward
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
