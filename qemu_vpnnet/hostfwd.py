@@ -26,7 +26,7 @@ class ForwardSpec:
 
 
 def _split_addr_port(text: str, what: str) -> tuple[str, str]:
-    """"[v6]:port", "v4:port" or ":port" into (address, port text)."""
+    """ "[v6]:port", "v4:port" or ":port" into (address, port text)."""
     if text.startswith("["):
         close = text.find("]")
         if close < 0 or text[close + 1 : close + 2] != ":":
