@@ -1,0 +1,31 @@
+"""The installed package's core is compiled by mypyc (checked when VPNNET_EXPECT_COMPILED=1)."""
+
+import importlib
+import os
+import pkgutil
+
+import pytest
+
+import qemu_vpnnet.core
+
+
+def core_modules() -> list[str]:
+    return [m.name for m in pkgutil.iter_modules(qemu_vpnnet.core.__path__) if m.name != "__init__"]
+
+
+@pytest.mark.skipif(os.environ.get("VPNNET_EXPECT_COMPILED") != "1", reason="checking the uncompiled sources")
+def test_core_modules_are_compiled_extensions() -> None:
+    modules = core_modules()
+    assert "tcp" in modules and "checksum" in modules
+    for name in modules:
+        module = importlib.import_module(f"qemu_vpnnet.core.{name}")
+        assert module.__file__ is not None and module.__file__.endswith(".so"), f"{name} is not compiled: {module.__file__}"
+    from qemu_vpnnet.core import checksum
+
+    assert checksum.COMPILED
+
+
+def test_checksum_implementation_matches_build() -> None:
+    from qemu_vpnnet.core import checksum
+
+    assert checksum.COMPILED == (checksum.__file__ or "").endswith(".so")
