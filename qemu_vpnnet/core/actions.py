@@ -20,6 +20,8 @@ OP_PING_SEND: Final = 11  # send an ICMP echo (data is the ICMP message) to addr
 OP_PING_CLOSE: Final = 12  # close the flow's ping socket
 OP_DNS_QUERY: Final = 13  # resolve: forward data (a DNS query) upstream; port is 1 for TCP, 0 for UDP
 OP_TCP_ACCEPTED: Final = 14  # a forwarded host connection for flow is now open to the guest
+OP_UDP_FWD_REPLY: Final = 15  # a guest's reply on a UDP forward: send data to the flow's host peer
+OP_UDP_FWD_CLOSE: Final = 16  # a UDP forward flow timed out: forget its host peer
 
 OP_NAMES: Final = {
     OP_TCP_CONNECT: "tcp-connect",
@@ -36,6 +38,8 @@ OP_NAMES: Final = {
     OP_PING_CLOSE: "ping-close",
     OP_DNS_QUERY: "dns-query",
     OP_TCP_ACCEPTED: "tcp-accepted",
+    OP_UDP_FWD_REPLY: "udp-fwd-reply",
+    OP_UDP_FWD_CLOSE: "udp-fwd-close",
 }
 
 

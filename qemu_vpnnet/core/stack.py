@@ -32,6 +32,7 @@ from qemu_vpnnet.core.packets import (
 )
 from qemu_vpnnet.core.tcp import TcpEngine
 from qemu_vpnnet.core.udp import UdpNat
+from qemu_vpnnet.core.udp_forward import UdpForwards
 
 NO_DEADLINE: Final = float("inf")
 
@@ -49,6 +50,7 @@ class Stack:
         self.icmp = IcmpProxy(out)
         self.dns = DnsServer(out)
         self.tcp = TcpEngine(out)
+        self.udp_forwards = UdpForwards(out)
 
     # ---- ports -------------------------------------------------------------------------
     def attach_port(self, port: int) -> None:
@@ -144,6 +146,12 @@ class Stack:
         if dport == DHCP_SERVER_PORT and (dst == cfg.host_ip or dst == b"\xff\xff\xff\xff"):
             self.dhcp_received(src_mac, payload, now)
             return
+        if (
+            dst == cfg.host_ip
+            and self.udp_forwards.by_key
+            and self.udp_forwards.from_guest(src, sport, dport, payload, now)
+        ):
+            return
         if dst == cfg.dns_ip and dport == 53:
             self.dns.from_guest(src_mac, src, dst, sport, payload, now)
             return
@@ -198,8 +206,13 @@ class Stack:
         self.udp.timer(now)
         self.icmp.timer(now)
         self.dns.timer(now)
+        self.udp_forwards.timer(now)
 
     def next_deadline(self) -> float:
         return min(
-            self.tcp.next_deadline(), self.udp.next_deadline(), self.icmp.next_deadline(), self.dns.next_deadline()
+            self.tcp.next_deadline(),
+            self.udp.next_deadline(),
+            self.icmp.next_deadline(),
+            self.dns.next_deadline(),
+            self.udp_forwards.next_deadline(),
         )

@@ -18,8 +18,9 @@ import logging
 import os
 import socket
 import tempfile
-from typing import Final
+from typing import Any, Final, cast
 
+from qemu_vpnnet.core.actions import OP_UDP_FWD_CLOSE, OP_UDP_FWD_REPLY, HostOp
 from qemu_vpnnet.core.config import ip_bytes, ip_str
 from qemu_vpnnet.hostfwd import ForwardSpec, HostFwdSyntaxError, check_guest_addr, check_host_addr, check_protocol
 from qemu_vpnnet.io.host_tcp import HostConnection, HostTcp
@@ -28,6 +29,7 @@ from qemu_vpnnet.io.shell import Shell
 log = logging.getLogger("qemu_vpnnet.hostfwd")
 
 SOURCE_PORT_FIRST: Final = 49152
+PeerAddr = tuple[Any, ...]  # a host peer's socket address
 MAX_FORWARDS: Final = 1024
 
 
@@ -74,6 +76,9 @@ class Forwarder:
         self.state_file = state_file
         self.forwards: dict[tuple[str, str, int], Forward] = {}
         self.next_source_port = SOURCE_PORT_FIRST
+        self.udp_peers: dict[int, tuple[UdpForward, PeerAddr]] = {}  # UDP forward flow -> (socket, peer)
+        shell.op_performers[OP_UDP_FWD_REPLY] = self.op_udp_reply
+        shell.op_performers[OP_UDP_FWD_CLOSE] = self.op_udp_close
 
     @property
     def host_tcp(self) -> HostTcp:
@@ -184,6 +189,16 @@ class Forwarder:
             self.close_flows(forward)
         self.forwards.clear()
 
+    def op_udp_reply(self, op: HostOp) -> None:
+        peer = self.udp_peers.get(op.flow)
+        if peer is not None:
+            peer[0].reply(peer[1], op.data)
+
+    def op_udp_close(self, op: HostOp) -> None:
+        peer = self.udp_peers.pop(op.flow, None)
+        if peer is not None:
+            peer[0].peer_flows.pop(peer[1], None)
+
     # ---- connections -------------------------------------------------------------------
     def guest_for(self, spec: ForwardSpec) -> tuple[bytes, bytes] | None:
         """(guest MAC, guest address) for a new forwarded connection, or None if no guest is there."""
@@ -283,16 +298,58 @@ class Forwarder:
 
 
 class UdpForward(asyncio.DatagramProtocol):
-    """Placeholder replaced below once the core can map guest replies back (see udp_forward)."""
+    """The host socket of a UDP forward: each host peer address is one flow toward the guest."""
+
+    MAX_PEERS: Final = 4096
 
     def __init__(self, forwarder: Forwarder, forward: Forward) -> None:
         self.forwarder = forwarder
         self.forward = forward
         self.transport: asyncio.DatagramTransport | None = None
+        self.peer_flows: dict[PeerAddr, int] = {}  # host peer address -> flow
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: PeerAddr) -> None:
+        forwarder = self.forwarder
+        stack = forwarder.shell.stack
+        now = forwarder.shell.now()
+        flow = self.peer_flows.get(addr)
+        if flow is not None and not stack.udp_forwards.to_guest(flow, data, now):
+            forwarder.udp_peers.pop(flow, None)
+            del self.peer_flows[addr]
+            flow = None
+        if flow is None:
+            guest = forwarder.guest_for(self.forward.spec)
+            if guest is None:
+                self.forward.refused += 1
+                return  # no guest with a lease yet: dropped, as a datagram to nobody
+            if len(self.peer_flows) >= self.MAX_PEERS:
+                oldest_addr, oldest_flow = next(iter(self.peer_flows.items()))
+                del self.peer_flows[oldest_addr]
+                forwarder.udp_peers.pop(oldest_flow, None)
+                stack.udp_forwards.close_flow(oldest_flow)
+            mac, guest_ip = guest
+            flow = stack.udp_forwards.open(mac, guest_ip, self.forward.spec.guest_port, now)
+            self.peer_flows[addr] = flow
+            forwarder.udp_peers[flow] = (self, addr)
+            self.forward.accepted += 1
+            stack.udp_forwards.to_guest(flow, data, now)
+        forwarder.shell.schedule_flush()
+
+    def reply(self, addr: PeerAddr, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp forward %s: %s", self.forward.spec.rule(), exc)
 
     def close(self) -> None:
+        stack = self.forwarder.shell.stack
+        for flow in self.peer_flows.values():
+            self.forwarder.udp_peers.pop(flow, None)
+            stack.udp_forwards.close_flow(flow)
+        self.peer_flows.clear()
         if self.transport is not None:
             self.transport.close()
