@@ -32,6 +32,17 @@ def host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def dns_server(text: str) -> str:
+    """IP[:PORT] or [v6]:PORT for --dns-upstream, checked at parse time."""
+    from qemu_vpnnet.io.dns_upstream import parse_server
+
+    try:
+        parse_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--dns-upstream {text!r}: {exc}") from exc
+    return text
+
+
 def static_lease(text: str) -> tuple[bytes, bytes]:
     """MAC=ADDR for --dhcp-static."""
     mac, sep, addr = text.partition("=")
@@ -104,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dns-upstream",
         action="append",
         default=[],
+        type=dns_server,
         metavar="IP[:PORT]",
         help="upstream DNS server (repeatable; default: the host's /etc/resolv.conf, followed when it changes)",
     )

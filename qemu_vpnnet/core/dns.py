@@ -48,7 +48,7 @@ TYPE_ANY: Final = 255
 CLASS_IN: Final = 1
 
 _HEADER: Final = struct.Struct("!HHHHHH")
-_A_RECORD: Final = struct.Struct("!HHHIH")
+_A_RECORD: Final = struct.Struct("!HHIH")
 
 
 def question_end(data: bytes, offset: int) -> int:
@@ -164,9 +164,7 @@ class DnsServer:
                 limit = min(max(512, int(rr.cls)), MAX_UDP_ANSWER)
         number = self.next_query
         self.next_query += 1
-        self.pending[number] = PendingQuery(
-            key, src_mac, src, sport, qid, flags, question, limit, now + QUERY_TIMEOUT
-        )
+        self.pending[number] = PendingQuery(key, src_mac, src, sport, qid, flags, question, limit, now + QUERY_TIMEOUT)
         self.waiting[key] = number
         out.counters.add("dns-forwarded")
         out.op(HostOp(OP_DNS_QUERY, number, data=payload))

@@ -31,6 +31,7 @@ from qemu_vpnnet.core.actions import (
     HostOp,
 )
 from qemu_vpnnet.core.config import ip_str
+from qemu_vpnnet.core.icmp import send_icmp_error
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 from qemu_vpnnet.core.tcp_wire import build_tcp_frame, parse_syn_options, syn_options, unpack_tcp_header, unwrap
@@ -692,8 +693,6 @@ class TcpEngine:
             return
         self.counters.add("tcp-connect-failed")
         if err in (errno.ENETUNREACH, errno.EHOSTUNREACH) and conn.syn_quote:
-            from qemu_vpnnet.core.icmp import send_icmp_error
-
             code = 0 if err == errno.ENETUNREACH else 1
             send_icmp_error(self.out, conn.guest_mac, conn.guest_ip, conn.remote_ip, 3, code, conn.syn_quote)
         else:

@@ -75,7 +75,7 @@ class UdpNat:
         if not cfg.contains(src) or src == cfg.net_addr or src == cfg.broadcast or sport == 0:
             out.drop("udp-bad-source")
             return
-        if dst == cfg.broadcast or not is_unicast_outside(dst) or dst == b"\xff\xff\xff\xff":
+        if dst == cfg.broadcast or not is_unicast_outside(dst):
             out.drop("udp-broadcast")
             return
         addr = cfg.host_side_address(dst)

@@ -13,7 +13,10 @@ from qemu_vpnnet.core.actions import HostOp
 from qemu_vpnnet.core.stack import NO_DEADLINE, Stack
 
 if TYPE_CHECKING:
+    from qemu_vpnnet.io.dns_upstream import DnsUpstreams
+    from qemu_vpnnet.io.host_ping import HostPing
     from qemu_vpnnet.io.host_tcp import HostTcp
+    from qemu_vpnnet.io.host_udp import HostUdp
 from qemu_vpnnet.io.qemu_ports import DgramEndpoint, PortIds, QemuPort, StreamPort
 
 log = logging.getLogger("qemu_vpnnet")
@@ -78,7 +81,11 @@ class Shell:
         self.flush_scheduled = False
         self.timer_handle: asyncio.TimerHandle | None = None
         self.internal_errors = 0
-        self.host_tcp: HostTcp | None = None  # set by install_host_side
+        # the host-side handlers, set by io.host_side.install_host_side
+        self.host_tcp: HostTcp | None = None
+        self.host_udp: HostUdp | None = None
+        self.host_ping: HostPing | None = None
+        self.dns_upstreams: DnsUpstreams | None = None
 
     def now(self) -> float:
         return self.loop.time()
@@ -245,6 +252,12 @@ class Shell:
     async def close(self) -> None:
         if self.host_tcp is not None:
             self.host_tcp.close_all()
+        if self.host_udp is not None:
+            self.host_udp.close_all()
+        if self.host_ping is not None:
+            self.host_ping.close_all()
+        if self.dns_upstreams is not None:
+            self.dns_upstreams.close()
         for task in list(self.tasks):
             task.cancel()
         for server in self.servers:
