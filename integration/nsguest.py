@@ -40,6 +40,7 @@ from .common import (
     unique_names,
     with_pdeathsig,
 )
+from .native import whole_writes_library
 from .netns import Netns
 from .vmguest import check_listener, netdev_with_id, stream_netdev
 
@@ -70,7 +71,9 @@ class NsGuest(Netns):
     """A namespace guest on ``socket_path`` (a backend's stream socket) or on
     any QEMU ``netdev`` spec (``"user"`` for libslirp).
 
-    ``mtu`` is set on the TAP (the guest's interface, :attr:`ifname`) before
+    With ``whole_writes`` (the default, for backend sockets) QEMU runs with the
+    LD_PRELOAD shim of integration/native/whole_writes.c, so its writes to the
+    stream socket are never short. ``mtu`` is set on the TAP (the guest's interface, :attr:`ifname`) before
     DHCP, ``mac`` is its address (unique by default). ``ipv6=False`` disables
     IPv6 on it. The QEMU hub process logs to ``log_path``; ``qemu_env`` adds
     environment variables to it (e.g. an LD_PRELOAD shim for load tests).
@@ -89,6 +92,7 @@ class NsGuest(Netns):
         qemu_env: Mapping[str, str] | None = None,
         qemu: str = "qemu-system-x86_64",
         attach_timeout: float = 10.0,
+        whole_writes: bool = True,
     ) -> None:
         if (socket_path is None) == (netdev is None):
             raise ValueError("give exactly one of socket_path and netdev")
@@ -103,6 +107,9 @@ class NsGuest(Netns):
         self.log_path = Path(log_path)
         self.qemu_args = list(qemu_args)
         self.qemu_env = dict(qemu_env or {})
+        if whole_writes and socket_path is not None and "LD_PRELOAD" not in self.qemu_env:
+            # QEMU 7.2's hub corrupts the stream on a short write under load (TESTBED.md)
+            self.qemu_env["LD_PRELOAD"] = whole_writes_library()
         self.qemu = qemu
         self.attach_timeout = attach_timeout
         self.qemu_process: subprocess.Popen[bytes] | None = None
