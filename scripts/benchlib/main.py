@@ -1,0 +1,424 @@
+"""qemu-vpnnet against QEMU's libslirp on the namespace-guest harness, side by side in one run.
+
+Each backend serves the same kind of guest: a network namespace whose TAP device QEMU bridges,
+through its hub, to the backend (qemu-vpnnet's stream socket, or `-netdev user` for libslirp).
+Backends run in alternation for several rounds; the table shows medians and the ratio to libslirp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(REPO))
+
+from integration.nsguest import NsGuest  # noqa: E402
+
+VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
+HERE = Path(__file__).resolve().parent
+GATEWAY = "10.0.2.2"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Setup:
+    """One backend serving one namespace guest at one MTU."""
+
+    def __init__(self, backend: str, mtu: int, workdir: Path) -> None:
+        self.backend = backend
+        self.mtu = mtu
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.guest: NsGuest | None = None
+
+    def start(self) -> None:
+        log_dir = self.workdir / f"{self.backend}-{self.mtu}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if self.backend == "slirp":
+            self.guest = NsGuest(netdev="user,net=10.0.2.0/24", mtu=self.mtu, log_path=log_dir / "qemu.log")
+        else:
+            sock = log_dir / "net.sock"
+            cmd = [
+                VENV_PYTHON,
+                "-m",
+                "qemu_vpnnet",
+                "--socket",
+                str(sock),
+                "--mtu",
+                str(self.mtu),
+                "--dns-upstream",
+                "127.0.0.1:9",
+                "--log-level",
+                "warning",
+            ]
+            env = dict(os.environ)
+            if self.backend == "vpnnet":
+                cmd.insert(1, "-P")  # the installed, compiled package
+                cwd = "/"
+            else:
+                env["PYTHONPATH"] = str(REPO)  # the plain sources
+                cwd = str(REPO)
+            with open(log_dir / "backend.log", "wb") as log:
+                self.process = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, preexec_fn=raise_nofile
+                )
+            for _ in range(100):
+                if sock.exists():
+                    break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError(f"{self.backend} did not start: {(log_dir / 'backend.log').read_text()}")
+            self.guest = NsGuest(socket_path=sock, mtu=self.mtu, log_path=log_dir / "qemu.log")
+        self.guest.start()
+        self.guest.dhcp()
+
+    def pids(self) -> list[int]:
+        pids = []
+        if self.process is not None:
+            pids.append(self.process.pid)
+        if self.guest is not None and self.guest.qemu_process is not None:
+            pids.append(self.guest.qemu_process.pid)
+        return pids
+
+    def memory_pid(self) -> int:
+        """The process whose memory holds the connections: the backend, or QEMU for libslirp."""
+        return self.pids()[0]
+
+    def run(self, cmd: list[str], timeout: float) -> str:
+        assert self.guest is not None
+        result = self.guest.run(cmd, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr[-2000:]}")
+        return result.stdout
+
+    def stop(self) -> None:
+        if self.guest is not None:
+            self.guest.close()
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class HostServers:
+    """iperf3, sockperf, HTTP and idle-connection servers on 127.0.0.1, for the whole run."""
+
+    IPERF = 5201
+    SOCKPERF = 11111
+    HTTP = 8081
+    HOLD = 8082
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.procs.append(subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.IPERF)], **quiet))
+        if shutil.which("sockperf"):
+            self.procs.append(
+                subprocess.Popen(["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(self.SOCKPERF)], **quiet)
+            )
+        for kind, port in (("http", self.HTTP), ("hold", self.HOLD)):
+            self.procs.append(
+                subprocess.Popen(
+                    [VENV_PYTHON, str(HERE / "hostservers.py"), kind, str(port)], preexec_fn=raise_nofile, **quiet
+                )
+            )
+        for port in (self.IPERF, self.HTTP, self.HOLD):
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        time.sleep(0.3)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# ---- measurements: each returns {metric: value} ------------------------------------------------
+def iperf_tcp(setup: Setup, seconds: int, reverse: bool, streams: int) -> dict[str, float]:
+    cmd = ["iperf3", "-c", GATEWAY, "-p", str(HostServers.IPERF), "-t", str(seconds), "-J", "-P", str(streams)]
+    if reverse:
+        cmd.append("-R")
+    before = cpu_seconds(setup.pids())
+    out = json.loads(setup.run(cmd, timeout=seconds + 30))
+    cpu = cpu_seconds(setup.pids()) - before
+    received = out["end"]["sum_received"]
+    gib = received["bytes"] / (1 << 30)
+    direction = "host->guest" if reverse else "guest->host"
+    name = f"tcp {direction} x{streams}"
+    return {f"{name} Gbit/s": received["bits_per_second"] / 1e9, f"{name} CPU s/GiB": cpu / gib if gib else 0.0}
+
+
+def iperf_udp(setup: Setup, seconds: int) -> dict[str, float]:
+    """Raise the offered rate until loss passes 1%: the best received rate below the knee."""
+    best = 0.0
+    length = min(setup.mtu, 9000) - 28
+    for rate in ("200M", "500M", "1G", "2G", "4G"):
+        cmd = [
+            "iperf3",
+            "-c",
+            GATEWAY,
+            "-p",
+            str(HostServers.IPERF),
+            "-u",
+            "-b",
+            rate,
+            "-l",
+            str(length),
+            "-t",
+            str(seconds),
+            "-J",
+        ]
+        try:
+            out = json.loads(setup.run(cmd, timeout=seconds + 30))
+        except (RuntimeError, json.JSONDecodeError):
+            break
+        summary = out["end"]["sum"]
+        received = summary["bits_per_second"] * (1 - summary["lost_percent"] / 100) / 1e9
+        best = max(best, received)
+        if summary["lost_percent"] > 1.0:
+            break
+    return {"udp guest->host Gbit/s (<1% loss)": best}
+
+
+def sockperf(setup: Setup, seconds: int) -> dict[str, float]:
+    if not shutil.which("sockperf"):
+        return {}
+    out = setup.run(
+        [
+            "sockperf",
+            "ping-pong",
+            "--tcp",
+            "-i",
+            GATEWAY,
+            "-p",
+            str(HostServers.SOCKPERF),
+            "-t",
+            str(seconds),
+            "--full-rtt",
+        ],
+        timeout=seconds + 30,
+    )
+    result: dict[str, float] = {}
+    for pct, name in (("50.000", "rtt median us"), ("99.000", "rtt p99 us")):
+        m = re.search(rf"percentile {re.escape(pct)} =\s+([\d.]+)", out)
+        if m:
+            result[name] = float(m.group(1))
+    return result
+
+
+def wrk(setup: Setup, seconds: int) -> dict[str, float]:
+    if not shutil.which("wrk"):
+        return {}
+    out = setup.run(
+        [
+            "wrk",
+            "-t",
+            "2",
+            "-c",
+            "32",
+            "-d",
+            f"{seconds}s",
+            "-H",
+            "Connection: close",
+            f"http://{GATEWAY}:{HostServers.HTTP}/",
+        ],
+        timeout=seconds + 30,
+    )
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return {"connections/s": float(m.group(1))} if m else {}
+
+
+def idle_connections(setup: Setup, count: int) -> dict[str, float]:
+    assert setup.guest is not None
+    pid = setup.memory_pid()
+    base = rss_mb(pid)
+    proc = setup.guest.popen(
+        [VENV_PYTHON, str(HERE / "guest_idle.py"), GATEWAY, str(HostServers.HOLD), str(count)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.search(r"opened=(\d+) failed=(\d+) seconds=([\d.]+)", line)
+        time.sleep(1.0)
+        rss = rss_mb(pid)
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if not m:
+        return {}
+    opened = int(m.group(1))
+    return {
+        f"{count} idle conns: opened": float(opened),
+        f"{count} idle conns: seconds to open": float(m.group(3)),
+        f"{count} idle conns: RSS MB": rss,
+        f"{count} idle conns: RSS growth MB": rss - base,
+    }
+
+
+def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
+    t = args.seconds
+    tests: list[Callable[[], dict[str, float]]] = [
+        lambda: iperf_tcp(setup, t, False, 1),
+        lambda: iperf_tcp(setup, t, True, 1),
+        lambda: iperf_tcp(setup, t, False, 4),
+        lambda: iperf_tcp(setup, t, True, 4),
+        lambda: sockperf(setup, min(t, 5)),
+        lambda: wrk(setup, min(t, 5)),
+    ]
+    if not args.quick:
+        tests.append(lambda: iperf_udp(setup, 3))
+    if args.idle:
+        tests.append(lambda: idle_connections(setup, args.idle))
+    results: dict[str, float] = {}
+    for test in tests:
+        try:
+            results.update(test())
+        except Exception as exc:  # one failed figure must not lose the others
+            print(f"  {setup.backend}@{setup.mtu}: {exc}", file=sys.stderr)
+        time.sleep(0.5)
+    pid = setup.memory_pid()
+    results["peak RSS MB"] = rss_mb(pid, "VmHWM")
+    return results
+
+
+def table(results: dict[str, dict[str, list[float]]], backends: list[str], mtus: list[int]) -> str:
+    lines = []
+    for mtu in mtus:
+        lines.append(f"\n### MTU {mtu}\n")
+        header = ["metric"]
+        for b in backends:
+            header.append(b)
+            if b != "slirp" and "slirp" in backends:
+                header.append(f"{b}/slirp")
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        metrics: list[str] = []
+        for b in backends:
+            for m in results.get(f"{b}@{mtu}", {}):
+                if m not in metrics:
+                    metrics.append(m)
+        for metric in metrics:
+            row = [metric]
+            base = results.get(f"slirp@{mtu}", {}).get(metric)
+            for b in backends:
+                values = results.get(f"{b}@{mtu}", {}).get(metric)
+                value = statistics.median(values) if values else None
+                row.append("—" if value is None else f"{value:.3g}" if value < 1000 else f"{value:.0f}")
+                if b != "slirp" and "slirp" in backends:
+                    base_v = statistics.median(base) if base else None
+                    row.append("—" if not value or not base_v else f"{value / base_v:.2f}×")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    parser.add_argument("--backends", default="vpnnet,vpnnet-pure,slirp")
+    parser.add_argument("--mtu", default="1500,65520")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10, help="iperf3 duration per run")
+    parser.add_argument("--idle", type=int, default=10000, help="idle connections to hold (0: skip)")
+    parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 2000 idle connections")
+    parser.add_argument("--json", metavar="FILE", help="also write all samples as JSON")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.seconds, args.idle = 1, 3, min(args.idle, 2000)
+    backends = args.backends.split(",")
+    mtus = [int(m) for m in args.mtu.split(",")]
+    raise_nofile()
+    servers = HostServers()
+    servers.start()
+    results: dict[str, dict[str, list[float]]] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="vpnnet-bench-"))
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+        for round_no in range(args.rounds):
+            for mtu in mtus:
+                for backend in backends:
+                    print(f"round {round_no + 1}/{args.rounds}: {backend} @ MTU {mtu}", file=sys.stderr, flush=True)
+                    setup = Setup(backend, mtu, workdir / f"r{round_no}")
+                    try:
+                        setup.start()
+                        figures = measure(setup, args)
+                    finally:
+                        setup.stop()
+                    for metric, value in figures.items():
+                        results.setdefault(f"{backend}@{mtu}", {}).setdefault(metric, []).append(value)
+    finally:
+        servers.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    print(
+        f"## qemu-vpnnet vs libslirp — {started}, {os.cpu_count()} CPUs ({cpu}), {args.rounds} round(s), "
+        f"medians; iperf3 {args.seconds} s"
+    )
+    print(table(results, backends, mtus))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"date": started, "cpu": cpu, "args": vars(args), "samples": results}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
