@@ -34,7 +34,15 @@ from qemu_vpnnet.core.config import ip_str
 from qemu_vpnnet.core.icmp import send_icmp_error
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
-from qemu_vpnnet.core.tcp_wire import build_tcp_frame, parse_syn_options, syn_options, unpack_tcp_header, unwrap
+from qemu_vpnnet.core.tcp_wire import (
+    address_sums,
+    build_tcp_frame,
+    build_tcp_frame_with,
+    parse_syn_options,
+    syn_options,
+    unpack_tcp_header,
+    unwrap,
+)
 
 # States, named as in RFC 9293; CONNECTING is SYN received from the guest, host connect pending.
 CLOSED: Final = 0
@@ -141,6 +149,8 @@ class TcpConn:
         self.deadline = INF
         self.queued_at = INF
         self.syn_quote = b""  # the guest SYN's IP header + 8 bytes, for ICMP errors
+        # partial checksums of the fixed header fields of frames toward the guest
+        self.ip_base, self.tcp_base = address_sums(remote_ip, guest_ip, remote_port, guest_port)
         # accounting
         self.bytes_to_host = 0
         self.bytes_to_guest = 0
@@ -205,7 +215,7 @@ class TcpEngine:
     def emit(self, conn: TcpConn, seq: int, flags: int, payload: bytes, options: bytes = b"") -> None:
         out = self.out
         window = self.advertised_window(conn) if not flags & TCP_SYN else min(RCV_WINDOW, 65535)
-        frame = build_tcp_frame(
+        frame = build_tcp_frame_with(
             conn.guest_mac,
             self.config.gateway_mac,
             conn.remote_ip,
@@ -219,6 +229,8 @@ class TcpEngine:
             options,
             payload,
             out.next_ident(),
+            conn.ip_base,
+            conn.tcp_base,
         )
         out.send_frame(conn.guest_mac, frame)
         conn.ack_needed = False
@@ -275,6 +287,7 @@ class TcpEngine:
         buf_end = conn.snd_una + buf_len
         win_end = conn.snd_una + conn.snd_wnd
         sent = False
+        view = memoryview(conn.snd_buf)  # one copy per segment, straight from the buffer
         while conn.snd_nxt < buf_end:
             limit = buf_end if buf_end < win_end else win_end
             if conn.snd_nxt >= limit:
@@ -283,7 +296,7 @@ class TcpEngine:
             if n > conn.mss:
                 n = conn.mss
             off = conn.snd_nxt - conn.snd_una
-            payload = bytes(conn.snd_buf[off : off + n])
+            payload = bytes(view[off : off + n])
             end = conn.snd_nxt + n
             flags = TCP_ACK | TCP_PSH if end == buf_end else TCP_ACK
             self.emit(conn, conn.snd_nxt, flags, payload)
@@ -296,6 +309,7 @@ class TcpEngine:
                 conn.rtt_seq = -1  # Karn: no sample from retransmitted data
             conn.snd_nxt = end
             sent = True
+        view.release()
         if conn.fin_queued and conn.snd_nxt == buf_end and conn.state in (ESTABLISHED, CLOSE_WAIT, SYN_RECEIVED):
             if conn.state != SYN_RECEIVED:
                 conn.fin_seq = buf_end

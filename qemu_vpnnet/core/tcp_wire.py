@@ -3,12 +3,13 @@
 import struct
 from typing import Final
 
-from qemu_vpnnet.core.checksum import checksum, finish, pseudo_header_sum, sum16
+from qemu_vpnnet.core.checksum import finish, sum16
 from qemu_vpnnet.core.packets import ETH_P_IP, IPPROTO_TCP
 
 _ETH: Final = struct.Struct("!6s6sH")
 _IP: Final = struct.Struct("!BBHHHBBH4s4s")
 _TCP: Final = struct.Struct("!HHIIBBHHH")
+_HEADERS: Final = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIHHHH")  # Ethernet + IPv4 + TCP without options
 SEQ_MOD: Final = 1 << 32
 SEQ_HALF: Final = 1 << 31
 
@@ -16,6 +17,81 @@ OPT_END: Final = 0
 OPT_NOP: Final = 1
 OPT_MSS: Final = 2
 OPT_WSCALE: Final = 3
+
+
+def address_sums(src: bytes, dst: bytes, sport: int, dport: int) -> tuple[int, int]:
+    """Partial checksums of what stays fixed for one connection's frames toward the guest.
+
+    The first covers the IPv4 header's constant words (version, flags, TTL, protocol,
+    addresses), the second the TCP pseudo-header's addresses and protocol plus the ports.
+    """
+    addr_words = (
+        ((src[0] << 8) | src[1]) + ((src[2] << 8) | src[3]) + ((dst[0] << 8) | dst[1]) + ((dst[2] << 8) | dst[3])
+    )
+    ip_base = 0x4500 + 0x4000 + ((64 << 8) | IPPROTO_TCP) + addr_words
+    tcp_base = addr_words + IPPROTO_TCP + sport + dport
+    return ip_base, tcp_base
+
+
+def build_tcp_frame_with(
+    dst_mac: bytes,
+    src_mac: bytes,
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    options: bytes,
+    payload: bytes,
+    ident: int,
+    ip_base: int,
+    tcp_base: int,
+) -> bytes:
+    """An Ethernet frame carrying one TCP segment; ip_base and tcp_base from address_sums().
+
+    The headers are packed once, their checksums summed from the fields rather than the bytes.
+    """
+    hlen = 20 + len(options)
+    tcp_len = hlen + len(payload)
+    ident &= 0xFFFF
+    seq &= 0xFFFFFFFF
+    ack &= 0xFFFFFFFF
+    ip_csum = finish(ip_base + 20 + tcp_len + ident)
+    off_flags = ((hlen >> 2) << 12) | flags
+    total = tcp_base + tcp_len + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF) + off_flags + window
+    if options:
+        total = sum16(options, total)
+    if payload:
+        total = sum16(payload, total)
+    header = _HEADERS.pack(
+        dst_mac,
+        src_mac,
+        ETH_P_IP,
+        0x45,
+        0,
+        20 + tcp_len,
+        ident,
+        0x4000,
+        64,
+        IPPROTO_TCP,
+        ip_csum,
+        src,
+        dst,
+        sport,
+        dport,
+        seq,
+        ack,
+        off_flags,
+        window,
+        finish(total),
+        0,
+    )
+    if options:
+        return b"".join((header, options, payload))
+    return header + payload
 
 
 def build_tcp_frame(
@@ -34,27 +110,9 @@ def build_tcp_frame(
     ident: int,
 ) -> bytes:
     """An Ethernet frame carrying one TCP segment, IP and TCP checksums filled in."""
-    hlen = 20 + len(options)
-    tcp_len = hlen + len(payload)
-    ip_hdr = _IP.pack(0x45, 0, 20 + tcp_len, ident & 0xFFFF, 0x4000, 64, IPPROTO_TCP, 0, src, dst)
-    ip_csum = checksum(ip_hdr)
-    seq &= 0xFFFFFFFF
-    ack &= 0xFFFFFFFF
-    tcp_hdr = _TCP.pack(sport, dport, seq, ack, (hlen >> 2) << 4, flags, window, 0, 0)
-    total = sum16(tcp_hdr, pseudo_header_sum(src, dst, IPPROTO_TCP, tcp_len))
-    if options:
-        total = sum16(options, total)
-    if payload:
-        total = sum16(payload, total)
-    tcp_csum = finish(total)
-    return b"".join(
-        (
-            _ETH.pack(dst_mac, src_mac, ETH_P_IP),
-            _IP.pack(0x45, 0, 20 + tcp_len, ident & 0xFFFF, 0x4000, 64, IPPROTO_TCP, ip_csum, src, dst),
-            _TCP.pack(sport, dport, seq, ack, (hlen >> 2) << 4, flags, window, tcp_csum, 0),
-            options,
-            payload,
-        )
+    ip_base, tcp_base = address_sums(src, dst, sport, dport)
+    return build_tcp_frame_with(
+        dst_mac, src_mac, src, dst, sport, dport, seq, ack, flags, window, options, payload, ident, ip_base, tcp_base
     )
 
 

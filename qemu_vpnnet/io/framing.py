@@ -35,3 +35,12 @@ def frame_stream(frames: list[bytes]) -> bytes:
         parts.append(len(frame).to_bytes(4, "big"))
         parts.append(frame)
     return b"".join(parts)
+
+
+def frame_parts(frames: list[bytes]) -> list[bytes]:
+    """Length prefixes and frames, interleaved, for a scatter write."""
+    parts: list[bytes] = []
+    for frame in frames:
+        parts.append(len(frame).to_bytes(4, "big"))
+        parts.append(frame)
+    return parts

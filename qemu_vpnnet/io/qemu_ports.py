@@ -9,7 +9,7 @@ import asyncio
 import logging
 from typing import Final, Protocol, cast
 
-from qemu_vpnnet.io.framing import FramingError, frame_stream, split_frames
+from qemu_vpnnet.io.framing import FramingError, frame_parts, split_frames
 
 log = logging.getLogger("qemu_vpnnet.qemu")
 
@@ -97,7 +97,8 @@ class StreamPort(asyncio.BufferedProtocol, QemuPort):
 
     def send_frames(self, frames: list[bytes]) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame_stream(frames))
+            # prefixes and frames as separate buffers: uvloop writes them with one writev, no join
+            self.transport.writelines(frame_parts(frames))
 
     def close(self) -> None:
         if self.transport is not None:
