@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from qemu_vpnnet import __version__
+from qemu_vpnnet.control.qmp_server import QmpServer
 from qemu_vpnnet.core.config import DEFAULT_MTU, DEFAULT_NET, NetConfig, ip_bytes
 from qemu_vpnnet.core.packets import parse_mac
 from qemu_vpnnet.core.stack import Stack
@@ -220,7 +221,10 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     forwarder = Forwarder(shell, args.state)
+    qmp = QmpServer(shell, forwarder, stop)
     try:
+        for spec in args.qmp:
+            await qmp.listen(spec)
         for path in args.socket:
             await shell.listen_unix(path)
         for host, port in args.listen_tcp:
@@ -232,6 +236,7 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         await add_forwards(forwarder, args.hostfwd)
     except StartupError as exc:
         log.error("%s", exc)
+        await qmp.close()
         await forwarder.close()
         await shell.close()
         return 2
@@ -247,6 +252,7 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         log.info("QEMU arguments: %s", hint)
     await stop.wait()
     log.info("stopping")
+    await qmp.close()
     await forwarder.close()
     await shell.close()
     return 0

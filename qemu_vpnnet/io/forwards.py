@@ -104,7 +104,7 @@ class Forwarder:
             else:
                 forward = await self._listen_udp(spec, family)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ForwardError(f"cannot listen on {spec.protocol} {spec.host_addr}:{spec.host_port}: {reason}") from exc
         self.forwards[forward.key()] = forward
         info = forward.describe()
