@@ -11,6 +11,7 @@ from qemu_vpnnet.core.checksum import checksum
 from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.dhcp import DHCP_CLIENT_PORT, DHCP_SERVER_PORT, DhcpServer
 from qemu_vpnnet.core.dns import DnsServer
+from qemu_vpnnet.core.fragments import Reassembler
 from qemu_vpnnet.core.icmp import IcmpProxy
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import (
@@ -51,6 +52,7 @@ class Stack:
         self.dns = DnsServer(out)
         self.tcp = TcpEngine(out)
         self.udp_forwards = UdpForwards(out)
+        self.fragments = Reassembler(self.counters)
 
     # ---- ports -------------------------------------------------------------------------
     def attach_port(self, port: int) -> None:
@@ -114,14 +116,24 @@ class Stack:
         if checksum(frame[ETH_HLEN : ETH_HLEN + ihl]) != 0:
             self.out.drop("bad-ip-checksum")
             return
-        if frag & 0x3FFF:
-            self.out.drop("ip-fragment")
-            return
         cfg = self.config
         if src != b"\x00\x00\x00\x00" and cfg.contains(src):
             self.out.remember_guest(src, src_mac)
         start = ETH_HLEN + ihl
         end = ETH_HLEN + total_len
+        if frag & 0x3FFF:
+            if proto == IPPROTO_TCP:
+                self.out.drop("ip-fragment-tcp")  # TCP is never fragmented by a sane guest (DF, MSS)
+                return
+            key = frame[ETH_HLEN + 12 : ETH_HLEN + 20] + bytes((proto,)) + frame[ETH_HLEN + 4 : ETH_HLEN + 6]
+            header = frame[ETH_HLEN:start]
+            whole = self.fragments.add(key, header, (frag & 0x1FFF) * 8, bool(frag & 0x2000), frame[start:end], now)
+            self.counters.add("rx-ip-fragments")
+            if whole is None:
+                return
+            self.counters.add("rx-ip-reassembled")
+            frame = frame[:ETH_HLEN] + header + whole
+            end = start + len(whole)
         if proto == IPPROTO_UDP:
             self.udp_received(src_mac, src, dst, frame, start, end, now)
         elif proto == IPPROTO_ICMP:
@@ -207,6 +219,8 @@ class Stack:
         self.icmp.timer(now)
         self.dns.timer(now)
         self.udp_forwards.timer(now)
+        if self.fragments.pending:
+            self.fragments.expire(now)
 
     def next_deadline(self) -> float:
         return min(
@@ -215,4 +229,5 @@ class Stack:
             self.icmp.next_deadline(),
             self.dns.next_deadline(),
             self.udp_forwards.next_deadline(),
+            self.fragments.next_deadline(),
         )
