@@ -228,7 +228,7 @@ def connections(shell: "Shell") -> list[dict[str, object]]:
     """Every TCP connection, UDP flow and ping flow of the core."""
     now = shell.now()
     stack = shell.stack
-    return stack.tcp.connections(now) + stack.udp.flows(now) + stack.icmp.flows(now)
+    return stack.tcp.connections(now) + stack.udp.flows(now) + stack.udp_forwards.flows(now) + stack.icmp.flows(now)
 
 
 async def cmd_query_connections(ctx: Context, args: dict[str, object]) -> object:

@@ -9,6 +9,7 @@ import heapq
 from typing import Final, final
 
 from qemu_vpnnet.core.actions import OP_UDP_FWD_CLOSE, OP_UDP_FWD_REPLY, HostOp
+from qemu_vpnnet.core.config import ip_str
 from qemu_vpnnet.core.output import Output
 
 SOURCE_PORT_FIRST: Final = 49152
@@ -24,6 +25,7 @@ class UdpForwardFlow:
         self.guest_ip = guest_ip
         self.guest_port = guest_port
         self.port = port  # our source port toward the guest
+        self.created = 0.0
         self.last_used = 0.0
         self.bytes_to_guest = 0
         self.bytes_to_host = 0
@@ -57,7 +59,7 @@ class UdpForwards:
                 break
         self.next_flow += 1
         flow = UdpForwardFlow(self.next_flow, key, guest_mac, guest_ip, guest_port, port)
-        flow.last_used = now
+        flow.created = flow.last_used = now
         self.by_flow[flow.flow] = flow
         self.by_key[key] = flow
         heapq.heappush(self.timers, (now + self.config.udp_idle_timeout, flow.flow))
@@ -107,3 +109,21 @@ class UdpForwards:
 
     def next_deadline(self) -> float:
         return self.timers[0][0] if self.timers else INF
+
+    def flows(self, now: float) -> list[dict[str, object]]:
+        """The UDP forward flows, for query-connections (shaped as the NAT's UDP flows)."""
+        return [
+            {
+                "protocol": "udp",
+                "direction": "forwarded",
+                "guest-address": ip_str(flow.guest_ip),
+                "guest-port": flow.guest_port,
+                "remote-address": ip_str(self.config.host_ip),
+                "remote-port": flow.port,
+                "bytes-out": flow.bytes_to_host,
+                "bytes-in": flow.bytes_to_guest,
+                "age": now - flow.created,
+                "idle": now - flow.last_used,
+            }
+            for flow in self.by_flow.values()
+        ]
