@@ -240,6 +240,7 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         await forwarder.close()
         await shell.close()
         return 2
+    # integrations/libvirt.py (the libvirt hook) waits for this "serving net=" line: keep it.
     log.info(
         "serving net=%s gateway=%s dns=%s dhcp-start=%s mtu=%d",
         config.network,

@@ -19,7 +19,9 @@ def test_core_modules_are_compiled_extensions() -> None:
     assert "tcp" in modules and "checksum" in modules
     for name in modules:
         module = importlib.import_module(f"qemu_vpnnet.core.{name}")
-        assert module.__file__ is not None and module.__file__.endswith(".so"), f"{name} is not compiled: {module.__file__}"
+        assert module.__file__ is not None and module.__file__.endswith(".so"), (
+            f"{name} is not compiled: {module.__file__}"
+        )
     from qemu_vpnnet.core import checksum
 
     assert checksum.COMPILED
