@@ -16,6 +16,7 @@ if os.environ.get("QEMU_VPNNET_PURE") != "1":
         print("qemu-vpnnet: mypyc not available, installing the uncompiled core")
     else:
         core = sorted(p for p in glob.glob("qemu_vpnnet/core/*.py") if not p.endswith("__init__.py"))
+        core.append("qemu_vpnnet/io/framing.py")  # per-frame work of the shell
         ext_modules = mypycify(["--ignore-missing-imports", *core], opt_level="3")
 
 setup(

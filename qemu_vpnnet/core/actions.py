@@ -67,12 +67,24 @@ class Counters:
 
     def __init__(self) -> None:
         self.values: dict[str, int] = {}
+        # the per-frame ones are plain attributes: a dict update per frame costs too much
+        self.rx_frames = 0
+        self.rx_bytes = 0
+        self.tx_frames = 0
+        self.tx_bytes = 0
 
     def add(self, name: str, amount: int = 1) -> None:
         self.values[name] = self.values.get(name, 0) + amount
 
     def get(self, name: str) -> int:
-        return self.values.get(name, 0)
+        return self.snapshot().get(name, 0)
 
     def snapshot(self) -> dict[str, int]:
-        return dict(self.values)
+        values = dict(self.values)
+        if self.rx_frames:
+            values["rx-frames"] = self.rx_frames
+            values["rx-bytes"] = self.rx_bytes
+        if self.tx_frames:
+            values["tx-frames"] = self.tx_frames
+            values["tx-bytes"] = self.tx_bytes
+        return values

@@ -28,8 +28,9 @@ class Output:
         return self.ip_ident
 
     def send_frame(self, dst_mac: bytes, frame: bytes) -> None:
-        self.counters.add("tx-frames")
-        self.counters.add("tx-bytes", len(frame))
+        counters = self.counters
+        counters.tx_frames += 1
+        counters.tx_bytes += len(frame)
         self.switch.send(dst_mac, frame)
 
     def send_ip(self, dst_mac: bytes, src: bytes, dst: bytes, proto: int, l4: bytes) -> None:

@@ -64,8 +64,9 @@ class Stack:
     # ---- input -------------------------------------------------------------------------
     def frame_received(self, port: int, frame: bytes, now: float) -> None:
         """One Ethernet frame from a guest on port."""
-        self.counters.add("rx-frames")
-        self.counters.add("rx-bytes", len(frame))
+        counters = self.counters
+        counters.rx_frames += 1
+        counters.rx_bytes += len(frame)
         if len(frame) < ETH_HLEN:
             self.out.drop("runt-frame")
             return
