@@ -6,10 +6,12 @@ Set QEMU_VPNNET_PURE=1 to install the plain Python sources only.
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 ext_modules = []
 if os.environ.get("QEMU_VPNNET_PURE") != "1":
+    # the Internet checksum in C: optional, core/checksum.py falls back without it
+    ext_modules.append(Extension("qemu_vpnnet.core._csum", ["qemu_vpnnet/core/_csum.c"], optional=True))
     try:
         from mypyc.build import mypycify
     except ImportError:
@@ -17,7 +19,7 @@ if os.environ.get("QEMU_VPNNET_PURE") != "1":
     else:
         core = sorted(p for p in glob.glob("qemu_vpnnet/core/*.py") if not p.endswith("__init__.py"))
         core.append("qemu_vpnnet/io/framing.py")  # per-frame work of the shell
-        ext_modules = mypycify(["--ignore-missing-imports", *core], opt_level="3")
+        ext_modules += mypycify(["--ignore-missing-imports", *core], opt_level="3")
 
 setup(
     name="qemu-vpnnet",

@@ -1,8 +1,9 @@
 """Internet checksum (RFC 1071) with incremental helpers.
 
-Two implementations of the 16-bit one's-complement sum: a native-integer loop that is fast
+Three implementations of the 16-bit one's-complement sum: a small C extension built with the
+package (core/_csum.c, about ten times faster than the rest), a native-integer loop that is fast
 once compiled by mypyc, and a big-integer reduction that is fast in plain CPython. The module
-picks the right one at import time.
+picks the best one available at import time.
 """
 
 from typing import Final
@@ -10,6 +11,18 @@ from typing import Final
 from mypy_extensions import i64
 
 COMPILED: Final = not __file__.endswith(".py")
+
+try:  # the C accelerator built with the package (core/_csum.c); optional
+    from qemu_vpnnet.core._csum import sum16 as c_sum16
+
+    HAVE_C: Final = True
+except ImportError:
+    HAVE_C = False  # type: ignore[misc]
+
+
+def sum16_loop(data: bytes, start: int) -> int:
+    """The compiled (or plain) native-integer loop, folded: for tests and the fallback."""
+    return int(_sum16_loop(data, i64(start & 0xFFFFFFFF)))
 
 
 def _sum16_loop(data: bytes, start: i64) -> i64:
@@ -42,6 +55,8 @@ def _sum16_bigint(data: bytes, start: int) -> int:
 
 def sum16(data: bytes, start: int = 0) -> int:
     """A partial sum of data (not complemented), to be combined and passed to finish()."""
+    if HAVE_C:
+        return c_sum16(data, start)
     if COMPILED:
         return int(_sum16_loop(data, i64(start & 0xFFFFFFFF)))
     return _sum16_bigint(data, start)
