@@ -78,30 +78,6 @@ def udp_segment(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) 
     return _UDP.pack(sport, dport, length, csum) + payload
 
 
-def tcp_segment(
-    src: bytes,
-    dst: bytes,
-    sport: int,
-    dport: int,
-    seq: int,
-    ack: int,
-    flags: int,
-    window: int,
-    options: bytes,
-    payload: bytes,
-) -> bytes:
-    """A TCP header (with options, a multiple of 4 bytes) plus payload, checksum filled in."""
-    hlen = TCP_HLEN + len(options)
-    length = hlen + len(payload)
-    hdr = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hlen // 4) << 4, flags, window, 0, 0)
-    hdr += options
-    total = sum16(hdr, pseudo_header_sum(src, dst, IPPROTO_TCP, length))
-    if payload:
-        total = sum16(payload, total)
-    csum = finish(total)
-    return hdr[:16] + bytes(((csum >> 8) & 0xFF, csum & 0xFF)) + hdr[18:] + payload
-
-
 def icmp_message(icmp_type: int, code: int, rest: bytes) -> bytes:
     """An ICMP message: type, code, checksum, then rest (identifier/sequence/data or unused+quote)."""
     body = bytes((icmp_type, code, 0, 0)) + rest
