@@ -200,12 +200,26 @@ def qemu_hints(args: argparse.Namespace) -> list[str]:
 
 
 async def add_forwards(forwarder: Forwarder, rules: list[str]) -> None:
-    """The --hostfwd rules, then those kept in the state file; StartupError when one fails."""
+    """The --hostfwd rules and those kept in the state file; StartupError when one fails.
+
+    A saved forward stands for a --hostfwd rule with the same protocol and host address and
+    the same port, or, for a rule with port 0, the same guest side: restarting with the same
+    options keeps the ephemeral port it had rather than adding one more forward.
+    """
     try:
         specs = [parse_hostfwd(rule) for rule in rules]
-        known = {(s.protocol, s.host_addr, s.host_port) for s in specs}
-        specs += [s for s in forwarder.load_state() if (s.protocol, s.host_addr, s.host_port) not in known]
-        for spec in specs:
+        saved = forwarder.load_state()
+        for i, spec in enumerate(specs):
+            for old in saved:
+                same_side = old.protocol == spec.protocol and old.host_addr == spec.host_addr
+                if same_side and (
+                    old.host_port == spec.host_port
+                    or (spec.host_port == 0 and (old.guest_addr, old.guest_port) == (spec.guest_addr, spec.guest_port))
+                ):
+                    specs[i] = old
+                    saved.remove(old)
+                    break
+        for spec in specs + saved:
             await forwarder.add(spec, persist=False)
     except (HostFwdSyntaxError, ForwardError) as exc:
         raise StartupError(f"--hostfwd: {exc}") from exc

@@ -265,10 +265,11 @@ class DhcpServer:
         )
         return DhcpReply(bytes(reply), b"\xff\xff\xff\xff", mac)
 
-    def first_bound(self, now: float) -> Lease | None:
-        """The earliest-bound live lease: where a forward without a guest address goes."""
+    def first_bound(self, now: float, present: dict[bytes, int]) -> Lease | None:
+        """The earliest-bound live lease of a guest still connected (its MAC in present, the
+        switch's table): where a forward without a guest address goes."""
         for lease in self.by_mac.values():
-            if lease.bound and lease.expires > now:
+            if lease.bound and lease.expires > now and lease.mac in present:
                 return lease
         return None
 

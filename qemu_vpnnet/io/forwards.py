@@ -201,14 +201,18 @@ class Forwarder:
 
     # ---- connections -------------------------------------------------------------------
     def guest_for(self, spec: ForwardSpec) -> tuple[bytes, bytes] | None:
-        """(guest MAC, guest address) for a new forwarded connection, or None if no guest is there."""
+        """(guest MAC, guest address) for a new forwarded connection, or None if no guest is there.
+
+        Only guests whose QEMU is still connected count: a lease outlives its guest.
+        """
         stack = self.shell.stack
         now = self.shell.now()
+        present = stack.switch.mac_table
         if spec.guest_addr:
             addr = ip_bytes(spec.guest_addr)
             mac = stack.dhcp.bound_mac(addr, now) or stack.out.mac_of(addr)
-            return None if mac is None else (mac, addr)
-        lease = stack.dhcp.first_bound(now)
+            return None if mac is None or mac not in present else (mac, addr)
+        lease = stack.dhcp.first_bound(now, present)
         if lease is None:
             return None
         return lease.mac, lease.addr
