@@ -57,6 +57,8 @@ class NetConfig:
         self.prefix: int = network.prefixlen
         self.netmask: bytes = network.netmask.packed
         self.broadcast: bytes = network.broadcast_address.packed
+        self.net_int: int = int(network.network_address)
+        self.mask_int: int = int(network.netmask)
         base = int(network.network_address)
         self.host_ip: bytes = self._inside(host, base + 2, "host")
         self.dns_ip: bytes = self._inside(dns, base + 3, "dns")
@@ -107,5 +109,5 @@ class NetConfig:
         return ip_str(self.dhcp_start)
 
     def contains(self, addr: bytes) -> bool:
-        mask = ip_int(self.netmask)
-        return (ip_int(addr) & mask) == ip_int(self.net_addr)
+        value = (addr[0] << 24) | (addr[1] << 16) | (addr[2] << 8) | addr[3]
+        return (value & self.mask_int) == self.net_int

@@ -7,7 +7,7 @@ control plane), and next_deadline().
 
 from typing import Final, final
 
-from qemu_vpnnet.core.checksum import checksum
+from qemu_vpnnet.core.checksum import checksum, finish
 from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.dhcp import DHCP_CLIENT_PORT, DHCP_SERVER_PORT, DhcpServer
 from qemu_vpnnet.core.dns import DnsServer
@@ -109,12 +109,23 @@ class Stack:
         if len(frame) < ETH_HLEN + IP_HLEN:
             self.out.drop("short-ip")
             return
-        ver_ihl, _tos, total_len, _ident, frag, _ttl, proto, _csum, src, dst = unpack_ipv4(frame, ETH_HLEN)
+        ver_ihl, tos, total_len, ident, frag, ttl, proto, csum, src, dst = unpack_ipv4(frame, ETH_HLEN)
         ihl = (ver_ihl & 0x0F) * 4
         if ver_ihl >> 4 != 4 or ihl < IP_HLEN or total_len < ihl or ETH_HLEN + total_len > len(frame):
             self.out.drop("bad-ip-length")
             return
-        if checksum(frame[ETH_HLEN : ETH_HLEN + ihl]) != 0:
+        if ihl == IP_HLEN:  # the usual header: sum the fields already unpacked
+            total = ((ver_ihl << 8) | tos) + total_len + ident + frag + ((ttl << 8) | proto) + csum
+            total += (
+                ((src[0] << 8) | src[1])
+                + ((src[2] << 8) | src[3])
+                + ((dst[0] << 8) | dst[1])
+                + ((dst[2] << 8) | dst[3])
+            )
+            valid = finish(total) == 0
+        else:
+            valid = checksum(frame[ETH_HLEN : ETH_HLEN + ihl]) == 0
+        if not valid:
             self.out.drop("bad-ip-checksum")
             return
         cfg = self.config

@@ -343,7 +343,7 @@ class TcpEngine:
         if sport == 0 or dport == 0 or (flags & TCP_SYN and flags & (TCP_FIN | TCP_RST)):
             self.out.drop("bad-tcp-flags")
             return
-        key = src + dst + frame[start : start + 4]
+        key = frame[ETH_HLEN + 12 : ETH_HLEN + 20] + frame[start : start + 4]  # addresses, then ports
         conn = self.by_key.get(key)
         seg_len = end - start - hlen
         if conn is None or (conn.state == TIME_WAIT and flags & TCP_SYN and not flags & TCP_ACK):
