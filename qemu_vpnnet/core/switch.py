@@ -59,6 +59,11 @@ class Switch:
             self.out[known].append(frame)
         return False
 
+    def queue_for(self, dst_mac: bytes) -> list[bytes] | None:
+        """The queue of the port where dst_mac lives; None when unknown (frames must flood)."""
+        port = self.mac_table.get(dst_mac)
+        return None if port is None else self.out[port]
+
     def send(self, dst_mac: bytes, frame: bytes) -> None:
         """Send a frame from the gateway toward a guest MAC (flooded when unknown)."""
         port = self.mac_table.get(dst_mac)

@@ -281,27 +281,53 @@ class TcpEngine:
         )
         out.send_frame(src_mac, frame)
 
-    def transmit(self, conn: TcpConn, now: float) -> None:
-        """Send whatever the guest's window allows, then a FIN if one is due."""
-        buf_len = len(conn.snd_buf)
-        buf_end = conn.snd_una + buf_len
-        win_end = conn.snd_una + conn.snd_wnd
+    def send_data(self, conn: TcpConn, buf_end: int, win_end: int, now: float) -> bool:
+        """Segments of new (or rewound) data up to the window: the per-segment hot loop.
+
+        Window, queue and header sums are looked up once; each payload is copied once, straight
+        from the send buffer.
+        """
+        out = self.out
+        gateway_mac = self.config.gateway_mac
+        window = self.advertised_window(conn)
+        queue = out.switch.queue_for(conn.guest_mac)
+        counters = out.counters
+        limit = buf_end if buf_end < win_end else win_end
+        mss = conn.mss
+        view = memoryview(conn.snd_buf)
         sent = False
-        view = memoryview(conn.snd_buf)  # one copy per segment, straight from the buffer
-        while conn.snd_nxt < buf_end:
-            limit = buf_end if buf_end < win_end else win_end
-            if conn.snd_nxt >= limit:
-                break
-            n = limit - conn.snd_nxt
-            if n > conn.mss:
-                n = conn.mss
-            off = conn.snd_nxt - conn.snd_una
-            payload = bytes(view[off : off + n])
-            end = conn.snd_nxt + n
-            flags = TCP_ACK | TCP_PSH if end == buf_end else TCP_ACK
-            self.emit(conn, conn.snd_nxt, flags, payload)
+        while conn.snd_nxt < limit:
+            seq = conn.snd_nxt
+            n = limit - seq
+            if n > mss:
+                n = mss
+            off = seq - conn.snd_una
+            end = seq + n
+            frame = build_tcp_frame_with(
+                conn.guest_mac,
+                gateway_mac,
+                conn.remote_ip,
+                conn.guest_ip,
+                conn.remote_port,
+                conn.guest_port,
+                seq,
+                conn.rcv_nxt,
+                TCP_ACK | TCP_PSH if end == buf_end else TCP_ACK,
+                window,
+                b"",
+                bytes(view[off : off + n]),
+                out.next_ident(),
+                conn.ip_base,
+                conn.tcp_base,
+            )
+            if queue is not None:
+                queue.append(frame)
+                counters.tx_frames += 1
+                counters.tx_bytes += len(frame)
+            else:
+                out.send_frame(conn.guest_mac, frame)
             if end > conn.snd_max:
-                conn.bytes_to_guest += end - max(conn.snd_nxt, conn.snd_max)
+                conn.bytes_to_guest += end - (seq if seq > conn.snd_max else conn.snd_max)
                 if conn.rtt_seq < 0:
                     conn.rtt_seq = end
                     conn.rtt_time = now
@@ -310,6 +336,17 @@ class TcpEngine:
             conn.snd_nxt = end
             sent = True
         view.release()
+        conn.ack_needed = False
+        return sent
+
+    def transmit(self, conn: TcpConn, now: float) -> None:
+        """Send whatever the guest's window allows, then a FIN if one is due."""
+        buf_len = len(conn.snd_buf)
+        buf_end = conn.snd_una + buf_len
+        win_end = conn.snd_una + conn.snd_wnd
+        sent = False
+        if conn.snd_nxt < buf_end and conn.snd_nxt < win_end:
+            sent = self.send_data(conn, buf_end, win_end, now)
         if conn.fin_queued and conn.snd_nxt == buf_end and conn.state in (ESTABLISHED, CLOSE_WAIT, SYN_RECEIVED):
             if conn.state != SYN_RECEIVED:
                 conn.fin_seq = buf_end
