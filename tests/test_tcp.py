@@ -338,3 +338,13 @@ def test_forwarded_connection_to_guest() -> None:
         t = g.stack.next_deadline()
         g.stack.timer(t)
     assert flow3 not in g.stack.tcp.flows and A.OP_TCP_ABORT in [o.kind for o in g.ops()]
+
+
+def test_data_waits_while_the_guests_qemu_is_behind() -> None:
+    g = Guest()
+    flow = g.connect()
+    g.stack.port_congested(1, True, 0.0)
+    g.stack.tcp.host_data(flow, b"w" * 3000, 0.0)
+    assert g.frames() == []  # held in the (bounded) send buffer
+    g.stack.port_congested(1, False, 0.0)
+    assert sum(len(s.data) for s in g.frames()) == 3000

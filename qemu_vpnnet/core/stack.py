@@ -61,6 +61,15 @@ class Stack:
     def detach_port(self, port: int) -> None:
         self.switch.detach(port)
 
+    def port_congested(self, port: int, congested: bool, now: float) -> None:
+        """The shell's write buffer toward port's QEMU went above (or back below) its limit."""
+        if congested:
+            self.switch.congested.add(port)
+            self.counters.add("port-congested")
+        else:
+            self.switch.congested.discard(port)
+            self.tcp.port_resumed(port, now)
+
     # ---- input -------------------------------------------------------------------------
     def frame_received(self, port: int, frame: bytes, now: float) -> None:
         """One Ethernet frame from a guest on port."""

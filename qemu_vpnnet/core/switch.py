@@ -19,6 +19,7 @@ class Switch:
         self.ports: list[int] = []
         self.mac_table: dict[bytes, int] = {}
         self.out: dict[int, list[bytes]] = {}
+        self.congested: set[int] = set()  # ports whose QEMU is behind: no new TCP data for them
 
     def attach(self, port: int) -> None:
         if port not in self.out:
@@ -29,6 +30,7 @@ class Switch:
         if port in self.out:
             self.ports.remove(port)
             del self.out[port]
+            self.congested.discard(port)
             for mac in [m for m, p in self.mac_table.items() if p == port]:
                 del self.mac_table[mac]
 
@@ -58,6 +60,10 @@ class Switch:
         elif known != in_port:
             self.out[known].append(frame)
         return False
+
+    def is_congested(self, dst_mac: bytes) -> bool:
+        port = self.mac_table.get(dst_mac)
+        return port is not None and port in self.congested
 
     def queue_for(self, dst_mac: bytes) -> list[bytes] | None:
         """The queue of the port where dst_mac lives; None when unknown (frames must flood)."""

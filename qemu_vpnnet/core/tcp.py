@@ -346,6 +346,8 @@ class TcpEngine:
         win_end = conn.snd_una + conn.snd_wnd
         sent = False
         if conn.snd_nxt < buf_end and conn.snd_nxt < win_end:
+            if self.out.switch.congested and self.out.switch.is_congested(conn.guest_mac):
+                return  # QEMU is behind: the data waits here (bounded), port_resumed sends it
             sent = self.send_data(conn, buf_end, win_end, now)
         if conn.fin_queued and conn.snd_nxt == buf_end and conn.state in (ESTABLISHED, CLOSE_WAIT, SYN_RECEIVED):
             if conn.state != SYN_RECEIVED:
@@ -792,6 +794,13 @@ class TcpEngine:
             if conn.state != CLOSED:
                 conn.ack_needed = True  # window update
                 self.dirty[flow] = conn
+
+    def port_resumed(self, port: int, now: float) -> None:
+        """QEMU on port caught up: send what waited for it."""
+        mac_table = self.out.switch.mac_table
+        for conn in list(self.flows.values()):
+            if conn.state != CLOSED and mac_table.get(conn.guest_mac) == port:
+                self.transmit(conn, now)
 
     # ---- forwarded host connections ----------------------------------------------------
     def connect_guest(

@@ -14,6 +14,9 @@ from qemu_vpnnet.io.framing import FramingError, frame_parts, split_frames
 log = logging.getLogger("qemu_vpnnet.qemu")
 
 READ_BUFFER: Final = 1 << 20
+WRITE_HIGH_WATER: Final = 4 << 20  # QEMU not reading: stop feeding this port new TCP data
+WRITE_LOW_WATER: Final = 1 << 20
+WRITE_HARD_LIMIT: Final = 32 << 20  # beyond this, frames for the port are dropped (counted)
 
 
 class FrameSink(Protocol):
@@ -27,6 +30,8 @@ class FrameSink(Protocol):
 
     def malformed_input(self, port: "QemuPort", reason: str) -> None: ...
 
+    def port_congested(self, port: "QemuPort", congested: bool) -> None: ...
+
 
 class QemuPort:
     """One QEMU netdev attached to the switch."""
@@ -34,7 +39,8 @@ class QemuPort:
     id: int
     description: str
 
-    def send_frames(self, frames: list[bytes]) -> None:
+    def send_frames(self, frames: list[bytes]) -> int:
+        """Queue frames toward QEMU; the number dropped (the port is gone or hopelessly behind)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -57,6 +63,7 @@ class StreamPort(asyncio.BufferedProtocol, QemuPort):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         if peer:
             self.description = f"{self.description} peer={peer}"
@@ -95,10 +102,21 @@ class StreamPort(asyncio.BufferedProtocol, QemuPort):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def send_frames(self, frames: list[bytes]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            # prefixes and frames as separate buffers: uvloop writes them with one writev, no join
-            self.transport.writelines(frame_parts(frames))
+    def pause_writing(self) -> None:
+        self.sink.port_congested(self, True)
+
+    def resume_writing(self) -> None:
+        self.sink.port_congested(self, False)
+
+    def send_frames(self, frames: list[bytes]) -> int:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return len(frames)
+        if transport.get_write_buffer_size() > WRITE_HARD_LIMIT:
+            return len(frames)  # QEMU stopped reading: drop rather than grow
+        # prefixes and frames as separate buffers: uvloop writes them with one writev, no join
+        transport.writelines(frame_parts(frames))
+        return 0
 
     def close(self) -> None:
         if self.transport is not None:
@@ -114,16 +132,17 @@ class DgramPeer(QemuPort):
         self.address = address
         self.description = f"dgram peer={address!r}"
 
-    def send_frames(self, frames: list[bytes]) -> None:
+    def send_frames(self, frames: list[bytes]) -> int:
         transport = self.endpoint.transport
-        if transport is None:
-            return
-        for frame in frames:
+        if transport is None or transport.get_write_buffer_size() > WRITE_HIGH_WATER:  # type: ignore[attr-defined]
+            return len(frames)  # datagrams: dropped when QEMU does not keep up
+        for i, frame in enumerate(frames):
             try:
                 transport.sendto(frame, self.address)
             except OSError as exc:
                 log.warning("dgram send to %s failed: %s", self.address, exc)
-                return
+                return len(frames) - i
+        return 0
 
     def close(self) -> None:
         self.endpoint.peers.pop(self.address, None)

@@ -108,6 +108,12 @@ class Shell:
         self.stack.counters.add("drop-malformed-stream")
         log.error("port %d (%s): %s; dropping this connection", port.id, port.description, reason)
 
+    def port_congested(self, port: QemuPort, congested: bool) -> None:
+        """QEMU is not reading fast enough (or caught up): hold (or resume) TCP data toward it."""
+        self.stack.port_congested(port.id, congested, self.loop.time())
+        if not congested:
+            self.schedule_flush()
+
     def frames_received(self, port: QemuPort, frames: list[bytes]) -> None:
         stack = self.stack
         now = self.loop.time()
@@ -146,7 +152,9 @@ class Shell:
                     out[port_id] = []
                     port = self.ports.get(port_id)
                     if port is not None:
-                        port.send_frames(frames)
+                        dropped = port.send_frames(frames)
+                        if dropped:
+                            stack.counters.add("drop-port-congested", dropped)
             if stack.out.ops:
                 ops = list(stack.out.ops)
                 stack.out.ops.clear()
@@ -219,8 +227,17 @@ class Shell:
 
     async def open_dgram(self, path: str, peer: str | None) -> None:
         prepare_unix_path(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(path)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"--dgram {path}: {exc.strerror or exc}") from exc
+        # uvloop takes a Unix datagram socket only ready-made (sock=), not as local_addr
         transport, _ = await self.loop.create_datagram_endpoint(
-            lambda: DgramEndpoint(self, self.port_ids, peer), local_addr=path, family=socket.AF_UNIX
+            lambda: DgramEndpoint(self, self.port_ids, peer), sock=sock
         )
         self.dgram_transports.append(transport)
         self.unix_paths.append(path)
