@@ -146,15 +146,8 @@ class Shell:
         except Exception:
             self.internal_error("flush")
         for _round in range(8):
-            out = stack.out.switch.out
-            for port_id, frames in out.items():
-                if frames:
-                    out[port_id] = []
-                    port = self.ports.get(port_id)
-                    if port is not None:
-                        dropped = port.send_frames(frames)
-                        if dropped:
-                            stack.counters.add("drop-port-congested", dropped)
+            # host socket operations first: a guest's request reaches its server before the
+            # guest gets the ACK for it
             if stack.out.ops:
                 ops = list(stack.out.ops)
                 stack.out.ops.clear()
@@ -167,6 +160,15 @@ class Shell:
                         performer(op)
                     except Exception:
                         self.internal_error(repr(op))
+            out = stack.out.switch.out
+            for port_id, frames in out.items():
+                if frames:
+                    out[port_id] = []
+                    port = self.ports.get(port_id)
+                    if port is not None:
+                        dropped = port.send_frames(frames)
+                        if dropped:
+                            stack.counters.add("drop-port-congested", dropped)
             if stack.out.events:
                 events = list(stack.out.events)
                 stack.out.events.clear()
@@ -174,6 +176,8 @@ class Shell:
                     self.emit(name, data)
             if not stack.out.ops and not stack.switch.pending() and not stack.out.events:
                 break
+        else:
+            self.schedule_flush()  # still more: another turn of the loop, after other work
         self.arm_timer()
 
     def emit(self, name: str, data: dict[str, object]) -> None:
