@@ -348,3 +348,30 @@ def test_data_waits_while_the_guests_qemu_is_behind() -> None:
     assert g.frames() == []  # held in the (bounded) send buffer
     g.stack.port_congested(1, False, 0.0)
     assert sum(len(s.data) for s in g.frames()) == 3000
+
+
+def test_server_that_speaks_first_loses_nothing() -> None:
+    """Host data (a banner) can arrive while the guest has not yet ACKed our SYN-ACK."""
+    g = Guest()
+    g.send(SYN, opts=MSS_1460_WS7)
+    (op,) = g.ops()
+    g.stack.tcp.host_data(op.flow, b"220 banner\r\n", 0.0)  # uvloop: data before connected() returns
+    g.stack.tcp.host_connected(op.flow, 0.0)
+    (synack,) = g.frames()
+    assert synack.flags == SYN | ACK
+    g.stack.tcp.host_data(op.flow, b"more\r\n", 0.0)
+    assert g.frames() == []  # nothing before the handshake is complete
+    g.seq += 1
+    g.peer_seq = synack.seq + 1
+    g.send(ACK)
+    segs = g.frames()
+    assert b"".join(s.data for s in segs) == b"220 banner\r\nmore\r\n"
+    assert segs[0].seq == synack.seq + 1
+
+
+def test_guest_fin_is_acked_once() -> None:
+    g = Guest()
+    g.connect()
+    g.send(FIN | ACK, b"last")
+    acks = g.frames()
+    assert len(acks) == 1 and acks[0].ack == g.seq + 5

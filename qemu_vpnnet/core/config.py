@@ -49,7 +49,10 @@ class NetConfig:
         max_udp_flows: int = 4096,
         max_tcp_flows: int = 65536,
     ) -> None:
-        network = ipaddress.IPv4Network(net, strict=False)
+        try:
+            network = ipaddress.IPv4Network(net, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"--net {net!r} is not an IPv4 network (ADDRESS/PREFIX): {exc}") from exc
         if network.prefixlen > 29:
             raise ValueError(f"network {net} is too small: at most /29")
         self.network: ipaddress.IPv4Network = network
@@ -68,6 +71,8 @@ class NetConfig:
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} is out of range {MIN_MTU}..{MAX_MTU}")
         self.mtu: int = mtu
+        if lease_time < 2:
+            raise ValueError(f"--lease-time {lease_time}: at least 2 seconds")
         self.lease_time: int = lease_time
         self.domain: str = domain
         self.search: list[str] = list(search) if search else []

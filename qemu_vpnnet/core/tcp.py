@@ -340,7 +340,13 @@ class TcpEngine:
         return sent
 
     def transmit(self, conn: TcpConn, now: float) -> None:
-        """Send whatever the guest's window allows, then a FIN if one is due."""
+        """Send whatever the guest's window allows, then a FIN if one is due.
+
+        Nothing before the handshake is complete: a host server that speaks first (a banner)
+        has its data kept until the guest acknowledged our SYN-ACK.
+        """
+        if conn.state == CONNECTING or conn.state == SYN_RECEIVED or conn.state == SYN_SENT:
+            return
         buf_len = len(conn.snd_buf)
         buf_end = conn.snd_una + buf_len
         win_end = conn.snd_una + conn.snd_wnd
@@ -419,6 +425,7 @@ class TcpEngine:
                 self.reset_unknown(src_mac, src, dst, sport, dport, seq, ack, flags, seg_len)
                 return
             conn.state = ESTABLISHED
+            conn.snd_una = conn.iss + 1  # our SYN is acknowledged: it is not data to drop
             self.counters.add("tcp-established")
             conn.snd_wnd = window << conn.snd_wscale
             conn.snd_wl1 = unwrap(seq, conn.rcv_nxt)
@@ -665,10 +672,11 @@ class TcpEngine:
                 conn.bytes_to_host += seg_len
             if conn.ooo:
                 self.drain_ooo(conn)
-        if fin or (conn.ooo_fin >= 0 and conn.ooo_fin == conn.rcv_nxt):
-            self.guest_fin(conn, now)
-        conn.ack_needed = True
         self.dirty[conn.flow] = conn
+        if fin or (conn.ooo_fin >= 0 and conn.ooo_fin == conn.rcv_nxt):
+            self.guest_fin(conn, now)  # ACKs at once, data and FIN together
+        else:
+            conn.ack_needed = True
 
     def drain_ooo(self, conn: TcpConn) -> None:
         progress = True
@@ -760,16 +768,13 @@ class TcpEngine:
         if len(conn.snd_buf) >= SND_BUF_LIMIT and not conn.reading_paused:
             conn.reading_paused = True
             self.out.op(HostOp(OP_PAUSE_READING, flow))
-        if conn.state != SYN_RECEIVED and conn.state != SYN_SENT:
-            self.transmit(conn, now)
+        self.transmit(conn, now)
 
     def host_eof(self, flow: int, now: float) -> None:
         conn = self.flows.get(flow)
         if conn is None or conn.fin_queued:
             return
         conn.fin_queued = True
-        if conn.state == SYN_SENT:
-            return
         self.transmit(conn, now)
 
     def host_reset(self, flow: int, now: float) -> None:
