@@ -85,10 +85,14 @@ class Backend:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         return cmd
 
+    def _installed(self) -> bool:
+        """Run the installed package (not the source tree)? Harness modules always run from it."""
+        wanted = os.environ.get("VPNNET_TEST_INSTALLED", "") not in ("", "0")
+        return wanted and self.module.split(".")[0] == "qemu_vpnnet"
+
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        installed = os.environ.get("VPNNET_TEST_INSTALLED", "") not in ("", "0")
-        if not installed:
+        if not self._installed():
             paths = [str(REPO_ROOT)]
             if env.get("PYTHONPATH"):
                 paths.append(env["PYTHONPATH"])
@@ -108,7 +112,7 @@ class Backend:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.socket_path.is_socket():
             self.socket_path.unlink()
-        installed = os.environ.get("VPNNET_TEST_INSTALLED", "") not in ("", "0")
+        installed = self._installed()
         with open(self.log_path, "wb") as log:
             log.write(f"$ {' '.join(self.command)}\n".encode())
             log.flush()

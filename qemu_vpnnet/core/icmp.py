@@ -17,11 +17,12 @@ tcp: send_ip_fragmented() and send_icmp_error().
 """
 
 import socket
-from typing import Final, final
+from typing import Final, cast, final
 
 from qemu_vpnnet.core.actions import OP_PING_CLOSE, OP_PING_SEND, HostOp
 from qemu_vpnnet.core.checksum import checksum
 from qemu_vpnnet.core.config import ip_int, ip_str
+from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import (
     IP_HLEN,
@@ -95,17 +96,14 @@ def guest_visible_source(out: Output, addr: str) -> bytes:
 
 
 @final
-class PingFlow:
+class PingFlow(IdleFlow):
     """One guest's echo identifier, mapped to one host ping socket."""
 
     def __init__(self, flow_id: int, key: int, guest_mac: bytes, guest_ip: bytes, ident: int, now: float) -> None:
-        self.id = flow_id
-        self.key = key
+        super().__init__(flow_id, key, now)
         self.guest_mac = guest_mac
         self.guest_ip = guest_ip
         self.ident = ident
-        self.created = now
-        self.last_active = now
         self.last_dst = b""  # guest-visible destination of the last request
         self.last_addr = ""  # its host-side address
         self.requests = 0
@@ -116,9 +114,8 @@ class PingFlow:
 class IcmpProxy:
     def __init__(self, out: Output) -> None:
         self.out = out
-        self.table: dict[int, PingFlow] = {}  # key -> flow, least recently used first
-        self.by_id: dict[int, PingFlow] = {}
-        self.next_id = 1
+        # keyed by (address << 16 | echo identifier)
+        self.table = IdleFlows(out, OP_PING_CLOSE, "icmp", MAX_PING_FLOWS)
         self.unavailable_until = -1.0
 
     # ---- guest side --------------------------------------------------------------------
@@ -144,20 +141,14 @@ class IcmpProxy:
             return
         ident = (message[4] << 8) | message[5]
         key = (ip_int(src) << 16) | ident
-        flow = self.table.get(key)
-        if flow is None:
-            if len(self.table) >= max(1, MAX_PING_FLOWS):
-                self.close(next(iter(self.table.values())))
-                out.counters.add("icmp-flows-evicted")
-            flow = PingFlow(self.next_id, key, src_mac, src, ident, now)
-            self.next_id += 1
-            self.by_id[flow.id] = flow
-            out.counters.add("icmp-flows-opened")
+        known = self.table.by_key.get(key)
+        if known is None:
+            flow = PingFlow(self.table.new_id(), key, src_mac, src, ident, now)
+            self.table.insert(flow)
         else:
-            del self.table[key]
-        self.table[key] = flow
+            flow = cast(PingFlow, known)
+            self.table.touch(flow, now)
         flow.guest_mac = src_mac
-        flow.last_active = now
         flow.last_dst = dst
         flow.last_addr = addr
         flow.requests += 1
@@ -166,7 +157,7 @@ class IcmpProxy:
     # ---- host side ---------------------------------------------------------------------
     def host_reply(self, flow_id: int, data: bytes, addr: str, now: float) -> None:
         """An echo reply (ICMP header and data, as a ping socket reads it) from addr."""
-        flow = self.by_id.get(flow_id)
+        flow = self.flow_by_id(flow_id)
         out = self.out
         if flow is None:
             out.counters.add("icmp-late-reply")
@@ -178,7 +169,7 @@ class IcmpProxy:
         if not src:
             out.counters.add("icmp-reply-ignored")
             return
-        self.touch(flow, now)
+        self.table.touch(flow, now)
         flow.replies += 1
         ident = flow.ident
         message = icmp_message(ICMP_ECHO_REPLY, data[1], bytes(((ident >> 8) & 0xFF, ident & 0xFF)) + data[6:])
@@ -192,7 +183,7 @@ class IcmpProxy:
         original is the echo request as the ping socket sent it (the error queue's payload).
         The guest gets the same error, quoting its own request.
         """
-        flow = self.by_id.get(flow_id)
+        flow = self.flow_by_id(flow_id)
         if flow is None:
             return
         dst = flow.last_dst if addr == flow.last_addr else guest_visible_source(self.out, addr)
@@ -208,49 +199,33 @@ class IcmpProxy:
 
     def host_failed(self, flow_id: int, now: float) -> None:
         """The shell could not open a ping socket for the flow (out of descriptors, ...)."""
-        flow = self.by_id.get(flow_id)
+        flow = self.flow_by_id(flow_id)
         if flow is not None:
-            self.forget(flow)
+            self.table.forget(flow)
             self.out.counters.add("icmp-open-failed")
 
     def unavailable(self, now: float) -> None:
         """The host refuses ping sockets: drop echo requests to the outside for PING_RETRY s."""
         self.unavailable_until = now + PING_RETRY
-        for flow in list(self.table.values()):
-            self.forget(flow)
+        for flow in list(self.table.by_key.values()):
+            self.table.forget(flow)
 
     # ---- flows -------------------------------------------------------------------------
-    def touch(self, flow: PingFlow, now: float) -> None:
-        flow.last_active = now
-        del self.table[flow.key]
-        self.table[flow.key] = flow
-
-    def forget(self, flow: PingFlow) -> None:
-        self.table.pop(flow.key, None)
-        self.by_id.pop(flow.id, None)
-
-    def close(self, flow: PingFlow) -> None:
-        self.forget(flow)
-        self.out.op(HostOp(OP_PING_CLOSE, flow.id))
+    def flow_by_id(self, flow_id: int) -> PingFlow | None:
+        flow = self.table.by_id.get(flow_id)
+        return None if flow is None else cast(PingFlow, flow)
 
     def timer(self, now: float) -> None:
-        timeout = self.out.config.udp_idle_timeout
-        while self.table:
-            flow = next(iter(self.table.values()))
-            if flow.last_active + timeout > now:
-                break
-            self.close(flow)
-            self.out.counters.add("icmp-flows-expired")
+        self.table.expire(now)
 
     def next_deadline(self) -> float:
-        if not self.table:
-            return float("inf")
-        return next(iter(self.table.values())).last_active + self.out.config.udp_idle_timeout
+        return self.table.next_deadline()
 
     def flows(self, now: float) -> list[dict[str, object]]:
         """The open ping flows, for query-connections."""
         result: list[dict[str, object]] = []
-        for flow in self.table.values():
+        for known in self.table.by_key.values():
+            flow = cast(PingFlow, known)
             result.append(
                 {
                     "protocol": "icmp",

@@ -13,10 +13,11 @@ ICMP errors the host gets for a flow's datagrams (port unreachable when nobody l
 unreachable, ...) are passed to the guest, quoting the headers of its last datagram there.
 """
 
-from typing import Final, final
+from typing import Final, cast, final
 
 from qemu_vpnnet.core.actions import OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
 from qemu_vpnnet.core.config import ip_int, ip_str
+from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows
 from qemu_vpnnet.core.icmp import (
     ICMP_DEST_UNREACH,
     UNREACH_FRAG_NEEDED,
@@ -36,17 +37,14 @@ def send_udp_to_guest(out: Output, dst_mac: bytes, src: bytes, dst: bytes, sport
 
 
 @final
-class UdpFlow:
+class UdpFlow(IdleFlow):
     """One guest (address, port) and its host socket."""
 
     def __init__(self, flow_id: int, key: int, guest_mac: bytes, guest_ip: bytes, guest_port: int, now: float) -> None:
-        self.id = flow_id
-        self.key = key
+        super().__init__(flow_id, key, now)
         self.guest_mac = guest_mac
         self.guest_ip = guest_ip
         self.guest_port = guest_port
-        self.created = now
-        self.last_active = now
         self.last_dst = b""  # guest-visible destination of the last datagram from the guest
         self.last_addr = ""  # its host-side address
         self.last_port = 0
@@ -61,9 +59,8 @@ class UdpFlow:
 class UdpNat:
     def __init__(self, out: Output) -> None:
         self.out = out
-        self.table: dict[int, UdpFlow] = {}  # (address << 16 | port) -> flow, least recently used first
-        self.by_id: dict[int, UdpFlow] = {}
-        self.next_id = 1
+        # keyed by (address << 16 | port)
+        self.table = IdleFlows(out, OP_UDP_CLOSE, "udp", out.config.max_udp_flows)
 
     # ---- guest side --------------------------------------------------------------------
     def from_guest(
@@ -86,21 +83,15 @@ class UdpNat:
             out.drop("udp-port-zero")
             return
         key = (ip_int(src) << 16) | sport
-        flow = self.table.get(key)
-        if flow is None:
-            if len(self.table) >= max(1, cfg.max_udp_flows):
-                self.close(next(iter(self.table.values())))
-                out.counters.add("udp-flows-evicted")
-            flow = UdpFlow(self.next_id, key, src_mac, src, sport, now)
-            self.next_id += 1
-            self.by_id[flow.id] = flow
-            out.counters.add("udp-flows-opened")
+        known = self.table.by_key.get(key)
+        if known is None:
+            flow = UdpFlow(self.table.new_id(), key, src_mac, src, sport, now)
+            self.table.insert(flow)
             out.op(HostOp(OP_UDP_OPEN, flow.id))
         else:
-            del self.table[key]
-        self.table[key] = flow
+            flow = cast(UdpFlow, known)
+            self.table.touch(flow, now)
         flow.guest_mac = src_mac
-        flow.last_active = now
         flow.last_dst = dst
         flow.last_addr = addr
         flow.last_port = dport
@@ -109,11 +100,15 @@ class UdpNat:
         flow.packets_out += 1
         out.op(HostOp(OP_UDP_SEND, flow.id, addr=addr, port=dport, data=payload))
 
+    def flow_by_id(self, flow_id: int) -> UdpFlow | None:
+        flow = self.table.by_id.get(flow_id)
+        return None if flow is None else cast(UdpFlow, flow)
+
     # ---- host side ---------------------------------------------------------------------
     def host_datagram(self, flow_id: int, data: bytes, addr: str, port: int, now: float) -> None:
         """A datagram the flow's host socket received from addr:port."""
         out = self.out
-        flow = self.by_id.get(flow_id)
+        flow = self.flow_by_id(flow_id)
         if flow is None:
             out.counters.add("udp-late-datagram")
             return
@@ -121,9 +116,7 @@ class UdpNat:
         if not src:
             out.counters.add("udp-reply-bad-source")
             return
-        flow.last_active = now
-        del self.table[flow.key]
-        self.table[flow.key] = flow
+        self.table.touch(flow, now)
         flow.bytes_in += len(data)
         flow.packets_in += 1
         send_udp_to_guest(out, flow.guest_mac, src, flow.guest_ip, port, flow.guest_port, data)
@@ -135,7 +128,7 @@ class UdpNat:
         destination is assumed. Port unreachable is type 3 code 3; info is the next-hop MTU
         for "fragmentation needed".
         """
-        flow = self.by_id.get(flow_id)
+        flow = self.flow_by_id(flow_id)
         if flow is None or not flow.last_dst:
             return
         if not addr or (addr == flow.last_addr and port == flow.last_port):
@@ -158,38 +151,23 @@ class UdpNat:
 
     def host_failed(self, flow_id: int, now: float) -> None:
         """The shell could not open the flow's socket: forget the flow (nothing to close)."""
-        flow = self.by_id.get(flow_id)
+        flow = self.flow_by_id(flow_id)
         if flow is not None:
-            self.forget(flow)
+            self.table.forget(flow)
             self.out.counters.add("udp-open-failed")
 
     # ---- flows -------------------------------------------------------------------------
-    def forget(self, flow: UdpFlow) -> None:
-        self.table.pop(flow.key, None)
-        self.by_id.pop(flow.id, None)
-
-    def close(self, flow: UdpFlow) -> None:
-        self.forget(flow)
-        self.out.op(HostOp(OP_UDP_CLOSE, flow.id))
-
     def timer(self, now: float) -> None:
-        timeout = self.out.config.udp_idle_timeout
-        while self.table:
-            flow = next(iter(self.table.values()))
-            if flow.last_active + timeout > now:
-                break
-            self.close(flow)
-            self.out.counters.add("udp-flows-expired")
+        self.table.expire(now)
 
     def next_deadline(self) -> float:
-        if not self.table:
-            return float("inf")
-        return next(iter(self.table.values())).last_active + self.out.config.udp_idle_timeout
+        return self.table.next_deadline()
 
     def flows(self, now: float) -> list[dict[str, object]]:
         """The open UDP flows, for query-connections."""
         result: list[dict[str, object]] = []
-        for flow in self.table.values():
+        for known in self.table.by_key.values():
+            flow = cast(UdpFlow, known)
             result.append(
                 {
                     "protocol": "udp",
