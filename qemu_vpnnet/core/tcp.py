@@ -930,6 +930,11 @@ class TcpEngine:
                     "state": STATE_NAMES[conn.state],
                     "bytes-to-host": conn.bytes_to_host,
                     "bytes-to-guest": conn.bytes_to_guest,
+                    "guest-window": conn.snd_wnd,
+                    "in-flight": conn.snd_nxt - conn.snd_una,
+                    "buffered-to-guest": len(conn.snd_buf),
+                    "host-reading-paused": conn.reading_paused,
+                    "host-writing-blocked": conn.host_write_paused,
                     "age": round(now - conn.created, 3),
                 }
             )
