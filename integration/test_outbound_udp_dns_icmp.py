@@ -145,6 +145,27 @@ def dns(server, name, qtype, edns=0):
         "from": list(peer), "seconds": time.monotonic() - start, "size": len(data),
     }
 
+def dns_over_tcp(server, *names):
+    # one TCP connection: every query sent first, then every answer read (in order)
+    c = socket.create_connection((server, 53), timeout=8)
+    for i, name in enumerate(names):
+        q = bytes(dpkt.dns.DNS(id=0x100 + i, op=dpkt.dns.DNS_RD, qd=[dpkt.dns.DNS.Q(name=name, type=1, cls=1)]))
+        c.sendall(len(q).to_bytes(2, "big") + q)
+    c.shutdown(socket.SHUT_WR)
+    results = []
+    data = b""
+    while True:
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    while len(data) >= 2:
+        n = int.from_bytes(data[:2], "big")
+        r = dpkt.dns.DNS(data[2 : 2 + n])
+        data = data[2 + n :]
+        results.append({"id": r.id, "rcode": r.rcode, "a": [socket.inet_ntoa(rr.ip) for rr in r.an if rr.type == 1]})
+    return {"answers": results}
+
 def udp(addr, port, text, connected=False):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(4)
@@ -166,6 +187,8 @@ def udp(addr, port, text, connected=False):
 cmd, args = sys.argv[1], sys.argv[2:]
 if cmd == "dns":
     print(json.dumps(dns(*args)))
+elif cmd == "dns-tcp":
+    print(json.dumps(dns_over_tcp(*args)))
 elif cmd == "udp":
     print(json.dumps(udp(*args)))
 else:
@@ -305,6 +328,28 @@ def test_dns_upstream_option_with_port_and_fallback_to_the_next(world: Callable[
     r = w.tool("dns", DNS, "www.example.test", "1")
     assert (r["rcode"], r["a"]) == (0, ["192.0.2.55"])
     assert "QUERY udp 198.19.5.5 www.example.test 1" in log.read_text()
+
+
+def test_dns_over_tcp_builtin_names_and_fallback(world: Callable[..., World]) -> None:
+    """Guest DNS over TCP at the DNS address: built-in names answered by the backend, the rest
+    asked of the upstreams over TCP in turn (the first is dead here), answers in query order."""
+    w = world("--dns-upstream", "127.0.0.1:5353", "--dns-upstream", "198.19.5.5:53")
+    w.host.add_outside_address("198.19.5.5/32")
+    log = w.serve(w.host.outside, "dns", "198.19.5.5:192.0.2.77")
+    r = w.tool("dns-tcp", DNS, "www.example.test", "host.internal", "nope.example.test")
+    assert r["answers"] == [
+        {"id": 0x100, "rcode": 0, "a": ["192.0.2.77"]},
+        {"id": 0x101, "rcode": 0, "a": [GATEWAY]},
+        {"id": 0x102, "rcode": 3, "a": []},
+    ]
+    assert "QUERY tcp 198.19.5.5 www.example.test 1" in log.read_text()
+    assert "host.internal" not in log.read_text()
+
+
+def test_dns_over_tcp_servfail_when_no_upstream_answers(world: Callable[..., World]) -> None:
+    w = world("--dns-upstream", "127.0.0.1:5353")
+    r = w.tool("dns-tcp", DNS, "www.example.test", "host.internal")
+    assert r["answers"] == [{"id": 0x100, "rcode": 2, "a": []}, {"id": 0x101, "rcode": 0, "a": [GATEWAY]}]
 
 
 def test_dns_follows_resolv_conf_changes(world: Callable[..., World]) -> None:

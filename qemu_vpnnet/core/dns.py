@@ -1,4 +1,4 @@
-"""The DNS server at the virtual DNS address, UDP port 53.
+"""The DNS server at the virtual DNS address, UDP port 53 (TCP: io/dns_tcp.py, same answers).
 
 Queries are parsed with dpkt.dns. Built-in names (config.host_names, case-insensitive) are
 answered here: A gives the gateway address, any other type NOERROR with no answers. Every
@@ -68,6 +68,15 @@ def question_end(data: bytes, offset: int) -> int:
     return -1
 
 
+def servfail_for(query: bytes) -> bytes:
+    """SERVFAIL answering a well-formed query (header and question echoed)."""
+    qid, flags = _HEADER.unpack_from(query, 0)[:2]
+    qend = question_end(query, HEADER_LEN)
+    if qend < 0:
+        return reply_header(qid, flags, RCODE_SERVFAIL, 0, 0)
+    return reply_header(qid, flags, RCODE_SERVFAIL, 1, 0) + query[HEADER_LEN:qend]
+
+
 def reply_header(qid: int, query_flags: int, rcode: int, qdcount: int, ancount: int) -> bytes:
     """A response header answering a query with query_flags (opcode and RD are kept)."""
     flags = FLAG_QR | (query_flags & (FLAG_OPCODE | FLAG_RD)) | FLAG_RA | rcode
@@ -111,45 +120,54 @@ class DnsServer:
         self.next_query = 1
 
     # ---- guest side --------------------------------------------------------------------
-    def from_guest(self, src_mac: bytes, src: bytes, dst: bytes, sport: int, payload: bytes, now: float) -> None:
-        """A datagram from a guest to the DNS address, port 53."""
-        out = self.out
+    def local_answer(self, payload: bytes) -> tuple[bytes | None, str]:
+        """What the server answers itself: (reply, counter) for a malformed query (FORMERR), an
+        unsupported opcode (NOTIMP) or a built-in name; (None, "") when the query must go
+        upstream; (None, reason) when it must be dropped (not a query at all).
+
+        Shared by the UDP server and DNS over TCP (io/dns_tcp.py).
+        """
         if len(payload) < HEADER_LEN:
-            out.drop("dns-short")
-            return
+            return None, "dns-short"
         qid, flags, _qd, _an, _ns, _ar = _HEADER.unpack_from(payload, 0)
         if flags & FLAG_QR:
-            out.drop("dns-not-query")
-            return
+            return None, "dns-not-query"
         if (flags & FLAG_OPCODE) != 0:
-            out.counters.add("dns-notimp")
-            self.reply(src_mac, src, sport, reply_header(qid, flags, RCODE_NOTIMP, 0, 0))
-            return
+            return reply_header(qid, flags, RCODE_NOTIMP, 0, 0), "dns-notimp"
         try:
-            msg = dpkt.dns.DNS(payload)
-            questions = list(msg.qd)
-            additional = list(msg.ar)
+            questions = list(dpkt.dns.DNS(payload).qd)
         except Exception:
             questions = []
-            additional = []
         qend = question_end(payload, HEADER_LEN) if len(questions) == 1 else -1
         if qend < 0 or len(payload) > MAX_QUERY:
-            out.counters.add("dns-formerr")
-            self.reply(src_mac, src, sport, reply_header(qid, flags, RCODE_FORMERR, 0, 0))
-            return
-        out.counters.add("dns-queries")
+            return reply_header(qid, flags, RCODE_FORMERR, 0, 0), "dns-formerr"
+        if not self.is_host_name(payload, HEADER_LEN):
+            return None, ""
         question = payload[HEADER_LEN:qend]
         qtype = (payload[qend - 4] << 8) | payload[qend - 3]
         qclass = (payload[qend - 2] << 8) | payload[qend - 1]
-        if self.is_host_name(payload, HEADER_LEN):
-            out.counters.add("dns-builtin")
-            if qclass == CLASS_IN and (qtype == TYPE_A or qtype == TYPE_ANY):
-                record = b"\xc0\x0c" + _A_RECORD.pack(TYPE_A, CLASS_IN, BUILTIN_TTL, 4) + out.config.host_ip
-                answer = reply_header(qid, flags, RCODE_NOERROR, 1, 1) + question + record
+        if qclass == CLASS_IN and (qtype == TYPE_A or qtype == TYPE_ANY):
+            record = b"\xc0\x0c" + _A_RECORD.pack(TYPE_A, CLASS_IN, BUILTIN_TTL, 4) + self.out.config.host_ip
+            return reply_header(qid, flags, RCODE_NOERROR, 1, 1) + question + record, "dns-builtin"
+        return reply_header(qid, flags, RCODE_NOERROR, 1, 0) + question, "dns-builtin"
+
+    def from_guest(self, src_mac: bytes, src: bytes, dst: bytes, sport: int, payload: bytes, now: float) -> None:
+        """A datagram from a guest to the DNS address, port 53."""
+        out = self.out
+        reply, counter = self.local_answer(payload)
+        if counter:
+            if reply is None:
+                out.drop(counter)
             else:
-                answer = reply_header(qid, flags, RCODE_NOERROR, 1, 0) + question
-            self.reply(src_mac, src, sport, answer)
+                out.counters.add(counter)
+                if counter == "dns-builtin":
+                    out.counters.add("dns-queries")
+                self.reply(src_mac, src, sport, reply)
             return
+        out.counters.add("dns-queries")
+        qid, flags = _HEADER.unpack_from(payload, 0)[:2]
+        qend = question_end(payload, HEADER_LEN)
+        question = payload[HEADER_LEN:qend]
         key = src + bytes(((sport >> 8) & 0xFF, sport & 0xFF, (qid >> 8) & 0xFF, qid & 0xFF))
         if key in self.waiting:
             out.drop("dns-retransmit")
@@ -159,9 +177,12 @@ class DnsServer:
             self.reply(src_mac, src, sport, reply_header(qid, flags, RCODE_SERVFAIL, 1, 0) + question)
             return
         limit = 512
-        for rr in additional:
-            if rr.type == TYPE_OPT:
-                limit = min(max(512, int(rr.cls)), MAX_UDP_ANSWER)
+        try:
+            for rr in dpkt.dns.DNS(payload).ar:
+                if rr.type == TYPE_OPT:
+                    limit = min(max(512, int(rr.cls)), MAX_UDP_ANSWER)
+        except Exception:
+            pass
         number = self.next_query
         self.next_query += 1
         self.pending[number] = PendingQuery(key, src_mac, src, sport, qid, flags, question, limit, now + QUERY_TIMEOUT)

@@ -137,11 +137,6 @@ class DnsUpstreams:
                 log.warning("no nameserver in %s; DNS queries will fail", self.resolv_conf)
         self.from_file = servers
 
-    def tcp_target(self) -> Server | None:
-        """The current first upstream, for guest DNS over TCP; None when there is none."""
-        servers = self.servers()
-        return servers[0] if servers else None
-
     # ---- forwarding --------------------------------------------------------------------
     def perform(self, op: HostOp) -> None:
         task = self.loop.create_task(self.resolve(op.flow, op.data))
@@ -166,6 +161,15 @@ class DnsUpstreams:
             return
         dns.failed(query_id, self.loop.time())
         self.shell.schedule_flush()
+
+    async def resolve_tcp(self, query: bytes) -> bytes:
+        """Ask the upstream servers over TCP in turn; the first answer, else UpstreamError."""
+        for server in list(self.servers()):
+            try:
+                return await self.ask_tcp(server, query)
+            except (OSError, TimeoutError, EOFError, UpstreamError) as exc:
+                self.warn(server, exc)
+        raise UpstreamError("no upstream DNS server answered over TCP")
 
     def warn(self, server: Server, exc: BaseException) -> None:
         now = self.loop.time()

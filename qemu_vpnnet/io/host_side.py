@@ -12,6 +12,6 @@ from qemu_vpnnet.io.shell import Shell
 def install_host_side(shell: Shell, args: argparse.Namespace) -> None:
     """Register every host-side op performer on shell; args are the parsed CLI options."""
     shell.dns_upstreams = install_dns_upstream(shell, list(args.dns_upstream))
-    shell.host_tcp = HostTcp(shell, shell.dns_upstreams.tcp_target)
+    shell.host_tcp = HostTcp(shell)
     shell.host_udp = install_host_udp(shell)
     shell.host_ping = install_host_ping(shell)

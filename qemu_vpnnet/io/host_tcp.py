@@ -28,8 +28,6 @@ WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 LINGER_RST: Final = struct.pack("ii", 1, 0)
 
-DnsTarget = Callable[[], tuple[str, int] | None]
-
 
 class HostConnection(asyncio.Protocol):
     """The host socket of one spliced flow."""
@@ -104,12 +102,11 @@ class HostConnection(asyncio.Protocol):
 class HostTcp:
     """Performs the TCP ops of the core on real sockets."""
 
-    def __init__(self, shell: Shell, dns_target: DnsTarget | None = None) -> None:
+    def __init__(self, shell: Shell) -> None:
         self.shell = shell
         self.tcp: TcpEngine = shell.stack.tcp
         self.conns: dict[int, HostConnection] = {}
         self.connecting: dict[int, asyncio.Task[None]] = {}
-        self.dns_target = dns_target
         performers = shell.op_performers
         performers[OP_TCP_CONNECT] = self.op_connect
         performers[OP_TCP_SEND] = self.op_send
@@ -128,14 +125,25 @@ class HostTcp:
         addr = op.addr
         port = op.port
         if addr == DNS_UPSTREAM:
-            target = self.dns_target() if self.dns_target is not None else None
-            if target is None:
-                self.tcp.host_refused(op.flow, errno.ECONNREFUSED, self.shell.now())
-                self.shell.schedule_flush()
-                return
-            addr, port = target
+            self.connect_dns(op.flow)
+            return
         task = self.shell.loop.create_task(self.connect(op.flow, addr, port))
         self.connecting[op.flow] = task
+
+    def connect_dns(self, flow: int) -> None:
+        """Guest TCP to the DNS address, port 53: answered here (io/dns_tcp.py)."""
+        upstreams = self.shell.dns_upstreams
+        if upstreams is None:
+            self.tcp.host_refused(flow, errno.ECONNREFUSED, self.shell.now())
+            self.shell.schedule_flush()
+            return
+        from qemu_vpnnet.io.dns_tcp import open_dns_session
+
+        conn = HostConnection(self, flow)
+        open_dns_session(conn, upstreams)
+        self.conns[flow] = conn
+        self.tcp.host_connected(flow, self.shell.now())
+        self.shell.schedule_flush()
 
     async def connect(self, flow: int, addr: str, port: int) -> None:
         loop = self.shell.loop
