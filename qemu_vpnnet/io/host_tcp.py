@@ -56,7 +56,7 @@ class HostConnection(asyncio.Protocol):
             return
         host = self.host
         host.tcp.host_data(self.flow, data, host.shell.now())
-        host.shell.schedule_flush()
+        host.shell.flush()  # the segments go out now (see Shell.frames_received)
 
     def eof_received(self) -> bool:
         if not self.gone:
