@@ -79,7 +79,8 @@ class Shell:
         self.unix_paths: list[str] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.flush_scheduled = False
-        self.timer_handle: asyncio.TimerHandle | None = None
+        self.timer_handle: asyncio.Handle | None = None
+        self.timer_when = 0.0
         self.internal_errors = 0
         # the host-side handlers, set by io.host_side.install_host_side
         self.host_tcp: HostTcp | None = None
@@ -168,7 +169,11 @@ class Shell:
                     out[port_id] = []
                     port = self.ports.get(port_id)
                     if port is not None:
-                        dropped = port.send_frames(frames)
+                        try:
+                            dropped = port.send_frames(frames)
+                        except Exception:
+                            self.internal_error(f"frames to port {port_id}")
+                            continue
                         if dropped:
                             stack.counters.add("drop-port-congested", dropped)
             if stack.out.events:
@@ -180,7 +185,10 @@ class Shell:
                 break
         else:
             self.schedule_flush()  # still more: another turn of the loop, after other work
-        self.arm_timer()
+        try:
+            self.arm_timer()
+        except Exception:
+            self.internal_error("timer")
 
     def emit(self, name: str, data: dict[str, object]) -> None:
         if name == "GUEST_LEASE":
@@ -192,14 +200,20 @@ class Shell:
                 log.exception("event listener failed")
 
     def arm_timer(self) -> None:
+        """Make the one timer fire at the core's next deadline (not later, not needlessly earlier).
+
+        The time it is set for is kept here: uvloop's call_at returns a plain Handle, with no
+        when(), for a deadline already past.
+        """
         deadline = self.stack.next_deadline()
         if deadline == NO_DEADLINE:
             return
         handle = self.timer_handle
-        if handle is not None and not handle.cancelled() and handle.when() <= deadline + 0.001:
+        if handle is not None and not handle.cancelled() and self.timer_when <= deadline + 0.001:
             return
         if handle is not None:
             handle.cancel()
+        self.timer_when = deadline
         self.timer_handle = self.loop.call_at(deadline, self.on_timer)
 
     def on_timer(self) -> None:
