@@ -8,7 +8,7 @@ import pytest
 from qemu_vpnnet.core import checksum as ck
 from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.stack import Stack
-from qemu_vpnnet.io.framing import FramingError, frame_stream, split_frames
+from qemu_vpnnet.io.framing import FramingError, frame_parts, split_frames
 from tests.guestframes import BCAST, GUEST2_MAC, GUEST_MAC, GW_MAC, dhcp_frame, eth, ip, ip_frame, ipv4, parse
 
 
@@ -37,7 +37,7 @@ def test_checksum_of_checksummed_header_is_zero() -> None:
 
 
 def test_framing_splits_partial_and_rejects_garbage() -> None:
-    stream = frame_stream([b"a" * 60, b"b" * 100])
+    stream = b"".join(frame_parts([b"a" * 60, b"b" * 100]))
     frames: list[bytes] = []
     rest = split_frames(bytearray(stream[:-10]), 0, len(stream) - 10, frames)
     assert frames == [b"a" * 60] and rest == 64

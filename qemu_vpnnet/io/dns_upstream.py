@@ -17,7 +17,6 @@ import logging
 import os
 import secrets
 import socket
-import weakref
 from typing import Final
 
 from qemu_vpnnet.core.actions import OP_DNS_QUERY, HostOp
@@ -216,14 +215,6 @@ class DnsUpstreams:
             task.cancel()
 
 
-_by_shell: "weakref.WeakKeyDictionary[Shell, DnsUpstreams]" = weakref.WeakKeyDictionary()
-
-
-def dns_upstreams_of(shell: Shell) -> DnsUpstreams | None:
-    """The DnsUpstreams installed on shell (until Shell has a typed attribute for it)."""
-    return _by_shell.get(shell)
-
-
 def install_dns_upstream(shell: Shell, upstream: list[str]) -> DnsUpstreams:
     """Register the OP_DNS_QUERY performer; upstream holds --dns-upstream values (may be empty)."""
     try:
@@ -232,5 +223,4 @@ def install_dns_upstream(shell: Shell, upstream: list[str]) -> DnsUpstreams:
         raise StartupError(f"--dns-upstream: {exc} (expected IP[:PORT] or [IPv6]:PORT)") from exc
     upstreams = DnsUpstreams(shell, fixed)
     upstreams.install()
-    _by_shell[shell] = upstreams
     return upstreams

@@ -28,15 +28,6 @@ def split_frames(buf: bytearray | memoryview, start: int, end: int, frames: list
     return pos
 
 
-def frame_stream(frames: list[bytes]) -> bytes:
-    """Join frames into one buffer of length-prefixed frames."""
-    parts: list[bytes] = []
-    for frame in frames:
-        parts.append(len(frame).to_bytes(4, "big"))
-        parts.append(frame)
-    return b"".join(parts)
-
-
 def frame_parts(frames: list[bytes]) -> list[bytes]:
     """Length prefixes and frames, interleaved, for a scatter write."""
     parts: list[bytes] = []
