@@ -10,8 +10,8 @@ from setuptools import Extension, find_packages, setup
 
 ext_modules = []
 if os.environ.get("QEMU_VPNNET_PURE") != "1":
-    # the Internet checksum in C: optional, core/checksum.py falls back without it
-    ext_modules.append(Extension("qemu_vpnnet.core._csum", ["qemu_vpnnet/core/_csum.c"], optional=True))
+    # checksums and TCP segments in C: optional, the core falls back to its Python without it
+    ext_modules.append(Extension("qemu_vpnnet.core._fastpath", ["qemu_vpnnet/core/_fastpath.c"], optional=True))
     try:
         from mypyc.build import mypycify
     except ImportError:

@@ -1,7 +1,7 @@
 """Internet checksum (RFC 1071) with incremental helpers.
 
 Three implementations of the 16-bit one's-complement sum: a small C extension built with the
-package (core/_csum.c, about ten times faster than the rest), a native-integer loop that is fast
+package (core/_fastpath.c, about ten times faster than the rest), a native-integer loop that is fast
 once compiled by mypyc, and a big-integer reduction that is fast in plain CPython. The module
 picks the best one available at import time.
 """
@@ -12,8 +12,8 @@ from mypy_extensions import i64
 
 COMPILED: Final = not __file__.endswith(".py")
 
-try:  # the C accelerator built with the package (core/_csum.c); optional
-    from qemu_vpnnet.core._csum import sum16 as c_sum16
+try:  # the C accelerator built with the package (core/_fastpath.c); optional
+    from qemu_vpnnet.core._fastpath import sum16 as c_sum16
 
     HAVE_C: Final = True
 except ImportError:

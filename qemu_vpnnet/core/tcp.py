@@ -33,13 +33,16 @@ from qemu_vpnnet.core.actions import (
 from qemu_vpnnet.core.config import ip_str
 from qemu_vpnnet.core.icmp import send_icmp_error
 from qemu_vpnnet.core.output import Output
-from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
+from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from qemu_vpnnet.core.tcp_wire import (
+    HEADER_LEN,
     address_sums,
     build_tcp_frame,
     build_tcp_frame_with,
+    header_template,
     parse_syn_options,
     syn_options,
+    tcp_segments,
     unpack_tcp_header,
     unwrap,
 )
@@ -151,6 +154,8 @@ class TcpConn:
         self.syn_quote = b""  # the guest SYN's IP header + 8 bytes, for ICMP errors
         # partial checksums of the fixed header fields of frames toward the guest
         self.ip_base, self.tcp_base = address_sums(remote_ip, guest_ip, remote_port, guest_port)
+        self.header = b""  # header_template() for data segments, built for header_mac
+        self.header_mac = b""
         # accounting
         self.bytes_to_host = 0
         self.bytes_to_guest = 0
@@ -282,62 +287,66 @@ class TcpEngine:
         out.send_frame(src_mac, frame)
 
     def send_data(self, conn: TcpConn, buf_end: int, win_end: int, now: float) -> bool:
-        """Segments of new (or rewound) data up to the window: the per-segment hot loop.
+        """Segments of new (or rewound) data up to the window: the hot path toward the guest.
 
-        Window, queue and header sums are looked up once; each payload is copied once, straight
-        from the send buffer.
+        All segments of one call are built by tcp_segments() (in C when built) from the
+        connection's header template, each payload copied once from the send buffer, and
+        queued for the guest's port in one go.
         """
-        out = self.out
-        gateway_mac = self.config.gateway_mac
-        window = self.advertised_window(conn)
-        queue = out.switch.queue_for(conn.guest_mac)
-        counters = out.counters
+        start = conn.snd_nxt
         limit = buf_end if buf_end < win_end else win_end
-        mss = conn.mss
-        view = memoryview(conn.snd_buf)
-        sent = False
-        while conn.snd_nxt < limit:
-            seq = conn.snd_nxt
-            n = limit - seq
-            if n > mss:
-                n = mss
-            off = seq - conn.snd_una
-            end = seq + n
-            frame = build_tcp_frame_with(
+        if start >= limit:
+            return False
+        out = self.out
+        if conn.header_mac != conn.guest_mac:
+            conn.header = header_template(
                 conn.guest_mac,
-                gateway_mac,
+                self.config.gateway_mac,
                 conn.remote_ip,
                 conn.guest_ip,
                 conn.remote_port,
                 conn.guest_port,
-                seq,
-                conn.rcv_nxt,
-                TCP_ACK | TCP_PSH if end == buf_end else TCP_ACK,
-                window,
-                b"",
-                bytes(view[off : off + n]),
-                out.next_ident(),
-                conn.ip_base,
-                conn.tcp_base,
             )
-            if queue is not None:
-                queue.append(frame)
-                counters.tx_frames += 1
-                counters.tx_bytes += len(frame)
-            else:
+            conn.header_mac = conn.guest_mac
+        queue = out.switch.queue_for(conn.guest_mac)
+        frames: list[bytes] = queue if queue is not None else []
+        count = tcp_segments(
+            frames,
+            conn.header,
+            conn.snd_buf,
+            start - conn.snd_una,
+            limit - conn.snd_una,
+            buf_end - conn.snd_una,
+            conn.mss,
+            start,
+            conn.rcv_nxt,
+            self.advertised_window(conn),
+            out.ip_ident + 1,
+            conn.ip_base,
+            conn.tcp_base,
+        )
+        out.ip_ident = (out.ip_ident + count) & 0xFFFF
+        if queue is not None:
+            out.counters.tx_frames += count
+            out.counters.tx_bytes += count * HEADER_LEN + (limit - start)
+        else:
+            for frame in frames:
                 out.send_frame(conn.guest_mac, frame)
-            if end > conn.snd_max:
-                conn.bytes_to_guest += end - (seq if seq > conn.snd_max else conn.snd_max)
-                if conn.rtt_seq < 0:
-                    conn.rtt_seq = end
-                    conn.rtt_time = now
-            else:
-                conn.rtt_seq = -1  # Karn: no sample from retransmitted data
-            conn.snd_nxt = end
-            sent = True
-        view.release()
+        # accounting and the RTT sample (Karn: none from retransmitted data)
+        snd_max = conn.snd_max
+        if start < snd_max:
+            conn.rtt_seq = -1
+        if limit > snd_max:
+            conn.bytes_to_guest += limit - (start if start > snd_max else snd_max)
+            if conn.rtt_seq < 0:
+                first_new = (
+                    start + ((snd_max - start) // conn.mss + 1) * conn.mss if start < snd_max else start + conn.mss
+                )
+                conn.rtt_seq = first_new if first_new < limit else limit
+                conn.rtt_time = now
+        conn.snd_nxt = limit
         conn.ack_needed = False
-        return sent
+        return True
 
     def transmit(self, conn: TcpConn, now: float) -> None:
         """Send whatever the guest's window allows, then a FIN if one is due.

@@ -4,12 +4,20 @@ import struct
 from typing import Final
 
 from qemu_vpnnet.core.checksum import finish, sum16
-from qemu_vpnnet.core.packets import ETH_P_IP, IPPROTO_TCP
+from qemu_vpnnet.core.packets import ETH_P_IP, IPPROTO_TCP, TCP_ACK, TCP_PSH
+
+try:  # the segment loop in C (core/_fastpath.c); optional
+    from qemu_vpnnet.core._fastpath import tcp_segments as c_tcp_segments
+
+    HAVE_C_SEGMENTS: Final = True
+except ImportError:
+    HAVE_C_SEGMENTS = False  # type: ignore[misc]
 
 _ETH: Final = struct.Struct("!6s6sH")
 _IP: Final = struct.Struct("!BBHHHBBH4s4s")
 _TCP: Final = struct.Struct("!HHIIBBHHH")
 _HEADERS: Final = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIHHHH")  # Ethernet + IPv4 + TCP without options
+HEADER_LEN: Final = 54  # Ethernet + IPv4 + TCP without options
 SEQ_MOD: Final = 1 << 32
 SEQ_HALF: Final = 1 << 31
 
@@ -92,6 +100,93 @@ def build_tcp_frame_with(
     if options:
         return b"".join((header, options, payload))
     return header + payload
+
+
+def header_template(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    """The 54 header bytes shared by a connection's data segments toward the guest.
+
+    Length, ident, sequence numbers, flags, window and checksums are left zero for
+    tcp_segments() to fill in.
+    """
+    return _HEADERS.pack(
+        dst_mac, src_mac, ETH_P_IP, 0x45, 0, 0, 0, 0x4000, 64, IPPROTO_TCP, 0, src, dst, sport, dport, 0, 0, 0, 0, 0, 0
+    )
+
+
+def tcp_segments(
+    frames: list[bytes],
+    header: bytes,
+    buf: bytearray,
+    off: int,
+    end: int,
+    psh_end: int,
+    mss: int,
+    seq: int,
+    ack: int,
+    window: int,
+    ident: int,
+    ip_base: int,
+    tcp_base: int,
+) -> int:
+    """Append one frame per segment of buf[off:end] (at most mss bytes each) to frames.
+
+    header comes from header_template(); idents count up from ident, sequence numbers from seq;
+    the segment ending at psh_end carries PSH. Returns the number of frames. In C when built.
+    """
+    if HAVE_C_SEGMENTS:
+        return c_tcp_segments(frames, header, buf, off, end, psh_end, mss, seq, ack, window, ident, ip_base, tcp_base)
+    return tcp_segments_py(frames, header, buf, off, end, psh_end, mss, seq, ack, window, ident, ip_base, tcp_base)
+
+
+def tcp_segments_py(
+    frames: list[bytes],
+    header: bytes,
+    buf: bytearray,
+    off: int,
+    end: int,
+    psh_end: int,
+    mss: int,
+    seq: int,
+    ack: int,
+    window: int,
+    ident: int,
+    ip_base: int,
+    tcp_base: int,
+) -> int:
+    """tcp_segments() without the C extension: the same frames, one build_tcp_frame_with() each."""
+    dst_mac, src_mac, src, dst = header[0:6], header[6:12], header[26:30], header[30:34]
+    sport, dport = (header[34] << 8) | header[35], (header[36] << 8) | header[37]
+    count = 0
+    view = memoryview(buf)
+    while off < end:
+        n = end - off if end - off < mss else mss
+        flags = TCP_ACK | TCP_PSH if off + n == psh_end else TCP_ACK
+        payload = bytes(view[off : off + n])
+        frames.append(
+            build_tcp_frame_with(
+                dst_mac,
+                src_mac,
+                src,
+                dst,
+                sport,
+                dport,
+                seq,
+                ack,
+                flags,
+                window,
+                b"",
+                payload,
+                ident,
+                ip_base,
+                tcp_base,
+            )
+        )
+        off += n
+        seq += n
+        ident += 1
+        count += 1
+    view.release()
+    return count
 
 
 def build_tcp_frame(
