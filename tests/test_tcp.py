@@ -375,3 +375,51 @@ def test_guest_fin_is_acked_once() -> None:
     g.send(FIN | ACK, b"last")
     acks = g.frames()
     assert len(acks) == 1 and acks[0].ack == g.seq + 5
+
+
+def send_bulk(g: Guest, segments: int, flags: int = ACK) -> None:
+    """Full-sized guest segments (MSS 1460), one batch each, sequence numbers advancing."""
+    for _ in range(segments):
+        g.send(flags, b"d" * 1460)
+        g.seq += 1460
+
+
+def test_bulk_data_past_slow_start_is_acked_every_64k_or_after_a_millisecond() -> None:
+    g = Guest()
+    flow = g.connect()
+    send_bulk(g, T.QUICKACK_BYTES // 1460)  # slow start: every batch acknowledged
+    assert len(g.frames()) == T.QUICKACK_BYTES // 1460
+    send_bulk(g, 10)  # 14,600 bytes of full-sized segments without PSH: no ACK yet
+    assert g.frames() == []
+    deadline = g.stack.next_deadline()
+    assert g.now < deadline <= g.now + T.DELAYED_ACK_TIME
+    g.now = deadline
+    g.stack.timer(g.now)
+    g.stack.flush(g.now)
+    (ack,) = g.frames()
+    assert ack.ack == g.seq
+    send_bulk(g, T.ACK_EVERY // 1460 + 1)  # past ACK_EVERY unacknowledged bytes: one ACK at once
+    acks = g.frames()
+    assert len(acks) == 1 and acks[0].ack == g.seq
+    assert g.conn(flow).bytes_to_host == g.seq - 1001
+
+
+def test_psh_and_short_segments_are_acked_at_once_after_slow_start() -> None:
+    g = Guest()
+    g.connect()
+    send_bulk(g, T.QUICKACK_BYTES // 1460)
+    g.frames()
+    send_bulk(g, 1, ACK | PSH)
+    assert [a.ack for a in g.frames()] == [g.seq]
+    g.send(ACK, b"short")
+    g.seq += 5
+    assert [a.ack for a in g.frames()] == [g.seq]
+    send_bulk(g, 1)
+    assert g.frames() == []
+    g.stack.tcp.host_data(g.stack.tcp.flows[next(iter(g.stack.tcp.flows))].flow, b"reply", g.now)
+    (reply,) = g.frames()  # data toward the guest carries the delayed ACK
+    assert reply.ack == g.seq and reply.data == b"reply"
+    g.now += T.DELAYED_ACK_TIME
+    g.stack.timer(g.now)
+    g.stack.flush(g.now)
+    assert g.frames() == []  # nothing left to acknowledge

@@ -7,8 +7,8 @@
  * shared/TESTBED.md). Here a short sendmsg() on an AF_UNIX stream socket is completed before
  * returning: the rest is written with poll() for room, so each frame goes out whole. The backend
  * reads asynchronously and never blocks on QEMU, so the wait is short and cannot deadlock. The
- * first time a socket is seen, its send buffer is raised (SO_SNDBUFFORCE as root) to make such
- * waits rare.
+ * first time a socket number is seen, a Unix stream socket's send buffer is raised
+ * (SO_SNDBUFFORCE as root) to make such waits rare.
  *
  * Built by the test harness (integration/native/build.py); never committed as a binary.
  */
@@ -22,7 +22,7 @@
 #include <unistd.h>
 
 static ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
-static unsigned char tuned[65536];
+static unsigned char seen[65536];
 
 static int is_unix_stream(int fd)
 {
@@ -41,19 +41,22 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 {
     if (!real_sendmsg)
         real_sendmsg = (ssize_t (*)(int, const struct msghdr *, int))dlsym(RTLD_NEXT, "sendmsg");
-    if (fd < 0 || !is_unix_stream(fd))
-        return real_sendmsg(fd, msg, flags);
-    if (fd < (int)sizeof(tuned) && !tuned[fd]) {
-        int size = 8 << 20;
-        tuned[fd] = 1;
-        if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0)
-            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+    /* The socket is classified (two syscalls) only the first time its number is seen, to raise
+     * its buffer, and again on a short write: not on every frame, which would double QEMU's
+     * syscalls per frame and tax the backend under test. */
+    if (fd >= 0 && fd < (int)sizeof(seen) && !seen[fd]) {
+        seen[fd] = 1;
+        if (is_unix_stream(fd)) {
+            int size = 8 << 20;
+            if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0)
+                setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+        }
     }
     size_t total = 0;
     for (size_t i = 0; i < msg->msg_iovlen; i++)
         total += msg->msg_iov[i].iov_len;
     ssize_t done = real_sendmsg(fd, msg, flags);
-    if (done < 0 || (size_t)done >= total)
+    if (done < 0 || (size_t)done >= total || fd < 0 || !is_unix_stream(fd))
         return done;
     /* A short write: finish this frame before QEMU can notice. */
     size_t sent = (size_t)done;

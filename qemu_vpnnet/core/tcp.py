@@ -33,7 +33,7 @@ from qemu_vpnnet.core.actions import (
 from qemu_vpnnet.core.config import ip_str
 from qemu_vpnnet.core.icmp import send_icmp_error
 from qemu_vpnnet.core.output import Output
-from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 from qemu_vpnnet.core.tcp_wire import (
     HEADER_LEN,
     address_sums,
@@ -86,6 +86,13 @@ RTO_MIN: Final = 0.2
 RTO_MAX: Final = 30.0
 MAX_RETRIES: Final = 12
 SYN_RETRIES: Final = 4
+# Delayed ACKs toward the guest (RFC 9293 3.8.6.3): a bulk sender's full-sized segments are
+# acknowledged every ACK_EVERY bytes or after DELAYED_ACK_TIME, which saves frames for QEMU and the
+# guest's kernel to carry; segments with PSH, short ones and the first QUICKACK_BYTES of a
+# connection (its slow start) are acknowledged at once.
+ACK_EVERY: Final = 64 << 10
+DELAYED_ACK_TIME: Final = 0.001
+QUICKACK_BYTES: Final = 256 << 10
 INF: Final = float("inf")
 
 
@@ -141,6 +148,7 @@ class TcpConn:
         self.pending_send: list[bytes] = []
         self.shutdown_pending = False
         self.ack_needed = False
+        self.acked_to = 0  # the rcv_nxt our last segment acknowledged
         # timers and retransmission
         self.rto = RTO_INITIAL
         self.srtt = 0.0
@@ -171,6 +179,8 @@ class TcpEngine:
         self.by_key: dict[bytes, TcpConn] = {}
         self.dirty: dict[int, TcpConn] = {}
         self.timers: list[tuple[float, int]] = []
+        self.delayed_acks: dict[int, TcpConn] = {}
+        self.delayed_ack_at = INF
         self.next_flow = 0
         self.iss_seed = 0x5EED1234
 
@@ -239,6 +249,7 @@ class TcpEngine:
         )
         out.send_frame(conn.guest_mac, frame)
         conn.ack_needed = False
+        conn.acked_to = conn.rcv_nxt
 
     def send_ack(self, conn: TcpConn) -> None:
         self.emit(conn, conn.snd_nxt, TCP_ACK, b"")
@@ -346,6 +357,7 @@ class TcpEngine:
                 conn.rtt_time = now
         conn.snd_nxt = limit
         conn.ack_needed = False
+        conn.acked_to = conn.rcv_nxt
         return True
 
     def transmit(self, conn: TcpConn, now: float) -> None:
@@ -669,6 +681,7 @@ class TcpEngine:
             else:
                 start += overlap
                 seg_len -= overlap
+        filled_hole = False
         if seg_len:
             if conn.host_write_paused and conn.rcv_nxt + seg_len > conn.rcv_adv:
                 allowed = max(0, conn.rcv_adv - conn.rcv_nxt)  # beyond our window: keep what fits
@@ -679,13 +692,37 @@ class TcpEngine:
                 conn.pending_send.append(frame[start:end])
                 conn.rcv_nxt += seg_len
                 conn.bytes_to_host += seg_len
-            if conn.ooo:
+            filled_hole = bool(conn.ooo)
+            if filled_hole:
                 self.drain_ooo(conn)
         self.dirty[conn.flow] = conn
         if fin or (conn.ooo_fin >= 0 and conn.ooo_fin == conn.rcv_nxt):
             self.guest_fin(conn, now)  # ACKs at once, data and FIN together
-        else:
+        elif (
+            flags & TCP_PSH
+            or seg_len < conn.mss
+            or filled_hole
+            or conn.rcv_nxt - conn.acked_to >= ACK_EVERY
+            or conn.bytes_to_host <= QUICKACK_BYTES
+            or conn.host_write_paused
+        ):
             conn.ack_needed = True
+        else:
+            self.delay_ack(conn, now)
+
+    def delay_ack(self, conn: TcpConn, now: float) -> None:
+        self.delayed_acks[conn.flow] = conn
+        if self.delayed_ack_at == INF:
+            self.delayed_ack_at = now + DELAYED_ACK_TIME
+
+    def send_delayed_acks(self) -> None:
+        """The delayed-ACK timer: acknowledge what no segment has acknowledged since."""
+        delayed = self.delayed_acks
+        self.delayed_acks = {}
+        self.delayed_ack_at = INF
+        for conn in delayed.values():
+            if conn.state != CLOSED and conn.rcv_nxt != conn.acked_to:
+                self.send_ack(conn)
 
     def drain_ooo(self, conn: TcpConn) -> None:
         progress = True
@@ -855,6 +892,8 @@ class TcpEngine:
 
     # ---- time --------------------------------------------------------------------------
     def timer(self, now: float) -> None:
+        if self.delayed_ack_at <= now:
+            self.send_delayed_acks()
         timers = self.timers
         while timers and timers[0][0] <= now:
             when, flow = heapq.heappop(timers)
@@ -923,7 +962,8 @@ class TcpEngine:
             self.set_deadline(conn, now + conn.rto)
 
     def next_deadline(self) -> float:
-        return self.timers[0][0] if self.timers else INF
+        first = self.timers[0][0] if self.timers else INF
+        return first if first < self.delayed_ack_at else self.delayed_ack_at
 
     # ---- introspection -----------------------------------------------------------------
     def connections(self, now: float) -> list[dict[str, object]]:

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
 from integration.nsguest import NsGuest  # noqa: E402
+from scripts.benchlib.ceiling import HarnessCeiling  # noqa: E402
 
 VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
 HERE = Path(__file__).resolve().parent
@@ -66,10 +67,16 @@ class Setup:
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
         self.guest: NsGuest | None = None
+        self.ceiling: HarnessCeiling | None = None
 
     def start(self) -> None:
         log_dir = self.workdir / f"{self.backend}-{self.mtu}"
         log_dir.mkdir(parents=True, exist_ok=True)
+        if self.backend == "harness":
+            self.ceiling = HarnessCeiling(self.mtu, log_dir / "qemu.log", HostServers.IPERF, HostServers.SOCKPERF)
+            self.ceiling.start()
+            self.guest = self.ceiling.guest
+            return
         if self.backend == "slirp":
             self.guest = NsGuest(netdev="user,net=10.0.2.0/24", mtu=self.mtu, log_path=log_dir / "qemu.log")
         else:
@@ -128,6 +135,8 @@ class Setup:
         return result.stdout
 
     def stop(self) -> None:
+        if self.ceiling is not None:
+            self.ceiling.stop()
         if self.guest is not None:
             self.guest.close()
         if self.process is not None:
@@ -314,7 +323,7 @@ def idle_connections(setup: Setup, count: int) -> dict[str, float]:
 def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
     t = args.seconds
     tests: list[Callable[[], dict[str, float]]] = []
-    if args.idle:  # first, on a fresh backend: the memory it takes is then all theirs
+    if args.idle and setup.backend != "harness":  # first, on a fresh backend: the memory it takes is then all theirs
         tests.append(lambda: idle_connections(setup, args.idle))
     tests += [
         lambda: iperf_tcp(setup, t, False, 1),
@@ -322,9 +331,12 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
         lambda: iperf_tcp(setup, t, False, 4),
         lambda: iperf_tcp(setup, t, True, 4),
         lambda: sockperf(setup, min(t, 5)),
-        lambda: wrk(setup, min(t, 5)),
     ]
-    if not args.quick:
+    if setup.backend == "harness":  # the hub's ceiling: throughput and latency only
+        tests = tests[-5:]
+    else:
+        tests.append(lambda: wrk(setup, min(t, 5)))
+    if not args.quick and setup.backend != "harness":
         tests.append(lambda: iperf_udp(setup, 3))
     results: dict[str, float] = {}
     for test in tests:
@@ -333,8 +345,8 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
         except Exception as exc:  # one failed figure must not lose the others
             print(f"  {setup.backend}@{setup.mtu}: {exc}", file=sys.stderr)
         time.sleep(0.5)
-    pid = setup.memory_pid()
-    results["peak RSS MB"] = rss_mb(pid, "VmHWM")
+    if setup.backend != "harness":
+        results["peak RSS MB"] = rss_mb(setup.memory_pid(), "VmHWM")
     return results
 
 
@@ -370,7 +382,11 @@ def table(results: dict[str, dict[str, list[float]]], backends: list[str], mtus:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
-    parser.add_argument("--backends", default="vpnnet,vpnnet-pure,slirp")
+    parser.add_argument(
+        "--backends",
+        default="vpnnet,vpnnet-pure,slirp,harness",
+        help="harness: no backend, QEMU's hub to a second namespace (the harness's own ceiling)",
+    )
     parser.add_argument("--mtu", default="1500,65520")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10, help="iperf3 duration per run")
