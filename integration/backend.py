@@ -19,8 +19,7 @@ from .common import REPO_ROOT, HarnessError, read_text, stop_process, tail, with
 GUARD_DNS_UPSTREAM = "127.0.0.1:9"
 
 
-def dns_guarded(args: Sequence[str], *, netns: str | None,
-                module: str = "qemu_vpnnet") -> tuple[str, ...]:
+def dns_guarded(args: Sequence[str], *, netns: str | None, module: str = "qemu_vpnnet") -> tuple[str, ...]:
     """``args`` plus ``--dns-upstream 127.0.0.1:9`` for a qemu_vpnnet backend in
     the root namespace without its own ``--dns-upstream``.
 
@@ -140,8 +139,7 @@ class Backend:
                 )
             if time.monotonic() >= deadline:
                 raise BackendError(
-                    f"backend did not create {self.socket_path} within {timeout} s:\n"
-                    f"{tail(self.log_text())}"
+                    f"backend did not create {self.socket_path} within {timeout} s:\n{tail(self.log_text())}"
                 )
             time.sleep(0.02)
 
@@ -162,8 +160,9 @@ class Backend:
             self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # --- state --------------------------------------------------------------
@@ -200,8 +199,7 @@ class Backend:
                 )
             if time.monotonic() >= deadline:
                 raise BackendError(
-                    f"backend did not log {regex.pattern!r} within {timeout} s:\n"
-                    f"{tail(self.log_text())}"
+                    f"backend did not log {regex.pattern!r} within {timeout} s:\n{tail(self.log_text())}"
                 )
             time.sleep(0.05)
 

@@ -90,8 +90,7 @@ def with_pdeathsig(cmd: list[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--", *cmd]
 
 
-def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str],
-                 timeout: float = 5.0) -> int | None:
+def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 5.0) -> int | None:
     """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit code."""
     if proc.poll() is None:
         try:
@@ -109,8 +108,7 @@ def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str],
     return proc.returncode
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float,
-               interval: float = 0.02) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """Poll ``predicate()`` until true or ``timeout``; returns the last result."""
     deadline = time.monotonic() + timeout
     while True:
@@ -148,7 +146,7 @@ def parse_lease_line(line: str) -> dict[str, str]:
     """
     line = line.strip()
     if line.startswith("VPNNET-LEASE"):
-        line = line[len("VPNNET-LEASE"):]
+        line = line[len("VPNNET-LEASE") :]
     lease: dict[str, str] = {}
     for word in line.split():
         key, sep, value = word.partition("=")

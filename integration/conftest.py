@@ -69,13 +69,15 @@ _serial = itertools.count(1)
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vpnnet", "qemu-vpnnet integration tests")
-    group.addoption("--vpnnet-accel", default=None,
-                    help="QEMU accelerator for VM guests (default: $VPNNET_TEST_ACCEL or tcg)")
-    group.addoption("--vpnnet-skip-vm", action="store_true",
-                    help="skip the tests that boot a VM")
-    group.addoption("--vpnnet-strict", action="store_true",
-                    help="fail instead of skipping when root or QEMU is missing "
-                         "(also when CI or VPNNET_TEST_STRICT is set)")
+    group.addoption(
+        "--vpnnet-accel", default=None, help="QEMU accelerator for VM guests (default: $VPNNET_TEST_ACCEL or tcg)"
+    )
+    group.addoption("--vpnnet-skip-vm", action="store_true", help="skip the tests that boot a VM")
+    group.addoption(
+        "--vpnnet-strict",
+        action="store_true",
+        help="fail instead of skipping when root or QEMU is missing (also when CI or VPNNET_TEST_STRICT is set)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -87,8 +89,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _strict(config: pytest.Config) -> bool:
-    return bool(config.getoption("--vpnnet-strict", default=False)
-                or os.environ.get("CI") or os.environ.get("VPNNET_TEST_STRICT"))
+    return bool(
+        config.getoption("--vpnnet-strict", default=False)
+        or os.environ.get("CI")
+        or os.environ.get("VPNNET_TEST_STRICT")
+    )
 
 
 def _missing(marker: str) -> str | None:
@@ -201,8 +206,7 @@ def vm_image(request: pytest.FixtureRequest) -> VmImage:
 
 
 @pytest.fixture
-def start_backend(request: pytest.FixtureRequest, tmp_path: Path,
-                  vpnnet_run_dir: Path) -> Iterator[StartBackend]:
+def start_backend(request: pytest.FixtureRequest, tmp_path: Path, vpnnet_run_dir: Path) -> Iterator[StartBackend]:
     """Factory: start ``python -m qemu_vpnnet --socket PATH *args``; returns
     once the socket exists. Every backend is stopped at teardown.
 
@@ -226,8 +230,9 @@ def start_backend(request: pytest.FixtureRequest, tmp_path: Path,
             args = dns_guarded(args, netns=netns, module=module)
         n = next(_serial)
         path = Path(socket_path) if socket_path is not None else vpnnet_run_dir / f"b{n}.sock"
-        backend = Backend(*args, socket_path=path, log_path=tmp_path / f"backend{n}.log",
-                          netns=netns, env=env, module=module)
+        backend = Backend(
+            *args, socket_path=path, log_path=tmp_path / f"backend{n}.log", netns=netns, env=env, module=module
+        )
         backends.append(backend)
         _add_log(request, f"backend {n} log", backend.log_text)
         return backend.start(timeout)
@@ -248,8 +253,9 @@ def _socket_of(backend: Backend | None, socket_path: Path | str | None) -> Path 
 
 
 @pytest.fixture
-def vm_guest(request: pytest.FixtureRequest, tmp_path: Path, vpnnet_run_dir: Path,
-             vm_image: VmImage) -> Iterator[VmGuestFactory]:
+def vm_guest(
+    request: pytest.FixtureRequest, tmp_path: Path, vpnnet_run_dir: Path, vm_image: VmImage
+) -> Iterator[VmGuestFactory]:
     """Factory: boot the tiny VM (started unless ``start=False``). Killed at
     teardown."""
     guests: list[VmGuest] = []
@@ -271,9 +277,18 @@ def vm_guest(request: pytest.FixtureRequest, tmp_path: Path, vpnnet_run_dir: Pat
     ) -> VmGuest:
         n = next(_serial)
         guest = VmGuest(
-            script, socket_path=_socket_of(backend, socket_path), netdev=netdev, mac=mac,
-            image=vm_image, dhcp=dhcp, append=append, qemu_args=qemu_args, qmp=qmp,
-            memory_mb=memory_mb, env=env, log_path=tmp_path / f"vm{n}.console.log",
+            script,
+            socket_path=_socket_of(backend, socket_path),
+            netdev=netdev,
+            mac=mac,
+            image=vm_image,
+            dhcp=dhcp,
+            append=append,
+            qemu_args=qemu_args,
+            qmp=qmp,
+            memory_mb=memory_mb,
+            env=env,
+            log_path=tmp_path / f"vm{n}.console.log",
             run_dir=vpnnet_run_dir,
         )
         guests.append(guest)
@@ -303,9 +318,16 @@ def ns_guest(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NsGuest
         qemu_env: Mapping[str, str] | None = None,
     ) -> NsGuest:
         n = next(_serial)
-        guest = NsGuest(socket_path=_socket_of(backend, socket_path), netdev=netdev, mtu=mtu,
-                        mac=mac, ipv6=ipv6, qemu_args=qemu_args, qemu_env=qemu_env,
-                        log_path=tmp_path / f"nsguest{n}.qemu.log")
+        guest = NsGuest(
+            socket_path=_socket_of(backend, socket_path),
+            netdev=netdev,
+            mtu=mtu,
+            mac=mac,
+            ipv6=ipv6,
+            qemu_args=qemu_args,
+            qemu_env=qemu_env,
+            log_path=tmp_path / f"nsguest{n}.qemu.log",
+        )
         guests.append(guest)
         _add_log(request, f"ns guest {n} ({guest.name}) qemu log", guest.qemu_log_text)
         return guest.start()
@@ -329,9 +351,15 @@ def ns_host() -> Iterator[NsHostFactory]:
         resolv_conf: str | None = None,
         mtu: int = 1500,
     ) -> NsHost:
-        host = NsHost(host_addr=host_addr, outside_addr=outside_addr, host_addr6=host_addr6,
-                      outside_addr6=outside_addr6, default_route=default_route,
-                      resolv_conf=resolv_conf, mtu=mtu)
+        host = NsHost(
+            host_addr=host_addr,
+            outside_addr=outside_addr,
+            host_addr6=host_addr6,
+            outside_addr6=outside_addr6,
+            default_route=default_route,
+            resolv_conf=resolv_conf,
+            mtu=mtu,
+        )
         hosts.append(host)
         return host.start()
 

@@ -1,8 +1,8 @@
 """Types of the fixture factories in integration/conftest.py, for annotations::
 
-    from integration.fixtures import StartBackend, VmGuestFactory
+from integration.fixtures import StartBackend, VmGuestFactory
 
-    def test_x(start_backend: StartBackend, vm_guest: VmGuestFactory) -> None: ...
+def test_x(start_backend: StartBackend, vm_guest: VmGuestFactory) -> None: ...
 """
 
 from __future__ import annotations

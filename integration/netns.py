@@ -159,12 +159,12 @@ class Netns:
             env=full_env,
         )
 
-    def ping(self, address: str, *, count: int = 1, timeout: float = 5.0,
-             size: int | None = None) -> subprocess.CompletedProcess[str]:
+    def ping(
+        self, address: str, *, count: int = 1, timeout: float = 5.0, size: int | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """busybox ping from inside (the machine may have no iputils-ping);
         check ``.returncode == 0``. ``timeout`` is ping's -W (whole seconds)."""
-        cmd = ["busybox", "ping", "-6" if ":" in address else "-4", "-c", str(count),
-               "-W", str(max(1, round(timeout)))]
+        cmd = ["busybox", "ping", "-6" if ":" in address else "-4", "-c", str(count), "-W", str(max(1, round(timeout)))]
         if size is not None:
             cmd += ["-s", str(size)]
         return self.run([*cmd, address], timeout + count + 5)
@@ -188,7 +188,11 @@ class Netns:
         full_env.update(env or {})
         proc: subprocess.Popen[bytes] = subprocess.Popen(
             with_pdeathsig([*self.exec_prefix(), *cmd]),
-            stdin=stdin, stdout=stdout, stderr=stderr, env=full_env, text=text,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=full_env,
+            text=text,
         )
         self._procs.append(proc)
         return proc
@@ -214,8 +218,9 @@ class Netns:
             self.create()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -123,11 +123,20 @@ class NsGuest(Netns):
             assert self.netdev is not None
             spec = self.netdev
         return [
-            self.qemu, "-M", "none", "-nographic", "-nodefaults", "-no-user-config",
-            "-netdev", f"tap,id=t0,ifname={self.ifname},script=no,downscript=no",
-            "-netdev", netdev_with_id(spec, "s0"),
-            "-netdev", "hubport,id=h0,hubid=0,netdev=t0",
-            "-netdev", "hubport,id=h1,hubid=0,netdev=s0",
+            self.qemu,
+            "-M",
+            "none",
+            "-nographic",
+            "-nodefaults",
+            "-no-user-config",
+            "-netdev",
+            f"tap,id=t0,ifname={self.ifname},script=no,downscript=no",
+            "-netdev",
+            netdev_with_id(spec, "s0"),
+            "-netdev",
+            "hubport,id=h0,hubid=0,netdev=t0",
+            "-netdev",
+            "hubport,id=h1,hubid=0,netdev=s0",
             *self.qemu_args,
         ]
 
@@ -147,8 +156,7 @@ class NsGuest(Netns):
                 ipr.link("set", index=idx, net_ns_fd=self.name)
             self._tap_moved = True
             if not self.ipv6:
-                self.run(["sysctl", "-q", "-w",
-                          f"net.ipv6.conf.{self.ifname}.disable_ipv6=1"], check=True)
+                self.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{self.ifname}.disable_ipv6=1"], check=True)
             with self.iproute() as ipr:
                 idx = ipr.link_lookup(ifname=self.ifname)[0]
                 ipr.link("set", index=idx, state="up")
@@ -166,20 +174,21 @@ class NsGuest(Netns):
             log.write(f"$ {' '.join(cmd)}\n".encode())
             log.flush()
             self.qemu_process = subprocess.Popen(
-                with_pdeathsig(cmd), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, env=env,
+                with_pdeathsig(cmd),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         deadline = time.monotonic() + self.attach_timeout
         while not tap_attached(self.qemu_process.pid, self.ifname):
             if self.qemu_process.poll() is not None:
                 raise NsGuestError(
-                    f"QEMU exited with status {self.qemu_process.returncode}:\n"
-                    f"{tail(self.qemu_log_text())}"
+                    f"QEMU exited with status {self.qemu_process.returncode}:\n{tail(self.qemu_log_text())}"
                 )
             if time.monotonic() > deadline:
                 raise NsGuestError(
-                    f"QEMU did not open TAP {self.ifname} within {self.attach_timeout} s:\n"
-                    f"{tail(self.qemu_log_text())}"
+                    f"QEMU did not open TAP {self.ifname} within {self.attach_timeout} s:\n{tail(self.qemu_log_text())}"
                 )
             time.sleep(0.01)
 
@@ -205,9 +214,26 @@ class NsGuest(Netns):
         strings, lists comma-separated, absent values empty).
         """
         cmd = [
-            "busybox", "udhcpc", "-i", self.ifname, "-s", str(UDHCPC_SCRIPT),
-            "-f", "-q", "-n", "-t", str(tries), "-T", str(retry_seconds),
-            "-O", "mtu", "-O", "search", "-O", "staticroutes", *extra_args,
+            "busybox",
+            "udhcpc",
+            "-i",
+            self.ifname,
+            "-s",
+            str(UDHCPC_SCRIPT),
+            "-f",
+            "-q",
+            "-n",
+            "-t",
+            str(tries),
+            "-T",
+            str(retry_seconds),
+            "-O",
+            "mtu",
+            "-O",
+            "search",
+            "-O",
+            "staticroutes",
+            *extra_args,
         ]
         env = {
             "VPNNET_RESOLV_CONF": str(self.resolv_conf_path),

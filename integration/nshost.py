@@ -82,16 +82,13 @@ class NsHost:
             self.host.create()
             self.outside.create()
             with IPRoute() as ipr:
-                ipr.link("add", ifname=self.host_ifname, kind="veth",
-                         peer={"ifname": self.outside_ifname})
-                for ifname, ns in ((self.host_ifname, self.host),
-                                   (self.outside_ifname, self.outside)):
+                ipr.link("add", ifname=self.host_ifname, kind="veth", peer={"ifname": self.outside_ifname})
+                for ifname, ns in ((self.host_ifname, self.host), (self.outside_ifname, self.outside)):
                     idx = ipr.link_lookup(ifname=ifname)[0]
                     ipr.link("set", index=idx, mtu=self.mtu)
                     ipr.link("set", index=idx, net_ns_fd=ns.name)
             self._configure(self.host, self.host_ifname, self.host_iface, self.host_iface6)
-            self._configure(self.outside, self.outside_ifname, self.outside_iface,
-                            self.outside_iface6)
+            self._configure(self.outside, self.outside_ifname, self.outside_iface, self.outside_iface6)
             if self.default_route:
                 with self.host.iproute() as ipr:
                     ipr.route("add", dst="0.0.0.0/0", gateway=self.outside_ip)
@@ -103,17 +100,20 @@ class NsHost:
         return self
 
     @staticmethod
-    def _configure(ns: Netns, ifname: str, iface: ipaddress.IPv4Interface
-                   | ipaddress.IPv6Interface, iface6: ipaddress.IPv4Interface
-                   | ipaddress.IPv6Interface | None) -> None:
+    def _configure(
+        ns: Netns,
+        ifname: str,
+        iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+        iface6: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None,
+    ) -> None:
         with ns.iproute() as ipr:
             idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.addr("add", index=idx, address=str(iface.ip),
-                     prefixlen=iface.network.prefixlen)
+            ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
             if iface6 is not None:
                 # No duplicate address detection: usable at once.
-                ipr.addr("add", index=idx, address=str(iface6.ip),
-                         prefixlen=iface6.network.prefixlen, flags=IFA_F_NODAD)
+                ipr.addr(
+                    "add", index=idx, address=str(iface6.ip), prefixlen=iface6.network.prefixlen, flags=IFA_F_NODAD
+                )
             ipr.link("set", index=idx, state="up")
 
     def add_outside_address(self, cidr: str) -> str:
@@ -126,8 +126,7 @@ class NsHost:
             kwargs: dict[str, int] = {}
             if iface.version == 6:
                 kwargs["flags"] = IFA_F_NODAD
-            ipr.addr("add", index=idx, address=str(iface.ip),
-                     prefixlen=iface.network.prefixlen, **kwargs)
+            ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, **kwargs)
         return str(iface.ip)
 
     def set_resolv_conf(self, text: str) -> None:
@@ -150,8 +149,9 @@ class NsHost:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -318,6 +318,28 @@ def client_greetings(addr: str, port: int, count: int) -> dict[str, object]:
     return {"greetings": seen}
 
 
+def client_ping_pong(addr: str, port: int, rounds: int) -> dict[str, object]:
+    """Round trips of one 32-byte message through an echo server; the median time in microseconds."""
+    with socket.create_connection((addr, port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        times = []
+        for i in range(rounds):
+            message = f"{i:031d}\n".encode()
+            start = time.perf_counter()
+            s.sendall(message)
+            got = b""
+            while len(got) < len(message):
+                chunk = s.recv(64)
+                if not chunk:
+                    raise ConnectionError("echo server closed")
+                got += chunk
+            times.append(time.perf_counter() - start)
+            if got != message:
+                raise ValueError(f"echo mismatch: {got!r} != {message!r}")
+    times.sort()
+    return {"rounds": rounds, "median_us": round(times[len(times) // 2] * 1e6, 1)}
+
+
 def client_connect_time(addr: str, port: int) -> dict[str, object]:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(10)
@@ -470,6 +492,7 @@ def main(argv: list[str]) -> int:
             "after-peer-eof": lambda: client_after_peer_eof(a.addr, a.port, a.size),
             "greetings": lambda: client_greetings(a.addr, a.port, a.size),
             "connect-time": lambda: client_connect_time(a.addr, a.port),
+            "ping-pong": lambda: client_ping_pong(a.addr, a.port, a.size),
             "read-until-error": lambda: client_read_until_error(a.addr, a.port, a.delay),
         }
         print(json.dumps(clients[mode]()), flush=True)

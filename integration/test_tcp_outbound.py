@@ -331,3 +331,30 @@ def test_guest_reader_stalls_and_backend_memory_stays_bounded(loopback_net: Make
     print(f"MTU {mtu}, guest reader stalled {STALL_SECONDS} s: backend RSS {before} KiB, peak {peak} KiB")
     assert (result["bytes"], result["sha256"]) == (BIG, srv.pattern_sha256(BIG))
     assert peak - before < RSS_GROWTH_LIMIT_KIB
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("busy_poll", ["200", "0"])
+def test_request_reply_round_trips_then_an_idle_backend_sleeps(
+    start_backend: StartBackend, ns_guest: NsGuestFactory, servers: srv.Servers, busy_poll: str
+) -> None:
+    """Small request/reply traffic (where --busy-poll keeps polling between a request and its
+    reply) arrives intact, and once it stops the backend uses no CPU: polling never outlives the
+    traffic."""
+    backend = start_backend("--busy-poll", busy_poll)
+    guest = ns_guest(backend=backend, ipv6=False)
+    guest.dhcp()
+    net = Net(backend, guest, servers, None, "127.0.0.1", GATEWAY)
+    server = net.serve("echo")
+    result = net.client("ping-pong", server.port, "3000", timeout=60)
+    assert result["rounds"] == 3000
+    print(f"--busy-poll {busy_poll}: median round trip {result['median_us']} us")
+    time.sleep(0.5)
+    before = cpu_seconds(backend.pid)
+    time.sleep(2.0)
+    idle_cpu = cpu_seconds(backend.pid) - before
+    assert idle_cpu < 0.1, f"the backend used {idle_cpu:.2f} s of CPU in 2 s without traffic"

@@ -34,8 +34,7 @@ def test_parse_lease_line() -> None:
     assert lease["event"] == "bound"
 
 
-def test_vm_guest_on_libslirp(vm_guest: VmGuestFactory,
-                              record_property: Callable[[str, object], None]) -> None:
+def test_vm_guest_on_libslirp(vm_guest: VmGuestFactory, record_property: Callable[[str, object], None]) -> None:
     vm = vm_guest("echo script-says-hello\nip -4 addr show eth0\nexit 7\n", netdev="user")
     lease = vm.lease(timeout=60)
     assert lease["ip"] == "10.0.2.15"
@@ -97,15 +96,13 @@ def test_ns_host_veth(ns_host: NsHostFactory) -> None:
     # resolv.conf of the host namespace, settable.
     assert host.host.run(["cat", "/etc/resolv.conf"]).stdout == "nameserver 198.18.0.2\n"
     host.set_resolv_conf("nameserver 198.19.7.1\nsearch corp.test\n")
-    assert host.host.run(["cat", "/etc/resolv.conf"]).stdout == (
-        "nameserver 198.19.7.1\nsearch corp.test\n")
+    assert host.host.run(["cat", "/etc/resolv.conf"]).stdout == ("nameserver 198.19.7.1\nsearch corp.test\n")
     # The outside cannot reach the machine's own networks: it has no route.
     route = host.outside.run(["ip", "route", "get", "192.0.2.1"])
     assert route.returncode != 0
 
 
-def test_backend_wrapper_and_two_ns_guests_on_a_hub(start_backend: StartBackend,
-                                                     ns_guest: NsGuestFactory) -> None:
+def test_backend_wrapper_and_two_ns_guests_on_a_hub(start_backend: StartBackend, ns_guest: NsGuestFactory) -> None:
     hub = start_backend(module=HUB)
     assert hub.is_running()
     a = ns_guest(backend=hub, ipv6=False)
@@ -120,8 +117,9 @@ def test_backend_wrapper_and_two_ns_guests_on_a_hub(start_backend: StartBackend,
     assert "stopped" in hub.log_text()
 
 
-def test_backend_in_a_host_namespace(start_backend: StartBackend, ns_host: NsHostFactory,
-                                     ns_guest: NsGuestFactory) -> None:
+def test_backend_in_a_host_namespace(
+    start_backend: StartBackend, ns_host: NsHostFactory, ns_guest: NsGuestFactory
+) -> None:
     host = ns_host()
     hub = start_backend(module=HUB, netns=host.host.name)
     assert hub.pid in host.host.pids()
@@ -132,10 +130,8 @@ def test_backend_in_a_host_namespace(start_backend: StartBackend, ns_host: NsHos
 def test_backend_dns_guard() -> None:
     guarded = dns_guarded(("--mtu", "65520"), netns=None)
     assert guarded == ("--mtu", "65520", "--dns-upstream", "127.0.0.1:9")
-    assert dns_guarded(("--dns-upstream", "198.18.0.2"), netns=None) == (
-        "--dns-upstream", "198.18.0.2")
-    assert dns_guarded(("--dns-upstream=198.18.0.2",), netns=None) == (
-        "--dns-upstream=198.18.0.2",)
+    assert dns_guarded(("--dns-upstream", "198.18.0.2"), netns=None) == ("--dns-upstream", "198.18.0.2")
+    assert dns_guarded(("--dns-upstream=198.18.0.2",), netns=None) == ("--dns-upstream=198.18.0.2",)
     assert dns_guarded((), netns="vpnt-1-h1") == ()
     assert dns_guarded((), netns=None, module=HUB) == ()
 
@@ -188,8 +184,9 @@ timeout 10 wget -q -O- http://10.77.0.1:8080/hello.txt
 """
 
 
-def test_vm_guest_on_stream_socket(start_backend: StartBackend, ns_guest: NsGuestFactory,
-                                   vm_guest: VmGuestFactory, tmp_path: Path) -> None:
+def test_vm_guest_on_stream_socket(
+    start_backend: StartBackend, ns_guest: NsGuestFactory, vm_guest: VmGuestFactory, tmp_path: Path
+) -> None:
     """A VM on the hub gets its lease from busybox udhcpd in a namespace guest
     and fetches a page from it: the VM's -netdev stream path end to end."""
     hub = start_backend(module=HUB)
@@ -223,8 +220,7 @@ def test_sweep_removes_leftovers_of_dead_sessions() -> None:
     try:
         assert f"netns {dead.name}" in sweep(include_own=False)
         assert not dead.etc_dir.exists()
-        assert dead.name not in subprocess.run(
-            ["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert dead.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     finally:
         dead.close()
 

@@ -88,12 +88,15 @@ def ensure_vm_image(build_dir: Path = BUILD_DIR, *, rebuild_if_stale: bool = Tru
         env = dict(os.environ)
         env["VPNNET_VM_BUILD_DIR"] = str(build_dir)
         result = subprocess.run(
-            [str(BUILD_SCRIPT)], env=env, capture_output=True, text=True, timeout=900,
+            [str(BUILD_SCRIPT)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         if result.returncode != 0:
             raise GuestError(
-                f"{BUILD_SCRIPT} failed (status {result.returncode}):\n"
-                f"{tail(result.stdout + result.stderr)}"
+                f"{BUILD_SCRIPT} failed (status {result.returncode}):\n{tail(result.stdout + result.stderr)}"
             )
         image = find_vm_image(build_dir)
     if image is None:
@@ -211,8 +214,7 @@ class VmGuest:
         cmdline = " ".join(words)
         if len(cmdline) > CMDLINE_MAX:
             raise ValueError(
-                f"kernel command line is {len(cmdline)} bytes, the limit is {CMDLINE_MAX}: "
-                "shorten the guest script"
+                f"kernel command line is {len(cmdline)} bytes, the limit is {CMDLINE_MAX}: shorten the guest script"
             )
         return cmdline
 
@@ -220,11 +222,25 @@ class VmGuest:
         if self.image is None:
             raise RuntimeError("VmGuest needs an image (see ensure_vm_image)")
         cmd = [
-            self.qemu, "-accel", self.accel, "-m", str(self.memory_mb),
-            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
-            "-append", self.kernel_cmdline(),
-            "-nographic", "-no-reboot", "-nodefaults", "-no-user-config",
-            "-serial", "stdio", "-monitor", "none",
+            self.qemu,
+            "-accel",
+            self.accel,
+            "-m",
+            str(self.memory_mb),
+            "-kernel",
+            str(self.image.kernel),
+            "-initrd",
+            str(self.image.initrd),
+            "-append",
+            self.kernel_cmdline(),
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-no-user-config",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
         ]
         spec = None
         if self.socket_path is not None:
@@ -232,8 +248,7 @@ class VmGuest:
         elif self.netdev is not None:
             spec = self.netdev
         if spec is not None:
-            cmd += ["-netdev", netdev_with_id(spec, "n0"),
-                    "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}"]
+            cmd += ["-netdev", netdev_with_id(spec, "n0"), "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}"]
         if self.qmp_path is not None:
             cmd += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         return cmd + self.qemu_args
@@ -258,11 +273,13 @@ class VmGuest:
             err.flush()
             self._started_at = time.monotonic()
             self.process = subprocess.Popen(
-                with_pdeathsig(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=err, env=env,
+                with_pdeathsig(cmd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
             )
-        self._reader = threading.Thread(target=self._read_console, daemon=True,
-                                        name=f"console-{self.process.pid}")
+        self._reader = threading.Thread(target=self._read_console, daemon=True, name=f"console-{self.process.pid}")
         self._reader.start()
         return self
 
@@ -303,8 +320,9 @@ class VmGuest:
             self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.kill()
 
     # --- console ------------------------------------------------------------
@@ -335,8 +353,7 @@ class VmGuest:
             f"\n--- qemu stderr (tail) ---\n{tail(self.stderr_text(), 20)}"
         )
 
-    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 60.0, *,
-                 pos: int = 0) -> re.Match[str]:
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 60.0, *, pos: int = 0) -> re.Match[str]:
         """Wait until the console matches ``pattern`` (a str is compiled with
         re.MULTILINE) at or after offset ``pos`` of :meth:`console_text`.
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from qemu_vpnnet.io.host_ping import HostPing
     from qemu_vpnnet.io.host_tcp import HostTcp
     from qemu_vpnnet.io.host_udp import HostUdp
+from qemu_vpnnet.io.busy_poll import BusyPoller
 from qemu_vpnnet.io.qemu_ports import DgramEndpoint, PortIds, QemuPort, StreamPort
 
 log = logging.getLogger("qemu_vpnnet")
@@ -67,9 +68,11 @@ def prepare_unix_path(path: str) -> None:
 class Shell:
     """Owns the core (Stack) and every QEMU-side port; performs what the core asks for."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, busy_poll: float = 0.0) -> None:
         self.stack = stack
         self.loop = asyncio.get_running_loop()
+        self.poller = BusyPoller(self.loop, busy_poll)
+        self.bytes_seen = 0  # the stack's rx + tx bytes at the last flush
         self.ports: dict[int, QemuPort] = {}
         self.port_ids = PortIds()
         self.event_listeners: list[EventListener] = []
@@ -189,6 +192,10 @@ class Shell:
             self.arm_timer()
         except Exception:
             self.internal_error("timer")
+        counters = stack.counters
+        seen = counters.rx_bytes + counters.tx_bytes
+        self.poller.activity(seen - self.bytes_seen)
+        self.bytes_seen = seen
 
     def emit(self, name: str, data: dict[str, object]) -> None:
         if name == "GUEST_LEASE":

@@ -1,0 +1,85 @@
+"""The adaptive busy poller on a real event loop: when it polls, when it stops, when it pauses."""
+
+import asyncio
+import time
+
+import pytest
+
+from qemu_vpnnet.cli import build_parser
+from qemu_vpnnet.io import busy_poll
+from qemu_vpnnet.io.busy_poll import BusyPoller
+
+
+async def turns_while(poller: BusyPoller, seconds: float) -> int:
+    """Loop turns (sleep(0) round trips) completed in `seconds` of wall time."""
+    turns = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        await asyncio.sleep(0)
+        turns += 1
+    return turns
+
+
+def test_light_activity_polls_for_the_window_then_stops() -> None:
+    async def main() -> None:
+        poller = BusyPoller(asyncio.get_running_loop(), 0.002)
+        poller.activity(200)
+        assert poller.spinning and poller.windows == 1
+        await asyncio.sleep(0.01)  # the window passes: it stops by itself
+        assert not poller.spinning and poller.misses == 1 and poller.hits == 0
+
+    asyncio.run(main())
+
+
+def test_bulk_turns_never_start_a_window() -> None:
+    async def main() -> None:
+        poller = BusyPoller(asyncio.get_running_loop(), 0.002)
+        poller.activity(busy_poll.LIGHT_BYTES)
+        assert not poller.spinning and poller.windows == 0
+
+    asyncio.run(main())
+
+
+def test_activity_inside_a_window_is_a_hit_and_extends_it() -> None:
+    async def main() -> None:
+        poller = BusyPoller(asyncio.get_running_loop(), 0.005)
+        poller.activity(100)
+        await turns_while(poller, 0.003)
+        poller.activity(100)  # a reply caught while polling
+        assert poller.hits == 1 and poller.misses == 0
+        await turns_while(poller, 0.003)
+        assert poller.spinning  # extended past the first window's end
+        await asyncio.sleep(0.01)
+        assert not poller.spinning and poller.windows == 1
+
+    asyncio.run(main())
+
+
+def test_windows_that_catch_nothing_pause_polling() -> None:
+    async def main() -> None:
+        poller = BusyPoller(asyncio.get_running_loop(), 0.0005)
+        for _ in range(busy_poll.MAX_MISSES):
+            poller.activity(100)
+            await asyncio.sleep(0.003)
+        assert not poller.spinning and poller.paused_until > time.perf_counter()
+        poller.activity(100)
+        assert not poller.spinning  # paused: sparse traffic costs nothing
+
+    asyncio.run(main())
+
+
+def test_zero_window_is_off() -> None:
+    async def main() -> None:
+        poller = BusyPoller(asyncio.get_running_loop(), 0.0)
+        poller.activity(1)
+        assert not poller.spinning and poller.windows == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("bad", ["-1", "10001", "fast"])
+def test_busy_poll_option_is_checked(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--socket", "/tmp/x.sock", "--busy-poll", bad])
+    assert exc.value.code == 2
+    assert "--busy-poll" in capsys.readouterr().err
