@@ -423,3 +423,32 @@ def test_psh_and_short_segments_are_acked_at_once_after_slow_start() -> None:
     g.stack.timer(g.now)
     g.stack.flush(g.now)
     assert g.frames() == []  # nothing left to acknowledge
+
+
+def test_acknowledged_front_of_the_send_buffer_is_cut_in_steps_and_data_stays_right() -> None:
+    g = Guest()
+    flow = g.connect()
+    conn = g.conn(flow)
+    pattern = bytes(range(256)) * 4096  # 1 MiB, every offset recognisable
+    first_seq = conn.snd_nxt
+    fed = 0
+    acked = 0
+    sent = bytearray()
+    while acked < 700_000:
+        if fed < len(pattern) and len(conn.snd_buf) - conn.snd_off < T.SND_BUF_LIMIT // 2:
+            g.stack.tcp.host_data(flow, pattern[fed : fed + 65536], g.now)
+            fed += 65536
+        for seg in g.frames():
+            if seg.data and seg.seq == (first_seq + len(sent)) & 0xFFFFFFFF:
+                sent += seg.data
+        acked = min(len(sent), acked + 50_000)
+        g.send(ACK, ack=(first_seq + acked) & 0xFFFFFFFF, window=65535)
+        assert conn.snd_off <= max(T.SND_BUF_COMPACT, len(conn.snd_buf) - conn.snd_off) + 50_000  # bounded front
+        assert len(conn.snd_buf) - conn.snd_off == fed - acked
+    assert bytes(sent) == pattern[: len(sent)]
+    g.frames()
+    g.now = g.stack.next_deadline() + 0.01  # a retransmission comes from the right offset
+    g.stack.timer(g.now)
+    again = g.frames()[0]
+    assert again.seq == (first_seq + acked) & 0xFFFFFFFF
+    assert again.data == pattern[acked : acked + len(again.data)]

@@ -78,6 +78,7 @@ DNS_UPSTREAM: Final = "dns-upstream"  # connect target for guest TCP to the DNS 
 RCV_WINDOW: Final = 1 << 20  # what we let the guest have in flight toward us
 RCV_WSCALE: Final = 5
 SND_BUF_LIMIT: Final = 1 << 20  # bytes from the host waiting for the guest before we stop reading
+SND_BUF_COMPACT: Final = 256 << 10  # acknowledged bytes at the send buffer's front before a cut
 OOO_LIMIT: Final = RCV_WINDOW
 CONNECT_TIMEOUT: Final = 60.0
 TIME_WAIT_TIME: Final = 2.0
@@ -127,7 +128,11 @@ class TcpConn:
         self.snd_una = 0
         self.snd_nxt = 0
         self.snd_max = 0
+        # from the host, not yet acknowledged by the guest: snd_buf[snd_off:]. The acknowledged
+        # front is cut off in large steps: a bytearray whose front is deleted at every ACK is
+        # copied whole each time it then grows (measured: 50x the cost with 64 KiB segments).
         self.snd_buf = bytearray()
+        self.snd_off = 0
         self.snd_wnd = 0
         self.snd_wl1 = 0
         self.snd_wl2 = 0
@@ -206,6 +211,7 @@ class TcpEngine:
             del self.by_key[conn.key]
         self.dirty.pop(conn.flow, None)
         conn.snd_buf = bytearray()
+        conn.snd_off = 0
         conn.ooo.clear()
 
     def host_op(self, conn: TcpConn, kind: int) -> None:
@@ -325,9 +331,9 @@ class TcpEngine:
             frames,
             conn.header,
             conn.snd_buf,
-            start - conn.snd_una,
-            limit - conn.snd_una,
-            buf_end - conn.snd_una,
+            start - conn.snd_una + conn.snd_off,
+            limit - conn.snd_una + conn.snd_off,
+            buf_end - conn.snd_una + conn.snd_off,
             conn.mss,
             start,
             conn.rcv_nxt,
@@ -368,7 +374,7 @@ class TcpEngine:
         """
         if conn.state == CONNECTING or conn.state == SYN_RECEIVED or conn.state == SYN_SENT:
             return
-        buf_len = len(conn.snd_buf)
+        buf_len = len(conn.snd_buf) - conn.snd_off
         buf_end = conn.snd_una + buf_len
         win_end = conn.snd_una + conn.snd_wnd
         sent = False
@@ -583,9 +589,17 @@ class TcpEngine:
             window_changed = False
         if ack64 > conn.snd_una:
             acked = ack64 - conn.snd_una
-            data_acked = acked if acked <= len(conn.snd_buf) else len(conn.snd_buf)
+            buffered = len(conn.snd_buf) - conn.snd_off
+            data_acked = acked if acked <= buffered else buffered
             if data_acked:
-                del conn.snd_buf[:data_acked]
+                conn.snd_off += data_acked
+                if conn.snd_off == len(conn.snd_buf):
+                    conn.snd_buf = bytearray()  # all acknowledged: an idle connection holds nothing
+                    conn.snd_off = 0
+                elif conn.snd_off >= SND_BUF_COMPACT and conn.snd_off >= len(conn.snd_buf) - conn.snd_off:
+                    # no more bytes move than were acknowledged since the last cut
+                    del conn.snd_buf[: conn.snd_off]
+                    conn.snd_off = 0
             conn.snd_una = ack64
             if conn.snd_nxt < ack64:
                 conn.snd_nxt = ack64
@@ -599,7 +613,7 @@ class TcpEngine:
                 self.set_deadline(conn, conn.deadline)
             else:
                 conn.deadline = INF
-            if conn.reading_paused and len(conn.snd_buf) < SND_BUF_LIMIT // 2:
+            if conn.reading_paused and len(conn.snd_buf) - conn.snd_off < SND_BUF_LIMIT // 2:
                 conn.reading_paused = False
                 self.out.op(HostOp(OP_RESUME_READING, conn.flow))
             if conn.fin_seq >= 0 and ack64 > conn.fin_seq:
@@ -625,9 +639,9 @@ class TcpEngine:
 
     def retransmit_first(self, conn: TcpConn, now: float) -> None:
         """Resend the first unacknowledged segment (or FIN)."""
-        n = min(conn.mss, len(conn.snd_buf))
+        n = min(conn.mss, len(conn.snd_buf) - conn.snd_off)
         if n > 0:
-            self.emit(conn, conn.snd_una, TCP_ACK, bytes(conn.snd_buf[:n]))
+            self.emit(conn, conn.snd_una, TCP_ACK, bytes(conn.snd_buf[conn.snd_off : conn.snd_off + n]))
         elif conn.fin_seq >= 0 and conn.snd_una == conn.fin_seq:
             self.emit(conn, conn.fin_seq, TCP_FIN | TCP_ACK, b"")
         conn.rtt_seq = -1
@@ -646,6 +660,7 @@ class TcpEngine:
         self.host_op(conn, OP_TCP_CLOSE)
         conn.state = TIME_WAIT
         conn.snd_buf = bytearray()
+        conn.snd_off = 0
         conn.deadline = now + TIME_WAIT_TIME
         self.set_deadline(conn, conn.deadline)
 
@@ -811,7 +826,7 @@ class TcpEngine:
         if conn is None or conn.fin_queued or conn.state == CLOSED:
             return
         conn.snd_buf += data
-        if len(conn.snd_buf) >= SND_BUF_LIMIT and not conn.reading_paused:
+        if len(conn.snd_buf) - conn.snd_off >= SND_BUF_LIMIT and not conn.reading_paused:
             conn.reading_paused = True
             self.out.op(HostOp(OP_PAUSE_READING, flow))
         self.transmit(conn, now)
@@ -934,7 +949,7 @@ class TcpEngine:
                 self.send_syn_ack(conn)
             self.set_deadline(conn, now + conn.rto)
             return
-        buf_end = conn.snd_una + len(conn.snd_buf)
+        buf_end = conn.snd_una + len(conn.snd_buf) - conn.snd_off
         if conn.snd_nxt > conn.snd_una:
             conn.retries += 1
             if conn.retries > MAX_RETRIES:
@@ -953,7 +968,7 @@ class TcpEngine:
         elif conn.snd_wnd == 0 and conn.snd_nxt < buf_end:
             # zero-window probe: one byte past the window makes the guest tell us its window
             self.counters.add("tcp-window-probe")
-            off = conn.snd_nxt - conn.snd_una
+            off = conn.snd_nxt - conn.snd_una + conn.snd_off
             self.emit(conn, conn.snd_nxt, TCP_ACK, bytes(conn.snd_buf[off : off + 1]))
             conn.snd_nxt += 1
             if conn.snd_nxt > conn.snd_max:
@@ -981,7 +996,7 @@ class TcpEngine:
                     "bytes-to-guest": conn.bytes_to_guest,
                     "guest-window": conn.snd_wnd,
                     "in-flight": conn.snd_nxt - conn.snd_una,
-                    "buffered-to-guest": len(conn.snd_buf),
+                    "buffered-to-guest": len(conn.snd_buf) - conn.snd_off,
                     "host-reading-paused": conn.reading_paused,
                     "host-writing-blocked": conn.host_write_paused,
                     "age": round(now - conn.created, 3),
