@@ -40,6 +40,28 @@ def test_bulk_turns_never_start_a_window() -> None:
     asyncio.run(main())
 
 
+def test_light_turns_amid_bulk_traffic_do_not_poll() -> None:
+    async def main() -> None:
+        now = [100.0]
+        poller = BusyPoller(asyncio.get_running_loop(), 0.001, clock=lambda: now[0])
+        for _ in range(busy_poll.BULK_BYTES // 3000 + 1):  # light turns, 64 KiB within 2 ms
+            poller.activity(3000)
+            now[0] += 0.00005
+        now[0] += 0.002  # the first window ends unextended
+        await asyncio.sleep(0.005)
+        assert not poller.spinning and poller.windows == 1
+        poller.activity(3000)  # the last bucket still says bulk
+        assert not poller.spinning and poller.windows == 1
+        now[0] += 2 * busy_poll.RATE_SPAN  # traffic calmed down: a light turn polls again
+        poller.activity(100)
+        assert poller.spinning and poller.windows == 2
+        now[0] += 0.01
+        await asyncio.sleep(0.005)
+        assert not poller.spinning
+
+    asyncio.run(main())
+
+
 def test_activity_inside_a_window_is_a_hit_and_extends_it() -> None:
     async def main() -> None:
         poller = BusyPoller(asyncio.get_running_loop(), 0.005)

@@ -5,15 +5,19 @@ stream to us, our socket to the host server), and on a virtual machine each wake
 costs tens of microseconds. So after a light turn of the loop (a few small frames, the mark of a
 request or its reply) the backend keeps polling its sockets without sleeping for a short window:
 a reply that comes back within it is handled at once. Bulk transfers never start a window (their
-turns move many kilobytes), and when windows keep expiring with nothing caught (sparse traffic)
+turns move many kilobytes, and so do the last few milliseconds around their lighter turns, such
+as an ACK that releases nothing), and when windows keep expiring with nothing caught (sparse traffic)
 polling pauses, so an idle or bulk backend spends nothing on it. Off with a window of 0.
 """
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Final
 
 LIGHT_BYTES: Final = 4096  # a turn that moved less than this may be a request or a reply
+RATE_SPAN: Final = 0.002  # seconds per bucket of the recent byte rate
+BULK_BYTES: Final = 65536  # bytes in the last bucket and this one that mean bulk: no polling
 MAX_MISSES: Final = 8  # windows in a row that caught nothing: pause
 PAUSE: Final = 1.0  # seconds without polling after MAX_MISSES
 
@@ -21,25 +25,41 @@ PAUSE: Final = 1.0  # seconds without polling after MAX_MISSES
 class BusyPoller:
     """Keeps the event loop polling (never blocking) for `window` seconds after light activity."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, window: float) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, window: float, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.loop = loop
         self.window = window
+        self.clock = clock
         self.until = 0.0
         self.spinning = False
         self.misses = 0
         self.paused_until = 0.0
         self.hits = 0  # windows that caught an event (introspection and tests)
         self.windows = 0
+        self.bucket_start = 0.0
+        self.bucket_bytes = 0
+        self.last_bucket_bytes = 0
 
     def activity(self, moved_bytes: int) -> None:
         """After a turn that handled an event: moved_bytes crossed the stack during it."""
         if self.window <= 0:
             return
-        now = time.perf_counter()
+        now = self.clock()
         if self.spinning:
             self.hits += 1
             self.misses = 0
-        if moved_bytes >= LIGHT_BYTES or now < self.paused_until:
+        if now - self.bucket_start >= RATE_SPAN:
+            # the previous bucket counts only if it is the one just before this
+            self.last_bucket_bytes = self.bucket_bytes if now - self.bucket_start < 2 * RATE_SPAN else 0
+            self.bucket_start = now
+            self.bucket_bytes = 0
+        self.bucket_bytes += moved_bytes
+        if (
+            moved_bytes >= LIGHT_BYTES
+            or self.bucket_bytes + self.last_bucket_bytes >= BULK_BYTES
+            or now < self.paused_until
+        ):
             return
         self.until = now + self.window
         if not self.spinning:
@@ -49,7 +69,7 @@ class BusyPoller:
 
     def _poll(self) -> None:
         # each call_soon makes the loop poll its sockets with a zero timeout before running us
-        now = time.perf_counter()
+        now = self.clock()
         if now < self.until:
             self.loop.call_soon(self._poll)
             return
