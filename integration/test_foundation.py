@@ -141,6 +141,25 @@ def test_two_namespace_guests_get_different_addresses_and_reach_each_other(
     assert a.dhcp()["ip"] == lease_a["ip"] and b.dhcp()["ip"] == lease_b["ip"]
 
 
+def test_stream_socket_toward_qemu_gets_a_large_send_buffer(
+    start_backend: StartBackend, ns_guest: NsGuestFactory
+) -> None:
+    """The backend's connected stream socket holds 4 MiB toward QEMU (ss shows the kernel's
+    doubled value): with the default ~208 KiB, host->guest writes end short and wait."""
+    backend = start_backend()
+    guest = ns_guest(backend=backend, ipv6=False)
+    guest.dhcp()
+    out = subprocess.run(["ss", "-xmpn"], capture_output=True, text=True, check=True).stdout
+    send_buffers = [
+        int(m.group(1))
+        for block in out.split("\nu_str")
+        if f"pid={backend.pid}," in block
+        for m in [re.search(r"skmem:\([^)]*\btb(\d+)", block)]
+        if m
+    ]
+    assert send_buffers and max(send_buffers) >= 8 << 20, out
+
+
 VM_PEER = """\
 ping -c 2 -W 3 {peer} && echo PEER-PING-OK
 ping -c 1 -W 3 10.0.2.2 && echo GATEWAY-PING-OK
