@@ -113,7 +113,7 @@ def header_template(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, spor
     )
 
 
-def tcp_segments(
+def tcp_segments_py(
     frames: list[bytes],
     header: bytes,
     buf: bytearray,
@@ -131,29 +131,9 @@ def tcp_segments(
     """Append one frame per segment of buf[off:end] (at most mss bytes each) to frames.
 
     header comes from header_template(); idents count up from ident, sequence numbers from seq;
-    the segment ending at psh_end carries PSH. Returns the number of frames. In C when built.
+    the segment ending at psh_end carries PSH. Returns the number of frames. The plain version
+    of core/_fastpath.c's tcp_segments (the same bytes), one build_tcp_frame_with() each.
     """
-    if HAVE_C_SEGMENTS:
-        return c_tcp_segments(frames, header, buf, off, end, psh_end, mss, seq, ack, window, ident, ip_base, tcp_base)
-    return tcp_segments_py(frames, header, buf, off, end, psh_end, mss, seq, ack, window, ident, ip_base, tcp_base)
-
-
-def tcp_segments_py(
-    frames: list[bytes],
-    header: bytes,
-    buf: bytearray,
-    off: int,
-    end: int,
-    psh_end: int,
-    mss: int,
-    seq: int,
-    ack: int,
-    window: int,
-    ident: int,
-    ip_base: int,
-    tcp_base: int,
-) -> int:
-    """tcp_segments() without the C extension: the same frames, one build_tcp_frame_with() each."""
     dst_mac, src_mac, src, dst = header[0:6], header[6:12], header[26:30], header[30:34]
     sport, dport = (header[34] << 8) | header[35], (header[36] << 8) | header[37]
     count = 0
@@ -187,6 +167,10 @@ def tcp_segments_py(
         count += 1
     view.release()
     return count
+
+
+# what the TCP engine calls: the loop in C when the extension is built
+tcp_segments: Final = c_tcp_segments if HAVE_C_SEGMENTS else tcp_segments_py
 
 
 def build_tcp_frame(
