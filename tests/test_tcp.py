@@ -452,3 +452,134 @@ def test_acknowledged_front_of_the_send_buffer_is_cut_in_steps_and_data_stays_ri
     again = g.frames()[0]
     assert again.seq == (first_seq + acked) & 0xFFFFFFFF
     assert again.data == pattern[acked : acked + len(again.data)]
+
+
+MSS_SACK_WS7 = b"\x02\x04\x05\xb4\x04\x02\x01\x01\x01\x03\x03\x07"  # MSS 1460, SACK permitted, wscale 7
+
+
+def sack_blocks(seg: dpkt.tcp.TCP, base: int) -> list[tuple[int, int]]:
+    """The SACK blocks of seg, relative to base (the guest's first sequence number)."""
+    for kind, data in dpkt.tcp.parse_opts(seg.opts):
+        if kind == dpkt.tcp.TCP_OPT_SACK:
+            edges = [int.from_bytes(data[i : i + 4], "big") - base for i in range(0, len(data), 4)]
+            return list(zip(edges[::2], edges[1::2], strict=True))
+    return []
+
+
+def test_sack_is_offered_back_only_to_a_guest_that_offers_it() -> None:
+    for opts, offered in ((MSS_SACK_WS7, True), (MSS_1460_WS7, False)):
+        g = Guest()
+        g.send(SYN, opts=opts)
+        (op,) = g.ops()
+        g.stack.tcp.host_connected(op.flow, 0.0)
+        (synack,) = g.frames()
+        kinds = [kind for kind, _ in dpkt.tcp.parse_opts(synack.opts)]
+        assert (dpkt.tcp.TCP_OPT_SACKOK in kinds) == offered
+        assert dpkt.tcp.TCP_OPT_MSS in kinds and dpkt.tcp.TCP_OPT_WSCALE in kinds
+    g = Guest()  # without SACK, a gap gets plain duplicate ACKs
+    g.connect()
+    g.send(ACK, b"x" * 100, seq=g.seq + 100)
+    (dup,) = g.frames()
+    assert dup.opts == b"" and dup.ack == g.seq
+
+
+def test_out_of_order_data_is_reported_in_sack_blocks_latest_first() -> None:
+    g = Guest()
+    flow = g.connect(MSS_SACK_WS7)
+    base = g.seq
+    for start in (1000, 1100, 3000, 2000):  # three islands, the last arrival in the middle one
+        g.send(ACK, b"z" * 100, seq=base + start)
+    acks = g.frames()
+    assert [a.ack for a in acks] == [base] * 4
+    assert sack_blocks(acks[0], base) == [(1000, 1100)]
+    assert sack_blocks(acks[1], base) == [(1000, 1200)]
+    assert sack_blocks(acks[2], base) == [(3000, 3100), (1000, 1200)]
+    assert sack_blocks(acks[3], base) == [(2000, 2100), (1000, 1200), (3000, 3100)]
+    for seg in acks:  # 40 bytes of options at most, and the frame still fits
+        assert len(seg.opts) <= 40
+    g.send(ACK, b"a" * 1000, seq=base)  # the first hole filled: only the later islands remain
+    assert [len(o.data) for o in g.ops()] == [1200]
+    (ack,) = g.frames()
+    assert ack.ack == base + 1200 and sack_blocks(ack, base) == [(2000, 2100), (3000, 3100)]
+    g.send(ACK, b"b" * 800, seq=base + 1200)
+    g.send(ACK, b"c" * 900, seq=base + 2100)
+    assert b"".join(o.data for o in g.ops()) == b"b" * 800 + b"z" * 100 + b"c" * 900 + b"z" * 100
+    acks = g.frames()
+    assert acks[-1].ack == base + 3100 and sack_blocks(acks[-1], base) == []
+    conn = g.conn(flow)
+    assert conn.ooo == {} and conn.sack_ranges == [] and conn.ooo_bytes == 0
+
+
+def test_at_most_four_sack_blocks_and_the_newest_is_among_them() -> None:
+    g = Guest()
+    g.connect(MSS_SACK_WS7)
+    base = g.seq
+    for i in range(8):
+        g.send(ACK, b"i" * 10, seq=base + 100 * (i + 1))
+    last = g.frames()[-1]
+    blocks = sack_blocks(last, base)
+    assert len(blocks) == 4 and blocks[0] == (800, 810)
+    assert blocks[1:] == [(100, 110), (200, 210), (300, 310)]
+
+
+def test_duplicate_segments_are_reported_as_dsack() -> None:
+    g = Guest()
+    g.connect(MSS_SACK_WS7)
+    base = g.seq
+    g.send(ACK, b"d" * 500)
+    g.ops()
+    g.frames()
+    g.send(ACK, b"d" * 500, seq=base)  # a spurious retransmission of delivered data
+    (ack,) = g.frames()
+    assert ack.ack == base + 500 and sack_blocks(ack, base) == [(0, 500)]
+    g.send(ACK, b"e" * 100, seq=base + 600)
+    g.frames()
+    g.send(ACK, b"e" * 100, seq=base + 600)  # a duplicate of a held out-of-order segment
+    (ack,) = g.frames()
+    assert sack_blocks(ack, base) == [(600, 700), (600, 700)]
+    g.send(ACK, b"f" * 50, seq=base + 500)
+    assert [len(o.data) for o in g.ops()] == [50]  # the tail fills only the hole
+    (ack,) = g.frames()
+    assert sack_blocks(ack, base) == [(600, 700)]  # the D-SACK was reported once
+
+
+def test_resent_segments_with_other_boundaries_drain_the_queue() -> None:
+    g = Guest()
+    g.connect(MSS_SACK_WS7)
+    base = g.seq
+    g.send(ACK, b"2" * 100, seq=base + 100)
+    g.send(ACK, b"4" * 100, seq=base + 300)
+    g.send(ACK, b"3" * 100, seq=base + 200)
+    g.send(ACK, b"1" * 150, seq=base)  # overlaps the first held segment by 50 bytes
+    assert b"".join(o.data for o in g.ops()) == b"1" * 150 + b"2" * 50 + b"3" * 100 + b"4" * 100
+    assert g.frames()[-1].ack == base + 400
+
+
+@pytest.mark.parametrize(
+    ("ranges", "add", "result"),
+    [
+        ([], (5, 10), [(5, 10)]),
+        ([(5, 10)], (10, 20), [(5, 20)]),
+        ([(5, 10), (30, 40)], (12, 20), [(5, 10), (12, 20), (30, 40)]),
+        ([(5, 10), (30, 40)], (8, 35), [(5, 40)]),
+        ([(5, 10), (30, 40)], (0, 5), [(0, 10), (30, 40)]),
+        ([(5, 10), (30, 40), (50, 60)], (20, 70), [(5, 10), (20, 70)]),
+        ([(5, 10)], (6, 8), [(5, 10)]),
+        ([(5, 10)], (50, 60), [(5, 10), (50, 60)]),
+    ],
+)
+def test_add_range_keeps_ranges_sorted_and_disjoint(
+    ranges: list[tuple[int, int]], add: tuple[int, int], result: list[tuple[int, int]]
+) -> None:
+    T.add_range(ranges, *add)
+    assert ranges == result
+
+
+def test_our_syn_to_the_guest_offers_sack() -> None:
+    g = Guest()
+    flow = g.stack.tcp.connect_guest(GUEST_MAC, ip("10.0.2.15"), 22, ip("10.0.2.2"), 33333, 0.0)
+    (syn,) = g.frames()
+    assert dpkt.tcp.TCP_OPT_SACKOK in [kind for kind, _ in dpkt.tcp.parse_opts(syn.opts)]
+    frame = tcp_frame("10.0.2.15", "10.0.2.2", 22, 33333, 500, syn.seq + 1, SYN | ACK, opts=MSS_SACK_WS7)
+    g.stack.frame_received(1, frame, 0.0)
+    assert g.conn(flow).sack_ok

@@ -36,11 +36,13 @@ from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 from qemu_vpnnet.core.tcp_wire import (
     HEADER_LEN,
+    MAX_SACK_BLOCKS,
     address_sums,
     build_tcp_frame,
     build_tcp_frame_with,
     header_template,
     parse_syn_options,
+    sack_option,
     syn_options,
     tcp_segments,
     unpack_tcp_header,
@@ -97,6 +99,27 @@ QUICKACK_BYTES: Final = 256 << 10
 INF: Final = float("inf")
 
 
+def add_range(ranges: list[tuple[int, int]], left: int, right: int) -> None:
+    """Add [left, right) to sorted, disjoint ranges, merging what it touches.
+
+    Searches from the end: segments mostly arrive in order, extending the last range.
+    """
+    i = len(ranges)
+    while i > 0 and ranges[i - 1][0] > left:
+        i -= 1
+    if i > 0 and ranges[i - 1][1] >= left:  # touches the range before it
+        i -= 1
+        left = ranges[i][0]
+        if ranges[i][1] > right:
+            right = ranges[i][1]
+        del ranges[i]
+    while i < len(ranges) and ranges[i][0] <= right:  # swallows the ranges after it
+        if ranges[i][1] > right:
+            right = ranges[i][1]
+        del ranges[i]
+    ranges.insert(i, (left, right))
+
+
 @final
 class TcpConn:
     """One spliced connection: the guest-facing TCP state plus its host socket's flags."""
@@ -149,6 +172,13 @@ class TcpConn:
         self.ooo: dict[int, bytes] = {}
         self.ooo_bytes = 0
         self.ooo_fin = -1
+        # SACK (RFC 2018) toward the guest, when its SYN offered it: the ranges held in ooo
+        # (sorted, disjoint), the start of the latest segment queued there, and a duplicate to
+        # report once as D-SACK (RFC 2883)
+        self.sack_ok = False
+        self.sack_ranges: list[tuple[int, int]] = []
+        self.ooo_last = -1
+        self.dsack: tuple[int, int] | None = None
         self.host_write_paused = False
         self.pending_send: list[bytes] = []
         self.shutdown_pending = False
@@ -213,6 +243,7 @@ class TcpEngine:
         conn.snd_buf = bytearray()
         conn.snd_off = 0
         conn.ooo.clear()
+        conn.sack_ranges.clear()
 
     def host_op(self, conn: TcpConn, kind: int) -> None:
         """A socket op for the host side, after any guest data still waiting to be sent."""
@@ -236,6 +267,8 @@ class TcpEngine:
     def emit(self, conn: TcpConn, seq: int, flags: int, payload: bytes, options: bytes = b"") -> None:
         out = self.out
         window = self.advertised_window(conn) if not flags & TCP_SYN else min(RCV_WINDOW, 65535)
+        if conn.sack_ok and not payload and not flags & (TCP_SYN | TCP_RST) and (conn.sack_ranges or conn.dsack):
+            options = sack_option(self.sack_blocks(conn))
         frame = build_tcp_frame_with(
             conn.guest_mac,
             self.config.gateway_mac,
@@ -256,6 +289,25 @@ class TcpEngine:
         out.send_frame(conn.guest_mac, frame)
         conn.ack_needed = False
         conn.acked_to = conn.rcv_nxt
+
+    def sack_blocks(self, conn: TcpConn) -> list[tuple[int, int]]:
+        """SACK blocks for the next ACK: a D-SACK first, then the range holding the latest
+        out-of-order arrival (RFC 2018 4), then the others from the lowest up."""
+        blocks: list[tuple[int, int]] = []
+        if conn.dsack is not None:
+            blocks.append(conn.dsack)
+            conn.dsack = None
+        latest = conn.ooo_last
+        for block in conn.sack_ranges:
+            if block[0] <= latest < block[1]:
+                blocks.append(block)
+                break
+        for block in conn.sack_ranges:
+            if len(blocks) >= MAX_SACK_BLOCKS:
+                break
+            if not block[0] <= latest < block[1]:
+                blocks.append(block)
+        return blocks
 
     def send_ack(self, conn: TcpConn) -> None:
         self.emit(conn, conn.snd_nxt, TCP_ACK, b"")
@@ -492,11 +544,12 @@ class TcpEngine:
             self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
             return
         try:
-            mss, wscale = parse_syn_options(frame[start + 20 : start + hlen])
+            mss, wscale, sack = parse_syn_options(frame[start + 20 : start + hlen])
         except ValueError:
             self.out.drop("bad-tcp-options")
             return
         conn = TcpConn(self.new_flow_id(), key, src_mac, src, sport, dst, dport, now)
+        conn.sack_ok = sack
         conn.state = CONNECTING
         conn.host_addr = host_addr
         conn.rcv_nxt = seq + 1
@@ -514,7 +567,7 @@ class TcpEngine:
         self.out.op(HostOp(OP_TCP_CONNECT, conn.flow, host_addr, dport))
 
     def send_syn_ack(self, conn: TcpConn) -> None:
-        opts = syn_options(self.config.mtu - 40, conn.rcv_wscale if conn.rcv_wscale else -1)
+        opts = syn_options(self.config.mtu - 40, conn.rcv_wscale if conn.rcv_wscale else -1, conn.sack_ok)
         self.emit(conn, conn.iss, TCP_SYN | TCP_ACK, b"", opts)
 
     def syn_sent_segment(
@@ -533,10 +586,11 @@ class TcpEngine:
         if not flags & TCP_SYN or not flags & TCP_ACK or ack != (conn.iss + 1) & 0xFFFFFFFF:
             return
         try:
-            mss, wscale = parse_syn_options(frame[start + 20 : start + hlen])
+            mss, wscale, sack = parse_syn_options(frame[start + 20 : start + hlen])
         except ValueError:
             self.out.drop("bad-tcp-options")
             return
+        conn.sack_ok = sack
         conn.mss = max(64, min(mss, self.config.mtu - 40))
         if wscale >= 0:
             conn.snd_wscale = wscale
@@ -676,10 +730,14 @@ class TcpEngine:
         if seq64 > conn.rcv_nxt:
             # out of order: keep it (bounded), and tell the guest what we miss
             self.counters.add("tcp-out-of-order")
-            if seg_len and seq64 not in conn.ooo and seq64 + seg_len <= conn.rcv_nxt + RCV_WINDOW:
+            if seg_len and seq64 in conn.ooo:
+                conn.dsack = (seq64, seq64 + seg_len)  # a duplicate of what we hold
+            elif seg_len and seq64 + seg_len <= conn.rcv_nxt + RCV_WINDOW:
                 if conn.ooo_bytes + seg_len <= OOO_LIMIT:
                     conn.ooo[seq64] = frame[start:end]
                     conn.ooo_bytes += seg_len
+                    conn.ooo_last = seq64
+                    add_range(conn.sack_ranges, seq64, seq64 + seg_len)
             if fin:
                 conn.ooo_fin = seq64 + seg_len
             self.send_ack(conn)
@@ -689,6 +747,8 @@ class TcpEngine:
             if overlap >= seg_len:
                 if not (fin and seq64 + seg_len == conn.rcv_nxt and not conn.fin_received):
                     conn.ack_needed = True  # a duplicate or keep-alive probe
+                    if seg_len > 1:  # a duplicate (a keep-alive probe carries one byte): D-SACK
+                        conn.dsack = (seq64, seq64 + seg_len)
                     self.dirty[conn.flow] = conn
                     return
                 seg_len = 0
@@ -740,19 +800,40 @@ class TcpEngine:
                 self.send_ack(conn)
 
     def drain_ooo(self, conn: TcpConn) -> None:
-        progress = True
-        while progress and conn.ooo:
-            progress = False
-            for seq64 in list(conn.ooo):
-                if seq64 <= conn.rcv_nxt:
-                    data = conn.ooo.pop(seq64)
-                    conn.ooo_bytes -= len(data)
-                    skip = conn.rcv_nxt - seq64
-                    if skip < len(data):
-                        conn.pending_send.append(data[skip:])
-                        conn.rcv_nxt += len(data) - skip
-                        conn.bytes_to_host += len(data) - skip
-                        progress = True
+        """Deliver the queued segments that now follow rcv_nxt without a gap."""
+        ooo = conn.ooo
+        ranges = conn.sack_ranges
+        while ooo:
+            data = ooo.pop(conn.rcv_nxt, None)
+            if data is not None:  # the usual case: segment boundaries as first sent
+                conn.ooo_bytes -= len(data)
+                conn.pending_send.append(data)
+                conn.rcv_nxt += len(data)
+                conn.bytes_to_host += len(data)
+                continue
+            while ranges and ranges[0][1] <= conn.rcv_nxt:
+                del ranges[0]
+            if not ranges or ranges[0][0] > conn.rcv_nxt:
+                break  # a gap before the next queued byte
+            # queued segments that start inside what we have (resent with other boundaries)
+            popped = False
+            for seq64 in sorted(ooo):
+                if seq64 > conn.rcv_nxt:
+                    break
+                data = ooo.pop(seq64)
+                popped = True
+                conn.ooo_bytes -= len(data)
+                skip = conn.rcv_nxt - seq64
+                if skip < len(data):
+                    conn.pending_send.append(data[skip:])
+                    conn.rcv_nxt += len(data) - skip
+                    conn.bytes_to_host += len(data) - skip
+            if not popped:
+                break
+        while ranges and ranges[0][1] <= conn.rcv_nxt:
+            del ranges[0]
+        if ranges and ranges[0][0] < conn.rcv_nxt:
+            ranges[0] = (conn.rcv_nxt, ranges[0][1])
 
     def guest_fin(self, conn: TcpConn, now: float) -> None:
         conn.rcv_nxt += 1
@@ -760,6 +841,7 @@ class TcpEngine:
         conn.ooo_fin = -1
         conn.ooo.clear()
         conn.ooo_bytes = 0
+        conn.sack_ranges.clear()
         conn.shutdown_pending = True
         state = conn.state
         if state == ESTABLISHED:
@@ -894,7 +976,7 @@ class TcpEngine:
         return conn.flow
 
     def send_syn(self, conn: TcpConn) -> None:
-        self.emit(conn, conn.iss, TCP_SYN, b"", syn_options(self.config.mtu - 40, RCV_WSCALE))
+        self.emit(conn, conn.iss, TCP_SYN, b"", syn_options(self.config.mtu - 40, RCV_WSCALE, True))
 
     def close_flow(self, flow: int) -> None:
         """The shell's socket for flow is gone for good (e.g. a forward was removed): reset."""

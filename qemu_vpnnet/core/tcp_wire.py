@@ -25,6 +25,9 @@ OPT_END: Final = 0
 OPT_NOP: Final = 1
 OPT_MSS: Final = 2
 OPT_WSCALE: Final = 3
+OPT_SACK_PERMITTED: Final = 4
+OPT_SACK: Final = 5
+MAX_SACK_BLOCKS: Final = 4  # 2 NOPs, kind, length and 4 blocks of 8 bytes fill 36 of the 40 option bytes
 
 
 def address_sums(src: bytes, dst: bytes, sport: int, dport: int) -> tuple[int, int]:
@@ -200,13 +203,14 @@ def unpack_tcp_header(frame: bytes, offset: int) -> tuple[int, int, int, int, in
     return _TCP.unpack_from(frame, offset)
 
 
-def parse_syn_options(options: bytes) -> tuple[int, int]:
-    """(MSS, window scale) from a SYN's options; MSS 536 and scale -1 when absent.
+def parse_syn_options(options: bytes) -> tuple[int, int, bool]:
+    """(MSS, window scale, SACK permitted) from a SYN's options; MSS 536 and scale -1 when absent.
 
     Raises ValueError for options that run past their end.
     """
     mss = 536
     wscale = -1
+    sack = False
     i = 0
     n = len(options)
     while i < n:
@@ -225,16 +229,30 @@ def parse_syn_options(options: bytes) -> tuple[int, int]:
             mss = (options[i + 2] << 8) | options[i + 3]
         elif kind == OPT_WSCALE and length == 3:
             wscale = min(options[i + 2], 14)
+        elif kind == OPT_SACK_PERMITTED and length == 2:
+            sack = True
         i += length
-    return mss, wscale
+    return mss, wscale, sack
 
 
-def syn_options(mss: int, wscale: int) -> bytes:
-    """Options for our SYN or SYN-ACK: MSS, and window scale when wscale >= 0."""
+def syn_options(mss: int, wscale: int, sack: bool) -> bytes:
+    """Options for our SYN or SYN-ACK: MSS, SACK permitted when sack, window scale when wscale >= 0."""
     opts = bytes((OPT_MSS, 4, (mss >> 8) & 0xFF, mss & 0xFF))
+    if sack:
+        opts += bytes((OPT_NOP, OPT_NOP, OPT_SACK_PERMITTED, 2))
     if wscale >= 0:
         opts += bytes((OPT_NOP, OPT_WSCALE, 3, wscale))
     return opts
+
+
+def sack_option(blocks: list[tuple[int, int]]) -> bytes:
+    """A SACK option (RFC 2018) for up to MAX_SACK_BLOCKS (left, right) edges, NOP-padded to 4n bytes."""
+    blocks = blocks[:MAX_SACK_BLOCKS]
+    parts = [bytes((OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(blocks)))]
+    for left, right in blocks:
+        parts.append((left & 0xFFFFFFFF).to_bytes(4, "big"))
+        parts.append((right & 0xFFFFFFFF).to_bytes(4, "big"))
+    return b"".join(parts)
 
 
 def unwrap(value: int, reference: int) -> int:
