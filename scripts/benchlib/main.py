@@ -192,18 +192,27 @@ class HostServers:
 
 
 # ---- measurements: each returns {metric: value} ------------------------------------------------
-def iperf_tcp(setup: Setup, seconds: int, reverse: bool, streams: int) -> dict[str, float]:
+def iperf_tcp(setup: Setup, seconds: int, reverse: bool, streams: int, guest_cc: str) -> dict[str, float]:
     cmd = ["iperf3", "-c", GATEWAY, "-p", str(HostServers.IPERF), "-t", str(seconds), "-J", "-P", str(streams)]
     if reverse:
         cmd.append("-R")
-    before = cpu_seconds(setup.pids())
+    if guest_cc != "host":
+        cmd += ["-C", guest_cc]  # the guest's sockets (and, with -R, the host's sending ones)
+    pids = setup.pids()
+    before = cpu_seconds(pids)
+    qemu_before = cpu_seconds(pids[-1:])
+    started = time.monotonic()
     out = json.loads(setup.run(cmd, timeout=seconds + 30))
-    cpu = cpu_seconds(setup.pids()) - before
+    elapsed = time.monotonic() - started
+    cpu = cpu_seconds(pids) - before
     received = out["end"]["sum_received"]
     gib = received["bytes"] / (1 << 30)
     direction = "host->guest" if reverse else "guest->host"
     name = f"tcp {direction} x{streams}"
-    return {f"{name} Gbit/s": received["bits_per_second"] / 1e9, f"{name} CPU s/GiB": cpu / gib if gib else 0.0}
+    figures = {f"{name} Gbit/s": received["bits_per_second"] / 1e9, f"{name} CPU s/GiB": cpu / gib if gib else 0.0}
+    if streams == 1:  # how close QEMU's own thread (the TAP and the hub) is to a whole CPU
+        figures[f"{name} QEMU busy %"] = 100 * (cpu_seconds(pids[-1:]) - qemu_before) / elapsed
+    return figures
 
 
 def iperf_udp(setup: Setup, seconds: int) -> dict[str, float]:
@@ -326,10 +335,10 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
     if args.idle and setup.backend != "harness":  # first, on a fresh backend: the memory it takes is then all theirs
         tests.append(lambda: idle_connections(setup, args.idle))
     tests += [
-        lambda: iperf_tcp(setup, t, False, 1),
-        lambda: iperf_tcp(setup, t, True, 1),
-        lambda: iperf_tcp(setup, t, False, 4),
-        lambda: iperf_tcp(setup, t, True, 4),
+        lambda: iperf_tcp(setup, t, False, 1, args.guest_cc),
+        lambda: iperf_tcp(setup, t, True, 1, args.guest_cc),
+        lambda: iperf_tcp(setup, t, False, 4, args.guest_cc),
+        lambda: iperf_tcp(setup, t, True, 4, args.guest_cc),
         lambda: sockperf(setup, min(t, 5)),
     ]
     if setup.backend == "harness":  # the hub's ceiling: throughput and latency only
@@ -380,6 +389,26 @@ def table(results: dict[str, dict[str, list[float]]], backends: list[str], mtus:
     return "\n".join(lines)
 
 
+def compiled_ratios(results: dict[str, dict[str, list[float]]], mtus: list[int]) -> str:
+    """Compiled against uncompiled qemu-vpnnet: throughput and CPU per GiB, medians."""
+    lines = ["\n### compiled / uncompiled qemu-vpnnet\n", "| metric | " + " | ".join(f"MTU {m}" for m in mtus) + " |"]
+    lines.append("|---|" + "---|" * len(mtus))
+    metrics = [m for m in results.get(f"vpnnet@{mtus[0]}", {}) if m.startswith("tcp") and "QEMU" not in m]
+    for metric in metrics:
+        row = [metric]
+        for mtu in mtus:
+            fast = results.get(f"vpnnet@{mtu}", {}).get(metric)
+            slow = results.get(f"vpnnet-pure@{mtu}", {}).get(metric)
+            if not fast or not slow or not statistics.median(fast) or not statistics.median(slow):
+                row.append("—")
+            elif metric.endswith("CPU s/GiB"):  # less is better: how many times cheaper
+                row.append(f"{statistics.median(slow) / statistics.median(fast):.2f}× less")
+            else:
+                row.append(f"{statistics.median(fast) / statistics.median(slow):.2f}×")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) if metrics else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument(
@@ -393,6 +422,12 @@ def main() -> int:
     parser.add_argument("--idle", type=int, default=10000, help="idle connections to hold (0: skip)")
     parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 2000 idle connections")
     parser.add_argument("--json", metavar="FILE", help="also write all samples as JSON")
+    parser.add_argument(
+        "--guest-cc",
+        default="cubic",
+        help="TCP congestion control of the iperf3 sockets (default cubic, a stock Linux guest's; "
+        "'host' keeps this machine's default, which the namespace guest would otherwise inherit)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds, args.idle = 1, 3, min(args.idle, 2000)
@@ -430,6 +465,7 @@ def main() -> int:
         f"medians; iperf3 {args.seconds} s"
     )
     print(table(results, backends, mtus))
+    print(compiled_ratios(results, mtus))
     if args.json:
         Path(args.json).write_text(
             json.dumps({"date": started, "cpu": cpu, "args": vars(args), "samples": results}, indent=1)
