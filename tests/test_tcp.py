@@ -583,3 +583,88 @@ def test_our_syn_to_the_guest_offers_sack() -> None:
     frame = tcp_frame("10.0.2.15", "10.0.2.2", 22, 33333, 500, syn.seq + 1, SYN | ACK, opts=MSS_SACK_WS7)
     g.stack.frame_received(1, frame, 0.0)
     assert g.conn(flow).sack_ok
+
+
+def sack_opt(*blocks: tuple[int, int]) -> bytes:
+    """A SACK option as a guest sends it (NOP, NOP, kind 5), edges absolute."""
+    data = b"".join(
+        (left & 0xFFFFFFFF).to_bytes(4, "big") + (right & 0xFFFFFFFF).to_bytes(4, "big") for left, right in blocks
+    )
+    return bytes((1, 1, 5, 2 + len(data))) + data
+
+
+def sender_with_20_segments(opts: bytes) -> tuple[Guest, int, int]:
+    """A connection whose host sent 20 full segments toward the guest: (guest, flow, first seq)."""
+    g = Guest()
+    flow = g.connect(opts)
+    g.stack.tcp.host_data(flow, bytes(range(256)) * 115, g.now)  # 29,440 bytes: 20 x 1460 + 240
+    segs = g.frames()
+    assert len(segs) == 21
+    return g, flow, segs[0].seq
+
+
+def test_sack_from_the_guest_makes_us_resend_only_the_holes() -> None:
+    g, flow, first = sender_with_20_segments(MSS_SACK_WS7)
+    seg = 1460
+    # segments 0 and 5 lost: the guest holds 1-4 and 6-19
+    for _ in range(3):
+        g.send(ACK, ack=first, opts=sack_opt((first + seg, first + 5 * seg), (first + 6 * seg, first + 20 * seg)))
+    resent = g.frames()
+    assert [(s.seq - first) // seg for s in resent] == [0, 5]
+    assert all(len(s.data) == seg for s in resent)
+    assert g.stack.counters.get("tcp-fast-retransmit") == 1
+    g.send(ACK, ack=first, opts=sack_opt((first + seg, first + 5 * seg), (first + 6 * seg, first + 20 * seg)))
+    assert g.frames() == []  # nothing new to resend
+    g.send(ACK, ack=first + 5 * seg, opts=sack_opt((first + 6 * seg, first + 20 * seg)))
+    assert g.frames() == []  # partial ACK up to a hole already resent: no second copy
+    g.send(ACK, ack=first + 29_440)
+    conn = g.conn(flow)
+    assert conn.snd_una == conn.snd_max and conn.sacked == [] and conn.recovery_end <= conn.snd_una
+
+
+def test_without_sack_a_partial_ack_resends_the_next_hole_at_once() -> None:
+    g, _flow, first = sender_with_20_segments(MSS_1460_WS7)
+    seg = 1460
+    for _ in range(3):
+        g.send(ACK, ack=first)
+    assert [(s.seq - first) // seg for s in g.frames()] == [0]
+    g.send(ACK, ack=first + 7 * seg)  # segment 7 was lost as well (NewReno, RFC 6582)
+    assert [(s.seq - first) // seg for s in g.frames()] == [7]
+
+
+def test_a_lost_retransmission_is_resent_by_the_recovery_timer_long_before_the_rto() -> None:
+    g, flow, first = sender_with_20_segments(MSS_SACK_WS7)
+    seg = 1460
+    for _ in range(3):
+        g.send(ACK, ack=first, opts=sack_opt((first + seg, first + 20 * seg)))
+    assert [(s.seq - first) // seg for s in g.frames()] == [0]
+    deadline = g.stack.next_deadline()
+    assert deadline - g.now <= 0.01 < g.conn(flow).rto  # not the 200 ms (or more) RTO
+    g.now = deadline
+    g.stack.timer(g.now)
+    assert [(s.seq - first) // seg for s in g.frames()] == [0]  # the hole again, nothing else
+    assert g.stack.counters.get("tcp-recovery-timer") == 1
+    for _ in range(T.RECOVERY_PROBES):  # then the RTO takes over: go back N
+        g.now = g.stack.next_deadline()
+        g.stack.timer(g.now)
+    assert len(g.frames()) > 1 and g.stack.counters.get("tcp-retransmit") == 1
+
+
+@pytest.mark.parametrize("opts", [b"\x05\x03\x00", b"\x05\x0a" + b"\x00" * 8, b"\x01\x05", b"\x05\x0b" + b"\x00" * 10])
+def test_malformed_or_stale_sack_options_are_ignored(opts: bytes) -> None:
+    g, flow, first = sender_with_20_segments(MSS_SACK_WS7)
+    opts += b"\x00" * (-len(opts) % 4)
+    g.send(ACK, ack=first + 1460, opts=opts)
+    conn = g.conn(flow)
+    assert conn.snd_una == first + 1460 and conn.sacked == []
+
+
+def test_a_hole_with_little_sacked_above_it_is_taken_for_reordering() -> None:
+    g, _flow, first = sender_with_20_segments(MSS_SACK_WS7)
+    seg = 1460
+    # 0 missing (3 dupacks), 17 missing with only 18-20 (2 segments and 240 bytes) above it
+    for _ in range(3):
+        g.send(ACK, ack=first, opts=sack_opt((first + seg, first + 17 * seg), (first + 18 * seg, first + 29_440)))
+    assert [(s.seq - first) // seg for s in g.frames()] == [0]
+    g.send(ACK, ack=first + 17 * seg, opts=sack_opt((first + 18 * seg, first + 29_440)))
+    assert g.frames() == []  # 17 may still be on its way

@@ -37,6 +37,9 @@ from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RS
 from qemu_vpnnet.core.tcp_wire import (
     HEADER_LEN,
     MAX_SACK_BLOCKS,
+    OPT_END,
+    OPT_NOP,
+    OPT_SACK,
     address_sums,
     build_tcp_frame,
     build_tcp_frame_with,
@@ -82,6 +85,10 @@ RCV_WSCALE: Final = 5
 SND_BUF_LIMIT: Final = 1 << 20  # bytes from the host waiting for the guest before we stop reading
 SND_BUF_COMPACT: Final = 256 << 10  # acknowledged bytes at the send buffer's front before a cut
 OOO_LIMIT: Final = RCV_WINDOW
+DUP_THRESH: Final = 3  # duplicate ACKs that mean a segment was lost
+REXMIT_BURST: Final = 256  # segments one ACK may make us resend (the holes SACK reported)
+LOST_REXMIT_MIN: Final = 0.001  # a hole resent longer ago than this and twice the RTT: resend again
+RECOVERY_PROBES: Final = 4  # recovery timer firings before the retransmission timeout takes over
 CONNECT_TIMEOUT: Final = 60.0
 TIME_WAIT_TIME: Final = 2.0
 RTO_INITIAL: Final = 1.0
@@ -192,6 +199,14 @@ class TcpConn:
         self.rtt_time = 0.0
         self.retries = 0
         self.dupacks = 0
+        # loss recovery (RFC 6582 NewReno, RFC 6675 with SACK): recovery lasts until snd_una
+        # reaches recovery_end; rexmit_to is where this recovery's retransmissions got to;
+        # sacked holds the ranges the guest's SACK blocks reported, above snd_una
+        self.recovery_end = 0
+        self.rexmit_to = 0
+        self.rexmit_at = 0.0
+        self.recovery_probes = 0  # times the recovery timer resent the holes
+        self.sacked: list[tuple[int, int]] = []
         self.deadline = INF
         self.queued_at = INF
         self.syn_quote = b""  # the guest SYN's IP header + 8 bytes, for ICMP errors
@@ -509,6 +524,8 @@ class TcpEngine:
             conn.snd_wnd = window << conn.snd_wscale
             conn.snd_wl1 = unwrap(seq, conn.rcv_nxt)
             conn.snd_wl2 = ack64
+        if hlen > 20 and conn.sack_ok and conn.snd_max > conn.snd_una:
+            self.take_sack(conn, frame, start + 20, start + hlen)
         self.process_ack(conn, seq, ack64, window, seg_len, flags, now)
         if conn.state == CLOSED:
             return
@@ -659,6 +676,14 @@ class TcpEngine:
                 conn.snd_nxt = ack64
             conn.dupacks = 0
             conn.retries = 0
+            conn.recovery_probes = 0
+            sacked = conn.sacked
+            while sacked and sacked[0][1] <= ack64:
+                del sacked[0]
+            if sacked and sacked[0][0] < ack64:
+                sacked[0] = (ack64, sacked[0][1])
+            if conn.recovery_end > ack64:  # a partial ACK: the next hole was lost too (NewReno)
+                self.retransmit_holes(conn, now, not conn.sack_ok)
             if conn.rtt_seq >= 0 and ack64 >= conn.rtt_seq:
                 self.rtt_sample(conn, now - conn.rtt_time)
                 conn.rtt_seq = -1
@@ -677,9 +702,21 @@ class TcpEngine:
         elif ack64 == conn.snd_una and seg_len == 0 and not flags & TCP_FIN and conn.snd_nxt > conn.snd_una:
             if not window_changed:
                 conn.dupacks += 1
-                if conn.dupacks == 3:
+                if conn.recovery_end > conn.snd_una:
+                    if now - conn.rexmit_at > max(LOST_REXMIT_MIN, 2 * conn.srtt):
+                        # the guest still misses the first hole well after we resent it: that
+                        # retransmission was lost too, resend the holes from the start
+                        self.counters.add("tcp-lost-retransmit")
+                        conn.rexmit_to = conn.snd_una
+                        self.retransmit_holes(conn, now, True)
+                    elif conn.sacked:  # more of what the guest holds: resend the holes below it
+                        self.retransmit_holes(conn, now, False)
+                elif conn.dupacks >= DUP_THRESH:
                     self.counters.add("tcp-fast-retransmit")
-                    self.retransmit_first(conn, now)
+                    conn.recovery_end = conn.snd_max
+                    conn.recovery_probes = 0
+                    conn.rexmit_to = conn.snd_una
+                    self.retransmit_holes(conn, now, True)
         self.transmit(conn, now)
 
     def rtt_sample(self, conn: TcpConn, rtt: float) -> None:
@@ -691,14 +728,74 @@ class TcpEngine:
             conn.srtt = 0.875 * conn.srtt + 0.125 * rtt
         conn.rto = min(RTO_MAX, max(RTO_MIN, conn.srtt + 4 * conn.rttvar))
 
-    def retransmit_first(self, conn: TcpConn, now: float) -> None:
-        """Resend the first unacknowledged segment (or FIN)."""
-        n = min(conn.mss, len(conn.snd_buf) - conn.snd_off)
-        if n > 0:
-            self.emit(conn, conn.snd_una, TCP_ACK, bytes(conn.snd_buf[conn.snd_off : conn.snd_off + n]))
+    def take_sack(self, conn: TcpConn, frame: bytes, start: int, end: int) -> None:
+        """Add the SACK blocks among a guest ACK's options to the scoreboard (conn.sacked)."""
+        i = start
+        while i < end:
+            kind = frame[i]
+            if kind == OPT_END:
+                return
+            if kind == OPT_NOP:
+                i += 1
+                continue
+            if i + 1 >= end or frame[i + 1] < 2 or i + frame[i + 1] > end:
+                return  # malformed: ignore the options, the ACK itself still counts
+            length = frame[i + 1]
+            if kind == OPT_SACK:
+                for b in range(i + 2, i + length - 7, 8):
+                    left = unwrap(int.from_bytes(frame[b : b + 4], "big"), conn.snd_una)
+                    right = unwrap(int.from_bytes(frame[b + 4 : b + 8], "big"), conn.snd_una)
+                    if conn.snd_una < left < right <= conn.snd_max:  # D-SACKs and stale blocks: ignored
+                        add_range(conn.sacked, left, right)
+            i += length
+
+    def retransmit_holes(self, conn: TcpConn, now: float, first_lost: bool) -> None:
+        """Resend what the guest is missing: the first unacknowledged segment when first_lost
+        (duplicate ACKs, a partial ACK without SACK, the recovery timer), and with SACK every hole
+        not yet resent in this recovery that has DUP_THRESH segments' worth of SACKed data above
+        it (RFC 6675 IsLost: a hole with less may just be reordering)."""
+        sacked = conn.sacked
+        seq = conn.rexmit_to if sacked and conn.rexmit_to > conn.snd_una else conn.snd_una
+        limit = conn.snd_una + conn.mss if first_lost and seq == conn.snd_una else seq
+        above = 0
+        for k in range(len(sacked) - 1, -1, -1):
+            above += sacked[k][1] - sacked[k][0]
+            if above >= DUP_THRESH * conn.mss:
+                if sacked[k][0] > limit:
+                    limit = sacked[k][0]
+                break
+        buf_end = conn.snd_una + len(conn.snd_buf) - conn.snd_off
+        if limit > buf_end:
+            limit = buf_end
+        if limit > conn.snd_nxt:
+            limit = conn.snd_nxt
+        i = 0
+        sent = 0
+        while seq < limit and sent < REXMIT_BURST:
+            while i < len(sacked) and sacked[i][1] <= seq:
+                i += 1
+            if i < len(sacked) and sacked[i][0] <= seq:
+                seq = sacked[i][1]  # the guest has this range
+                continue
+            hole_end = sacked[i][0] if i < len(sacked) and sacked[i][0] < limit else limit
+            n = hole_end - seq if hole_end - seq < conn.mss else conn.mss
+            off = seq - conn.snd_una + conn.snd_off
+            self.emit(conn, seq, TCP_ACK, bytes(conn.snd_buf[off : off + n]))
+            seq += n
+            sent += 1
+        if sent:
+            self.counters.add("tcp-retransmitted-segments", sent)
+            conn.rexmit_at = now
+            if seq > conn.rexmit_to:
+                conn.rexmit_to = seq
+            # the recovery timer: when nothing more arrives from the guest (our window is full,
+            # or a retransmission was lost too) resend the holes long before the RTO would
+            when = now + max(LOST_REXMIT_MIN, 2 * conn.srtt)
+            if when < conn.deadline:
+                self.set_deadline(conn, when)
         elif conn.fin_seq >= 0 and conn.snd_una == conn.fin_seq:
             self.emit(conn, conn.fin_seq, TCP_FIN | TCP_ACK, b"")
-        conn.rtt_seq = -1
+        conn.rtt_seq = -1  # Karn: no RTT sample across a retransmission
 
     def our_fin_acked(self, conn: TcpConn, now: float) -> None:
         state = conn.state
@@ -1032,6 +1129,14 @@ class TcpEngine:
             self.set_deadline(conn, now + conn.rto)
             return
         buf_end = conn.snd_una + len(conn.snd_buf) - conn.snd_off
+        if conn.recovery_end > conn.snd_una and conn.recovery_probes < RECOVERY_PROBES:
+            conn.recovery_probes += 1
+            self.counters.add("tcp-recovery-timer")
+            conn.rexmit_to = conn.snd_una
+            self.retransmit_holes(conn, now, True)
+            if conn.deadline == INF:
+                self.set_deadline(conn, now + conn.rto)
+            return
         if conn.snd_nxt > conn.snd_una:
             conn.retries += 1
             if conn.retries > MAX_RETRIES:
@@ -1042,6 +1147,8 @@ class TcpEngine:
                 return
             self.counters.add("tcp-retransmit")
             conn.rto = min(RTO_MAX, conn.rto * 2)
+            conn.recovery_end = 0
+            conn.sacked.clear()
             conn.snd_nxt = conn.snd_una  # go back N
             conn.rtt_seq = -1
             self.transmit(conn, now)
