@@ -11,6 +11,7 @@ polling pauses, so an idle or bulk backend spends nothing on it. Off with a wind
 """
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Final
@@ -71,6 +72,11 @@ class BusyPoller:
         # each call_soon makes the loop poll its sockets with a zero timeout before running us
         now = self.clock()
         if now < self.until:
+            # and the CPU goes first to anything else runnable on it: after bulk traffic the
+            # scheduler often keeps QEMU or the guest's process on our CPU, and a poller that
+            # does not yield delays the very frames it waits for (measured: round-trip p99
+            # 380-400 -> 170-200 us right after iperf3 runs; median unchanged)
+            os.sched_yield()
             self.loop.call_soon(self._poll)
             return
         self.spinning = False
