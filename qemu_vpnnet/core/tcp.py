@@ -37,8 +37,6 @@ from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RS
 from qemu_vpnnet.core.tcp_wire import (
     HEADER_LEN,
     MAX_SACK_BLOCKS,
-    OPT_END,
-    OPT_NOP,
     OPT_SACK,
     address_sums,
     build_tcp_frame,
@@ -47,6 +45,7 @@ from qemu_vpnnet.core.tcp_wire import (
     parse_syn_options,
     sack_option,
     syn_options,
+    tcp_options,
     tcp_segments,
     unpack_tcp_header,
     unwrap,
@@ -730,24 +729,18 @@ class TcpEngine:
 
     def take_sack(self, conn: TcpConn, frame: bytes, start: int, end: int) -> None:
         """Add the SACK blocks among a guest ACK's options to the scoreboard (conn.sacked)."""
-        i = start
-        while i < end:
-            kind = frame[i]
-            if kind == OPT_END:
-                return
-            if kind == OPT_NOP:
-                i += 1
+        try:
+            options = tcp_options(frame, start, end)
+        except ValueError:
+            return  # malformed: ignore the options, the ACK itself still counts
+        for kind, at, size in options:
+            if kind != OPT_SACK:
                 continue
-            if i + 1 >= end or frame[i + 1] < 2 or i + frame[i + 1] > end:
-                return  # malformed: ignore the options, the ACK itself still counts
-            length = frame[i + 1]
-            if kind == OPT_SACK:
-                for b in range(i + 2, i + length - 7, 8):
-                    left = unwrap(int.from_bytes(frame[b : b + 4], "big"), conn.snd_una)
-                    right = unwrap(int.from_bytes(frame[b + 4 : b + 8], "big"), conn.snd_una)
-                    if conn.snd_una < left < right <= conn.snd_max:  # D-SACKs and stale blocks: ignored
-                        add_range(conn.sacked, left, right)
-            i += length
+            for b in range(at, at + size - 7, 8):
+                left = unwrap(int.from_bytes(frame[b : b + 4], "big"), conn.snd_una)
+                right = unwrap(int.from_bytes(frame[b + 4 : b + 8], "big"), conn.snd_una)
+                if conn.snd_una < left < right <= conn.snd_max:  # D-SACKs and stale blocks: ignored
+                    add_range(conn.sacked, left, right)
 
     def retransmit_holes(self, conn: TcpConn, now: float, first_lost: bool) -> None:
         """Resend what the guest is missing: the first unacknowledged segment when first_lost

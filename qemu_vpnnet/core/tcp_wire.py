@@ -203,6 +203,30 @@ def unpack_tcp_header(frame: bytes, offset: int) -> tuple[int, int, int, int, in
     return _TCP.unpack_from(frame, offset)
 
 
+def tcp_options(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(kind, offset of the option's value, value length) of each option in data[start:end].
+
+    Raises ValueError for options that run past their end.
+    """
+    found: list[tuple[int, int, int]] = []
+    i = start
+    while i < end:
+        kind = data[i]
+        if kind == OPT_END:
+            break
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= end:
+            raise ValueError("truncated TCP option")
+        length = data[i + 1]
+        if length < 2 or i + length > end:
+            raise ValueError("bad TCP option length")
+        found.append((kind, i + 2, length - 2))
+        i += length
+    return found
+
+
 def parse_syn_options(options: bytes) -> tuple[int, int, bool]:
     """(MSS, window scale, SACK permitted) from a SYN's options; MSS 536 and scale -1 when absent.
 
@@ -211,27 +235,13 @@ def parse_syn_options(options: bytes) -> tuple[int, int, bool]:
     mss = 536
     wscale = -1
     sack = False
-    i = 0
-    n = len(options)
-    while i < n:
-        kind = options[i]
-        if kind == OPT_END:
-            break
-        if kind == OPT_NOP:
-            i += 1
-            continue
-        if i + 1 >= n:
-            raise ValueError("truncated TCP option")
-        length = options[i + 1]
-        if length < 2 or i + length > n:
-            raise ValueError("bad TCP option length")
-        if kind == OPT_MSS and length == 4:
-            mss = (options[i + 2] << 8) | options[i + 3]
-        elif kind == OPT_WSCALE and length == 3:
-            wscale = min(options[i + 2], 14)
-        elif kind == OPT_SACK_PERMITTED and length == 2:
+    for kind, at, size in tcp_options(options, 0, len(options)):
+        if kind == OPT_MSS and size == 2:
+            mss = (options[at] << 8) | options[at + 1]
+        elif kind == OPT_WSCALE and size == 1:
+            wscale = min(options[at], 14)
+        elif kind == OPT_SACK_PERMITTED and size == 0:
             sack = True
-        i += length
     return mss, wscale, sack
 
 
