@@ -215,6 +215,29 @@ def iperf_tcp(setup: Setup, seconds: int, reverse: bool, streams: int, guest_cc:
     return figures
 
 
+def iperf_lossy(setup: Setup, seconds: int, reverse: bool, guest_cc: str, per_mille: int) -> dict[str, float]:
+    """One TCP stream while nftables in the guest's namespace drops per_mille of its TCP segments
+    (incoming for host->guest, outgoing for guest->host): how each backend's TCP recovers."""
+    hook = "input" if reverse else "output"
+    setup.run(["nft", "add", "table", "inet", "lossy"], timeout=10)
+    try:
+        setup.run(["nft", f"add chain inet lossy drops {{ type filter hook {hook} priority 0; }}"], timeout=10)
+        setup.run(
+            ["nft", f"add rule inet lossy drops meta l4proto tcp numgen random mod 1000 < {per_mille} drop"], timeout=10
+        )
+        cmd = ["iperf3", "-c", GATEWAY, "-p", str(HostServers.IPERF), "-t", str(seconds), "-J"]
+        if reverse:
+            cmd.append("-R")
+        if guest_cc != "host":
+            cmd += ["-C", guest_cc]
+        out = json.loads(setup.run(cmd, timeout=seconds + 60))
+    finally:
+        setup.run(["nft", "delete", "table", "inet", "lossy"], timeout=10)
+    direction = "host->guest" if reverse else "guest->host"
+    rate = out["end"]["sum_received"]["bits_per_second"] / 1e9
+    return {f"tcp {direction} x1, {per_mille / 10:g}% lost, Gbit/s": rate}
+
+
 def iperf_udp(setup: Setup, seconds: int) -> dict[str, float]:
     """Raise the offered rate until loss passes 1%: the best received rate below the knee."""
     best = 0.0
@@ -345,6 +368,9 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
         tests = tests[-5:]
     else:
         tests.append(lambda: wrk(setup, min(t, 5)))
+        if args.loss and shutil.which("nft"):
+            tests.append(lambda: iperf_lossy(setup, min(t, 5), False, args.guest_cc, args.loss))
+            tests.append(lambda: iperf_lossy(setup, min(t, 5), True, args.guest_cc, args.loss))
     if not args.quick and setup.backend != "harness":
         tests.append(lambda: iperf_udp(setup, 3))
     results: dict[str, float] = {}
@@ -391,6 +417,8 @@ def table(results: dict[str, dict[str, list[float]]], backends: list[str], mtus:
 
 def compiled_ratios(results: dict[str, dict[str, list[float]]], mtus: list[int]) -> str:
     """Compiled against uncompiled qemu-vpnnet: throughput and CPU per GiB, medians."""
+    if not any(f"vpnnet-pure@{mtu}" in results and f"vpnnet@{mtu}" in results for mtu in mtus):
+        return ""
     lines = ["\n### compiled / uncompiled qemu-vpnnet\n", "| metric | " + " | ".join(f"MTU {m}" for m in mtus) + " |"]
     lines.append("|---|" + "---|" * len(mtus))
     metrics = [m for m in results.get(f"vpnnet@{mtus[0]}", {}) if m.startswith("tcp") and "QEMU" not in m]
@@ -423,12 +451,24 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 2000 idle connections")
     parser.add_argument("--json", metavar="FILE", help="also write all samples as JSON")
     parser.add_argument(
+        "--loss",
+        type=int,
+        default=10,
+        metavar="PER_MILLE",
+        help="segments per 1000 that nftables drops in the lossy TCP runs (default 10; 0 skips them)",
+    )
+    parser.add_argument(
         "--guest-cc",
         default="cubic",
         help="TCP congestion control of the iperf3 sockets (default cubic, a stock Linux guest's; "
         "'host' keeps this machine's default, which the namespace guest would otherwise inherit)",
     )
     args = parser.parse_args()
+    # a plain kill ends the run like Ctrl-C: the finally blocks stop backends, guests and servers.
+    # Only in this process: a child forked by a library (pyroute2 creating a namespace) inherits
+    # the handler, and must not run our finally blocks when it is terminated.
+    bench_pid = os.getpid()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143) if os.getpid() == bench_pid else os._exit(143))
     if args.quick:
         args.rounds, args.seconds, args.idle = 1, 3, min(args.idle, 2000)
     backends = args.backends.split(",")
