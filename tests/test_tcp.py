@@ -668,3 +668,24 @@ def test_a_hole_with_little_sacked_above_it_is_taken_for_reordering() -> None:
     assert [(s.seq - first) // seg for s in g.frames()] == [0]
     g.send(ACK, ack=first + 17 * seg, opts=sack_opt((first + 18 * seg, first + 29_440)))
     assert g.frames() == []  # 17 may still be on its way
+
+
+def test_tiny_out_of_order_segments_and_sack_blocks_stay_bounded() -> None:
+    g = Guest()
+    flow = g.connect(MSS_SACK_WS7)
+    conn = g.conn(flow)
+    base = g.seq
+    for i in range(T.OOO_MAX_SEGMENTS + 500):  # one byte every other byte: a range each
+        g.send(ACK, b"t", seq=base + 2 + 2 * i)
+        g.frames()
+    assert len(conn.ooo) == T.OOO_MAX_SEGMENTS and len(conn.sack_ranges) == T.OOO_MAX_SEGMENTS
+    g.stack.tcp.host_data(flow, b"h" * 1_000_000, g.now)
+    g.frames()
+    first = conn.snd_una
+    for i in range(0, 2 * T.SCOREBOARD_MAX, 4):  # four one-byte blocks per ACK
+        blocks = [(first + 10 * (i + k) + 1, first + 10 * (i + k) + 2) for k in range(4)]
+        g.send(ACK, ack=first, opts=sack_opt(*blocks))
+    assert len(conn.sacked) == T.SCOREBOARD_MAX
+    g.frames()
+    g.send(ACK, b"a" * 2, seq=base)  # the first hole filled: the queue drains what follows
+    assert sum(len(o.data) for o in g.ops()) == 3

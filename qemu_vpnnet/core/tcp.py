@@ -84,6 +84,10 @@ RCV_WSCALE: Final = 5
 SND_BUF_LIMIT: Final = 1 << 20  # bytes from the host waiting for the guest before we stop reading
 SND_BUF_COMPACT: Final = 256 << 10  # acknowledged bytes at the send buffer's front before a cut
 OOO_LIMIT: Final = RCV_WINDOW
+# Segments held out of order, and ranges on the SACK scoreboard: a guest sending tiny segments or
+# SACK blocks must not make either grow past these (CPU and memory stay bounded per connection)
+OOO_MAX_SEGMENTS: Final = 4096
+SCOREBOARD_MAX: Final = 256
 DUP_THRESH: Final = 3  # duplicate ACKs that mean a segment was lost
 REXMIT_BURST: Final = 256  # segments one ACK may make us resend (the holes SACK reported)
 LOST_REXMIT_MIN: Final = 0.001  # a hole resent longer ago than this and twice the RTT: resend again
@@ -739,8 +743,8 @@ class TcpEngine:
             for b in range(at, at + size - 7, 8):
                 left = unwrap(int.from_bytes(frame[b : b + 4], "big"), conn.snd_una)
                 right = unwrap(int.from_bytes(frame[b + 4 : b + 8], "big"), conn.snd_una)
-                if conn.snd_una < left < right <= conn.snd_max:  # D-SACKs and stale blocks: ignored
-                    add_range(conn.sacked, left, right)
+                if conn.snd_una < left < right <= conn.snd_max and len(conn.sacked) < SCOREBOARD_MAX:
+                    add_range(conn.sacked, left, right)  # D-SACKs, stale blocks, and past the cap: ignored
 
     def retransmit_holes(self, conn: TcpConn, now: float, first_lost: bool) -> None:
         """Resend what the guest is missing: the first unacknowledged segment when first_lost
@@ -823,7 +827,7 @@ class TcpEngine:
             if seg_len and seq64 in conn.ooo:
                 conn.dsack = (seq64, seq64 + seg_len)  # a duplicate of what we hold
             elif seg_len and seq64 + seg_len <= conn.rcv_nxt + RCV_WINDOW:
-                if conn.ooo_bytes + seg_len <= OOO_LIMIT:
+                if conn.ooo_bytes + seg_len <= OOO_LIMIT and len(conn.ooo) < OOO_MAX_SEGMENTS:
                     conn.ooo[seq64] = frame[start:end]
                     conn.ooo_bytes += seg_len
                     conn.ooo_last = seq64
