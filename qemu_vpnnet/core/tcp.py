@@ -130,6 +130,20 @@ def add_range(ranges: list[tuple[int, int]], left: int, right: int) -> None:
     ranges.insert(i, (left, right))
 
 
+def trim_ranges(ranges: list[tuple[int, int]], edge: int) -> None:
+    """Drop what lies below edge from sorted, disjoint ranges (acknowledged or delivered)."""
+    while ranges and ranges[0][1] <= edge:
+        del ranges[0]
+    if ranges and ranges[0][0] < edge:
+        ranges[0] = (edge, ranges[0][1])
+
+
+def lost_rexmit_wait(conn: "TcpConn") -> float:
+    """How long a resent hole may stay missing before its retransmission counts as lost too."""
+    wait = 2 * conn.srtt
+    return wait if wait > LOST_REXMIT_MIN else LOST_REXMIT_MIN
+
+
 @final
 class TcpConn:
     """One spliced connection: the guest-facing TCP state plus its host socket's flags."""
@@ -680,11 +694,7 @@ class TcpEngine:
             conn.dupacks = 0
             conn.retries = 0
             conn.recovery_probes = 0
-            sacked = conn.sacked
-            while sacked and sacked[0][1] <= ack64:
-                del sacked[0]
-            if sacked and sacked[0][0] < ack64:
-                sacked[0] = (ack64, sacked[0][1])
+            trim_ranges(conn.sacked, ack64)
             if conn.recovery_end > ack64:  # a partial ACK: the next hole was lost too (NewReno)
                 self.retransmit_holes(conn, now, not conn.sack_ok)
             if conn.rtt_seq >= 0 and ack64 >= conn.rtt_seq:
@@ -706,7 +716,7 @@ class TcpEngine:
             if not window_changed:
                 conn.dupacks += 1
                 if conn.recovery_end > conn.snd_una:
-                    if now - conn.rexmit_at > max(LOST_REXMIT_MIN, 2 * conn.srtt):
+                    if now - conn.rexmit_at > lost_rexmit_wait(conn):
                         # the guest still misses the first hole well after we resent it: that
                         # retransmission was lost too, resend the holes from the start
                         self.counters.add("tcp-lost-retransmit")
@@ -787,7 +797,7 @@ class TcpEngine:
                 conn.rexmit_to = seq
             # the recovery timer: when nothing more arrives from the guest (our window is full,
             # or a retransmission was lost too) resend the holes long before the RTO would
-            when = now + max(LOST_REXMIT_MIN, 2 * conn.srtt)
+            when = now + lost_rexmit_wait(conn)
             if when < conn.deadline:
                 self.set_deadline(conn, when)
         elif conn.fin_seq >= 0 and conn.snd_una == conn.fin_seq:
@@ -905,8 +915,7 @@ class TcpEngine:
                 conn.rcv_nxt += len(data)
                 conn.bytes_to_host += len(data)
                 continue
-            while ranges and ranges[0][1] <= conn.rcv_nxt:
-                del ranges[0]
+            trim_ranges(ranges, conn.rcv_nxt)
             if not ranges or ranges[0][0] > conn.rcv_nxt:
                 break  # a gap before the next queued byte
             # queued segments that start inside what we have (resent with other boundaries)
@@ -924,10 +933,7 @@ class TcpEngine:
                     conn.bytes_to_host += len(data) - skip
             if not popped:
                 break
-        while ranges and ranges[0][1] <= conn.rcv_nxt:
-            del ranges[0]
-        if ranges and ranges[0][0] < conn.rcv_nxt:
-            ranges[0] = (conn.rcv_nxt, ranges[0][1])
+        trim_ranges(ranges, conn.rcv_nxt)
 
     def guest_fin(self, conn: TcpConn, now: float) -> None:
         conn.rcv_nxt += 1

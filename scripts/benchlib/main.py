@@ -193,12 +193,18 @@ class HostServers:
 
 
 # ---- measurements: each returns {metric: value} ------------------------------------------------
-def iperf_tcp(setup: Setup, seconds: int, reverse: bool, streams: int, guest_cc: str) -> dict[str, float]:
+def iperf_tcp_command(seconds: int, reverse: bool, streams: int, guest_cc: str) -> list[str]:
+    """The guest's iperf3 TCP client toward the host's server, JSON output."""
     cmd = ["iperf3", "-c", GATEWAY, "-p", str(HostServers.IPERF), "-t", str(seconds), "-J", "-P", str(streams)]
     if reverse:
         cmd.append("-R")
     if guest_cc != "host":
         cmd += ["-C", guest_cc]  # the guest's sockets (and, with -R, the host's sending ones)
+    return cmd
+
+
+def iperf_tcp(setup: Setup, seconds: int, reverse: bool, streams: int, guest_cc: str) -> dict[str, float]:
+    cmd = iperf_tcp_command(seconds, reverse, streams, guest_cc)
     pids = setup.pids()
     backend = [setup.process.pid] if setup.process is not None else []  # qemu-vpnnet's own process
     before = cpu_seconds(pids)
@@ -230,12 +236,7 @@ def iperf_lossy(setup: Setup, seconds: int, reverse: bool, guest_cc: str, per_mi
         setup.run(
             ["nft", f"add rule inet lossy drops meta l4proto tcp numgen random mod 1000 < {per_mille} drop"], timeout=10
         )
-        cmd = ["iperf3", "-c", GATEWAY, "-p", str(HostServers.IPERF), "-t", str(seconds), "-J"]
-        if reverse:
-            cmd.append("-R")
-        if guest_cc != "host":
-            cmd += ["-C", guest_cc]
-        out = json.loads(setup.run(cmd, timeout=seconds + 60))
+        out = json.loads(setup.run(iperf_tcp_command(seconds, reverse, 1, guest_cc), timeout=seconds + 60))
     finally:
         setup.run(["nft", "delete", "table", "inet", "lossy"], timeout=10)
     direction = "host->guest" if reverse else "guest->host"
