@@ -18,10 +18,11 @@ OP_UDP_SEND: Final = 9  # send data to addr:port from the flow's UDP socket
 OP_UDP_CLOSE: Final = 10  # close the flow's UDP socket
 OP_PING_SEND: Final = 11  # send an ICMP echo (data is the ICMP message) to addr from flow's ping socket
 OP_PING_CLOSE: Final = 12  # close the flow's ping socket
-OP_DNS_QUERY: Final = 13  # resolve: forward data (a DNS query) upstream; port is 1 for TCP, 0 for UDP
+OP_DNS_QUERY: Final = 13  # forward data (a DNS query) upstream; addr:port one server, addr "" the default ones
 OP_TCP_ACCEPTED: Final = 14  # a forwarded host connection for flow is now open to the guest
 OP_UDP_FWD_REPLY: Final = 15  # a guest's reply on a UDP forward: send data to the flow's host peer
 OP_UDP_FWD_CLOSE: Final = 16  # a UDP forward flow timed out: forget its host peer
+OP_DNS_RESOLVE: Final = 17  # look up name addr (port: type A or AAAA) with the host resolver, for query flow
 
 OP_NAMES: Final = {
     OP_TCP_CONNECT: "tcp-connect",
@@ -40,6 +41,7 @@ OP_NAMES: Final = {
     OP_TCP_ACCEPTED: "tcp-accepted",
     OP_UDP_FWD_REPLY: "udp-fwd-reply",
     OP_UDP_FWD_CLOSE: "udp-fwd-close",
+    OP_DNS_RESOLVE: "dns-resolve",
 }
 
 
