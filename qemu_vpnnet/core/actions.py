@@ -6,7 +6,9 @@ performs each operation on the socket that the flow number names.
 
 from typing import Final, final
 
-OP_TCP_CONNECT: Final = 1  # open a TCP connection to addr:port for flow
+from qemu_vpnnet.core.fwd import Route
+
+OP_TCP_CONNECT: Final = 1  # open flow's host side by its route: direct/forward tcp to addr:port, unix, cmd, local
 OP_TCP_SEND: Final = 2  # write data to the flow's socket
 OP_TCP_SHUTDOWN: Final = 3  # half-close: no more data to the host (after pending writes)
 OP_TCP_CLOSE: Final = 4  # close the socket after pending writes; the flow is gone
@@ -49,14 +51,17 @@ OP_NAMES: Final = {
 class HostOp:
     """One socket operation for the shell to perform."""
 
-    __slots__ = ("addr", "data", "flow", "kind", "port")
+    __slots__ = ("addr", "data", "flow", "kind", "port", "route")
 
-    def __init__(self, kind: int, flow: int, addr: str = "", port: int = 0, data: bytes = b"") -> None:
+    def __init__(
+        self, kind: int, flow: int, addr: str = "", port: int = 0, data: bytes = b"", route: Route | None = None
+    ) -> None:
         self.kind = kind
         self.flow = flow
         self.addr = addr
         self.port = port
         self.data = data
+        self.route = route  # OP_TCP_CONNECT: the flow's route (core/fwd.py)
 
     def __repr__(self) -> str:
         name = OP_NAMES.get(self.kind, str(self.kind))

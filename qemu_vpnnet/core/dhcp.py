@@ -71,6 +71,7 @@ class DhcpServer:
         self.by_mac: dict[bytes, Lease] = {}
         self.by_addr: dict[bytes, Lease] = {}
         self.declined: set[bytes] = set()
+        self.reserved: dict[bytes, int] = {}  # addresses never handed out (gateway services); Stack shares fwd's
         # (event name, data) for the control plane: GUEST_LEASE when a lease is bound or changes
         self.events: list[tuple[str, dict[str, object]]] = []
         self._options = self._fixed_options()
@@ -115,7 +116,7 @@ class DhcpServer:
         oldest: Lease | None = None
         for value in range(start, last + 1):
             addr = int_ip(value)
-            if addr in reserved or addr in self.declined:
+            if addr in reserved or addr in self.reserved or addr in self.declined:
                 continue
             owner = self.by_addr.get(addr)
             if owner is None:

@@ -23,6 +23,7 @@ from qemu_vpnnet.core.actions import OP_PING_CLOSE, OP_PING_SEND, HostOp
 from qemu_vpnnet.core.checksum import checksum
 from qemu_vpnnet.core.config import ip_int, ip_str
 from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows
+from qemu_vpnnet.core.fwd import DIRECT, PROTO_ICMP, REFUSE, REPLY_DROP
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import (
     IP_HLEN,
@@ -43,6 +44,7 @@ ICMP_ECHO_REQUEST: Final = 8
 ICMP_TIME_EXCEEDED: Final = 11
 ICMP_PARAMETER_PROBLEM: Final = 12
 UNREACH_FRAG_NEEDED: Final = 4
+UNREACH_ADMIN: Final = 13  # communication administratively prohibited (RFC 1812)
 
 
 def send_ip_fragmented(out: Output, dst_mac: bytes, src: bytes, dst: bytes, proto: int, l4: bytes) -> None:
@@ -132,16 +134,24 @@ class IcmpProxy:
         if not cfg.contains(src) or src == cfg.net_addr or src == cfg.broadcast:
             out.drop("icmp-bad-source")
             return
-        addr = cfg.host_side_address(dst) if is_unicast_outside(dst) else ""
-        if not addr:
-            out.drop("icmp-no-route")
-            return
-        if now < self.unavailable_until:
-            out.drop("icmp-ping-unavailable")
-            return
         ident = (message[4] << 8) | message[5]
         key = (ip_int(src) << 16) | ident
         known = self.table.by_key.get(key)
+        if known is None or cast(PingFlow, known).last_dst != dst:  # a new flow or destination: route it
+            route = out.fwd.route_from_guest(PROTO_ICMP, dst, 0)
+            if route.kind != DIRECT:
+                if route.rule == "virtual" or route.kind != REFUSE:
+                    out.drop("icmp-no-route")
+                    return
+                out.counters.add("icmp-refused-policy")
+                if route.reply != REPLY_DROP:
+                    quote = ipv4_header(src, dst, IPPROTO_ICMP, len(message), 0) + message[:8]
+                    send_icmp_error(out, src_mac, src, dst, ICMP_DEST_UNREACH, UNREACH_ADMIN, quote)
+                return
+        addr = cfg.host_side_address(dst)
+        if now < self.unavailable_until:
+            out.drop("icmp-ping-unavailable")
+            return
         if known is None:
             flow = PingFlow(self.table.new_id(), key, src_mac, src, ident, now)
             self.table.insert(flow)

@@ -46,10 +46,13 @@ class Stack:
         self.out = out
         self.counters = out.counters
         self.switch = out.switch
+        self.fwd = out.fwd  # the route of every new flow, its rules and gateway services
         self.dhcp = DhcpServer(config)
+        self.dhcp.reserved = out.fwd.service_addrs
         self.udp = UdpNat(out)
         self.icmp = IcmpProxy(out)
         self.dns = DnsServer(out)
+        self.udp.local_services["dns"] = self.dns.from_guest
         self.tcp = TcpEngine(out)
         self.udp_forwards = UdpForwards(out)
         self.fragments = Reassembler(self.counters)
@@ -110,7 +113,7 @@ class Stack:
         if op != 1:
             return
         cfg = self.config
-        if tpa == cfg.host_ip or tpa == cfg.dns_ip:
+        if tpa == cfg.host_ip or tpa == cfg.dns_ip or tpa in self.fwd.service_addrs:
             reply = arp_packet(2, cfg.gateway_mac, tpa, sha, spa)
             self.out.send_frame(src_mac, eth_header(src_mac, cfg.gateway_mac, ETH_P_ARP) + reply)
 
@@ -213,7 +216,7 @@ class Stack:
             self.out.drop("short-icmp")
             return
         cfg = self.config
-        if dst == cfg.host_ip or dst == cfg.dns_ip:
+        if dst == cfg.host_ip or dst == cfg.dns_ip or dst in self.fwd.service_addrs:
             if message[0] == 8:  # echo request to a virtual address: answer it ourselves
                 if checksum(message) != 0:
                     self.out.drop("bad-icmp-checksum")

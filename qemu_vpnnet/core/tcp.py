@@ -31,6 +31,7 @@ from qemu_vpnnet.core.actions import (
     HostOp,
 )
 from qemu_vpnnet.core.config import ip_str
+from qemu_vpnnet.core.fwd import DIRECT, DIRECT_ROUTE, FORWARD, PROTO_TCP, REFUSE, REPLY_DROP, REPLY_ICMP, Route
 from qemu_vpnnet.core.icmp import send_icmp_error
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
@@ -76,8 +77,6 @@ STATE_NAMES: Final = (
     "TIME-WAIT",
     "CONNECTING",
 )
-
-DNS_UPSTREAM: Final = "dns-upstream"  # connect target for guest TCP to the DNS address, port 53
 
 RCV_WINDOW: Final = 1 << 20  # what we let the guest have in flight toward us
 RCV_WSCALE: Final = 5
@@ -170,6 +169,7 @@ class TcpConn:
         self.created = now
         self.outbound = True  # opened by the guest (False: a forwarded host connection)
         self.host_addr = ""
+        self.route: Route = DIRECT_ROUTE  # decided at the guest's SYN (core/fwd.py), kept for life
         # send side (host -> guest)
         self.iss = 0
         self.snd_una = 0
@@ -565,14 +565,19 @@ class TcpEngine:
         now: float,
     ) -> None:
         cfg = self.config
-        if dst == cfg.dns_ip and dport == 53:
-            host_addr = DNS_UPSTREAM
-        else:
-            host_addr = cfg.host_side_address(dst)
-        if not host_addr or dst[0] == 127 or dst[0] >= 224 or dst == b"\x00\x00\x00\x00":
-            self.counters.add("tcp-refused-virtual")
-            self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
+        route = self.out.fwd.route_from_guest(PROTO_TCP, dst, dport)
+        kind = route.kind
+        if kind == REFUSE:
+            self.refuse_syn(src_mac, src, dst, sport, dport, seq, frame, start, route)
             return
+        host_port = dport
+        if kind == DIRECT:
+            host_addr = cfg.host_side_address(dst)
+        elif kind == FORWARD:
+            host_addr = route.addr  # "" for unix and cmd targets
+            host_port = route.port
+        else:
+            host_addr = ""
         if len(self.flows) >= cfg.max_tcp_flows:
             self.counters.add("tcp-refused-flow-limit")
             self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
@@ -586,6 +591,7 @@ class TcpEngine:
         conn.sack_ok = sack
         conn.state = CONNECTING
         conn.host_addr = host_addr
+        conn.route = route
         conn.rcv_nxt = seq + 1
         conn.rcv_adv = conn.rcv_nxt
         conn.snd_wnd = window
@@ -598,7 +604,30 @@ class TcpEngine:
         self.by_key[key] = conn
         self.counters.add("tcp-connects")
         self.set_deadline(conn, now + CONNECT_TIMEOUT)
-        self.out.op(HostOp(OP_TCP_CONNECT, conn.flow, host_addr, dport))
+        self.out.op(HostOp(OP_TCP_CONNECT, conn.flow, host_addr, host_port, b"", route))
+
+    def refuse_syn(
+        self,
+        src_mac: bytes,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        seq: int,
+        frame: bytes,
+        start: int,
+        route: Route,
+    ) -> None:
+        """A guest SYN that its route refuses: RST, ICMP administratively prohibited, or nothing."""
+        counters = self.counters
+        if route.rule == "virtual":
+            counters.add("tcp-refused-virtual")
+        else:
+            counters.add("tcp-refused-policy")
+        if route.reply == REPLY_ICMP:
+            send_icmp_error(self.out, src_mac, src, dst, 3, 13, frame[ETH_HLEN : start + 8])
+        elif route.reply != REPLY_DROP:
+            self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
 
     def send_syn_ack(self, conn: TcpConn) -> None:
         opts = syn_options(self.config.mtu - 40, conn.rcv_wscale if conn.rcv_wscale else -1, conn.sack_ok)
@@ -1184,6 +1213,8 @@ class TcpEngine:
                     "guest": f"{ip_str(conn.guest_ip)}:{conn.guest_port}",
                     "remote": f"{ip_str(conn.remote_ip)}:{conn.remote_port}",
                     "state": STATE_NAMES[conn.state],
+                    "route": conn.route.describe() if conn.outbound else "hostfwd",
+                    "rule": conn.route.rule,
                     "bytes-to-host": conn.bytes_to_host,
                     "bytes-to-guest": conn.bytes_to_guest,
                     "guest-window": conn.snd_wnd,

@@ -6,6 +6,13 @@ The first datagram of a flow opens the socket (OP_UDP_OPEN); every datagram is s
 remote come back (NAT traversal) and reach the guest as from that remote; one from 127.0.0.1
 appears as from the gateway address.
 
+Each destination a flow sends to is routed once, at its first datagram (core/fwd.py): direct,
+forwarded to a gateway service's host address, answered by a local service (DNS), or refused
+with ICMP administratively prohibited (or silently). The flow keeps that decision for the
+destination (at most MAX_DESTINATIONS per flow; the oldest is forgotten first), and maps the
+host side's replies back to it. A datagram from a remote the flow never sent to is let in only
+if the policy would send to it directly.
+
 Flows close after `config.udp_idle_timeout` seconds without traffic either way (OP_UDP_CLOSE);
 at most `config.max_udp_flows` are kept and the least recently used one is evicted first.
 
@@ -13,13 +20,16 @@ ICMP errors the host gets for a flow's datagrams (port unreachable when nobody l
 unreachable, ...) are passed to the guest, quoting the headers of its last datagram there.
 """
 
+from collections.abc import Callable
 from typing import Final, cast, final
 
 from qemu_vpnnet.core.actions import OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
 from qemu_vpnnet.core.config import ip_int, ip_str
 from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows
+from qemu_vpnnet.core.fwd import DIRECT, FORWARD, LOCAL, PROTO_UDP, REFUSE, REPLY_DROP, Route
 from qemu_vpnnet.core.icmp import (
     ICMP_DEST_UNREACH,
+    UNREACH_ADMIN,
     UNREACH_FRAG_NEEDED,
     guest_visible_source,
     send_icmp_error,
@@ -29,11 +39,29 @@ from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import IPPROTO_UDP, is_unicast_outside, udp_quote, udp_segment
 
 UNREACH_PORT: Final = 3
+MAX_DESTINATIONS: Final = 256  # routed destinations remembered per flow
+
+# a local service's handler for one datagram: (src_mac, src, dst, sport, payload, now)
+LocalHandler = Callable[[bytes, bytes, bytes, int, bytes, float], None]
 
 
 def send_udp_to_guest(out: Output, dst_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int, data: bytes) -> None:
     """A UDP datagram to a guest, fragmented when it is larger than the guest's MTU."""
     send_ip_fragmented(out, dst_mac, src, dst, IPPROTO_UDP, udp_segment(src, dst, sport, dport, data))
+
+
+@final
+class UdpDestination:
+    """One destination of a flow, as the guest sees it, where it goes on the host, and its route."""
+
+    __slots__ = ("dport", "dst", "host_addr", "host_port", "route")
+
+    def __init__(self, dst: bytes, dport: int, host_addr: str, host_port: int, route: Route) -> None:
+        self.dst = dst
+        self.dport = dport
+        self.host_addr = host_addr
+        self.host_port = host_port
+        self.route = route
 
 
 @final
@@ -53,6 +81,19 @@ class UdpFlow(IdleFlow):
         self.bytes_in = 0  # host -> guest
         self.packets_out = 0
         self.packets_in = 0
+        self.destinations: dict[int, UdpDestination] = {}  # (dst << 16 | dport) -> destination
+        self.by_host: dict[tuple[str, int], UdpDestination] = {}  # (host addr, port) -> destination
+        self.last_route: Route | None = None
+
+    def remember(self, key: int, dest: UdpDestination) -> None:
+        destinations = self.destinations
+        if len(destinations) >= MAX_DESTINATIONS:
+            oldest_key = next(iter(destinations))
+            oldest = destinations.pop(oldest_key)
+            if self.by_host.get((oldest.host_addr, oldest.host_port)) is oldest:
+                del self.by_host[(oldest.host_addr, oldest.host_port)]
+        destinations[key] = dest
+        self.by_host[(dest.host_addr, dest.host_port)] = dest
 
 
 @final
@@ -61,6 +102,7 @@ class UdpNat:
         self.out = out
         # keyed by (address << 16 | port)
         self.table = IdleFlows(out, OP_UDP_CLOSE, "udp", out.config.max_udp_flows)
+        self.local_services: dict[str, LocalHandler] = {}  # LOCAL routes by service name (Stack sets "dns")
 
     # ---- guest side --------------------------------------------------------------------
     def from_guest(
@@ -75,30 +117,66 @@ class UdpNat:
         if dst == cfg.broadcast or not is_unicast_outside(dst):
             out.drop("udp-broadcast")
             return
-        addr = cfg.host_side_address(dst)
-        if not addr:
-            out.drop("udp-no-route")
-            return
         if dport == 0:
             out.drop("udp-port-zero")
             return
         key = (ip_int(src) << 16) | sport
         known = self.table.by_key.get(key)
-        if known is None:
+        dest_key = (ip_int(dst) << 16) | dport
+        if known is not None:
+            flow = cast(UdpFlow, known)
+            dest = flow.destinations.get(dest_key)
+            if dest is None:
+                dest = self.new_destination(src_mac, src, dst, sport, dport, payload, now)
+                if dest is None:
+                    return
+                flow.remember(dest_key, dest)
+            self.table.touch(flow, now)
+        else:
+            dest = self.new_destination(src_mac, src, dst, sport, dport, payload, now)
+            if dest is None:
+                return
             flow = UdpFlow(self.table.new_id(), key, src_mac, src, sport, now)
+            flow.remember(dest_key, dest)
             self.table.insert(flow)
             out.op(HostOp(OP_UDP_OPEN, flow.id))
-        else:
-            flow = cast(UdpFlow, known)
-            self.table.touch(flow, now)
         flow.guest_mac = src_mac
         flow.last_dst = dst
-        flow.last_addr = addr
+        flow.last_addr = dest.host_addr
         flow.last_port = dport
         flow.last_len = len(payload)
+        flow.last_route = dest.route
         flow.bytes_out += len(payload)
         flow.packets_out += 1
-        out.op(HostOp(OP_UDP_SEND, flow.id, addr=addr, port=dport, data=payload))
+        out.op(HostOp(OP_UDP_SEND, flow.id, addr=dest.host_addr, port=dest.host_port, data=payload))
+
+    def new_destination(
+        self, src_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes, now: float
+    ) -> UdpDestination | None:
+        """Route a destination new to its flow; None when the datagram was refused or answered here."""
+        out = self.out
+        route = out.fwd.route_from_guest(PROTO_UDP, dst, dport)
+        kind = route.kind
+        if kind == DIRECT:
+            return UdpDestination(dst, dport, out.config.host_side_address(dst), dport, route)
+        if kind == FORWARD:
+            return UdpDestination(dst, dport, route.addr, route.port, route)
+        if kind == LOCAL:
+            handler = self.local_services.get(route.path)
+            if handler is None:
+                out.drop("udp-no-service")
+            else:
+                handler(src_mac, src, dst, sport, payload, now)
+            return None
+        if kind == REFUSE:
+            if route.rule == "virtual":
+                out.drop("udp-no-route")
+                return None
+            out.counters.add("udp-refused-policy")
+            if route.reply != REPLY_DROP:
+                quote = udp_quote(src, dst, sport, dport, len(payload))
+                send_icmp_error(out, src_mac, src, dst, ICMP_DEST_UNREACH, UNREACH_ADMIN, quote)
+        return None
 
     def flow_by_id(self, flow_id: int) -> UdpFlow | None:
         flow = self.table.by_id.get(flow_id)
@@ -112,10 +190,18 @@ class UdpNat:
         if flow is None:
             out.counters.add("udp-late-datagram")
             return
-        src = flow.last_dst if addr == flow.last_addr else guest_visible_source(out, addr)
-        if not src:
-            out.counters.add("udp-reply-bad-source")
-            return
+        dest = flow.by_host.get((addr, port))
+        if dest is not None:
+            src = dest.dst
+            port = dest.dport
+        else:  # a remote the flow never sent to (NAT traversal): only what the policy lets through
+            src = guest_visible_source(out, addr)
+            if not src:
+                out.counters.add("udp-reply-bad-source")
+                return
+            if out.fwd.decide(PROTO_UDP, src, port).kind != DIRECT:
+                out.counters.add("udp-reply-refused-policy")
+                return
         self.table.touch(flow, now)
         flow.bytes_in += len(data)
         flow.packets_in += 1
@@ -131,10 +217,15 @@ class UdpNat:
         flow = self.flow_by_id(flow_id)
         if flow is None or not flow.last_dst:
             return
-        if not addr or (addr == flow.last_addr and port == flow.last_port):
+        dest = flow.by_host.get((addr, port)) if addr else None
+        if not addr or (dest is not None and dest.dst == flow.last_dst and dest.dport == flow.last_port):
             dst = flow.last_dst
             port = flow.last_port
             length = flow.last_len
+        elif dest is not None:
+            dst = dest.dst
+            port = dest.dport
+            length = 0
         else:
             dst = guest_visible_source(self.out, addr)
             length = 0
@@ -176,6 +267,8 @@ class UdpNat:
                     "remote-address": ip_str(flow.last_dst),
                     "remote-port": flow.last_port,
                     "host-address": flow.last_addr,
+                    "route": flow.last_route.describe() if flow.last_route is not None else "direct",
+                    "rule": flow.last_route.rule if flow.last_route is not None else "",
                     "bytes-out": flow.bytes_out,
                     "bytes-in": flow.bytes_in,
                     "packets-out": flow.packets_out,

@@ -1,8 +1,18 @@
-"""Host-side TCP sockets of the splice engine: connect, read, write, half-close, reset."""
+"""Host-side TCP sockets of the splice engine: connect, read, write, half-close, reset.
+
+OP_TCP_CONNECT carries the flow's route (core/fwd.py), which picks the connector: a TCP
+connect() (direct, or a forward to tcp:HOST:PORT), a Unix stream socket (unix:PATH), a process
+per connection with the connection as its stdin and stdout (cmd:COMMAND, run without a shell),
+or the backend's own DNS over TCP (local dns). Each one answers the core with host_connected()
+or host_refused(); a forward whose target fails is logged (once per target and interval).
+"""
 
 import asyncio
 import errno
 import logging
+import os
+import shlex
+import signal
 import socket
 import struct
 from collections.abc import Callable
@@ -19,7 +29,8 @@ from qemu_vpnnet.core.actions import (
     OP_TCP_SHUTDOWN,
     HostOp,
 )
-from qemu_vpnnet.core.tcp import DNS_UPSTREAM, TcpEngine
+from qemu_vpnnet.core.fwd import FORWARD, LOCAL, TARGET_CMD, TARGET_UNIX, Route
+from qemu_vpnnet.core.tcp import TcpEngine
 from qemu_vpnnet.io.shell import Shell
 
 log = logging.getLogger("qemu_vpnnet.tcp")
@@ -27,6 +38,9 @@ log = logging.getLogger("qemu_vpnnet.tcp")
 WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 LINGER_RST: Final = struct.pack("ii", 1, 0)
+WARN_INTERVAL: Final = 10.0  # seconds between two log lines about the same failing forward target
+MAX_WARNED: Final = 256
+COMMAND_GRACE: Final = 5.0  # seconds a command may run on after its connection closed
 
 
 class HostConnection(asyncio.Protocol):
@@ -107,6 +121,8 @@ class HostTcp:
         self.tcp: TcpEngine = shell.stack.tcp
         self.conns: dict[int, HostConnection] = {}
         self.connecting: dict[int, asyncio.Task[None]] = {}
+        self.commands: dict[int, asyncio.subprocess.Process] = {}  # cmd: forwards, by flow
+        self.warned: dict[str, float] = {}  # forward target -> when its failure was last logged
         performers = shell.op_performers
         performers[OP_TCP_CONNECT] = self.op_connect
         performers[OP_TCP_SEND] = self.op_send
@@ -122,16 +138,20 @@ class HostTcp:
         self.conns[flow] = conn
 
     def op_connect(self, op: HostOp) -> None:
-        addr = op.addr
-        port = op.port
-        if addr == DNS_UPSTREAM:
+        route = op.route
+        if route is not None and route.kind == LOCAL:
             self.connect_dns(op.flow)
             return
-        task = self.shell.loop.create_task(self.connect(op.flow, addr, port))
-        self.connecting[op.flow] = task
+        if route is not None and route.kind == FORWARD and route.target == TARGET_UNIX:
+            coro = self.connect_unix(op.flow, route)
+        elif route is not None and route.kind == FORWARD and route.target == TARGET_CMD:
+            coro = self.connect_command(op.flow, route)
+        else:
+            coro = self.connect(op.flow, op.addr, op.port, route)
+        self.connecting[op.flow] = self.shell.loop.create_task(coro)
 
     def connect_dns(self, flow: int) -> None:
-        """Guest TCP to the DNS address, port 53: answered here (io/dns_tcp.py)."""
+        """Guest TCP to the DNS address, port 53 (or a local dns route): answered here (io/dns_tcp.py)."""
         upstreams = self.shell.dns_upstreams
         if upstreams is None:
             self.tcp.host_refused(flow, errno.ECONNREFUSED, self.shell.now())
@@ -145,27 +165,130 @@ class HostTcp:
         self.tcp.host_connected(flow, self.shell.now())
         self.shell.schedule_flush()
 
-    async def connect(self, flow: int, addr: str, port: int) -> None:
+    async def connect(self, flow: int, addr: str, port: int, route: Route | None = None) -> None:
         loop = self.shell.loop
         try:
             _transport, protocol = await loop.create_connection(lambda: HostConnection(self, flow), addr, port)
         except OSError as exc:
-            self.connecting.pop(flow, None)
-            err = exc.errno if exc.errno is not None else errno.ECONNREFUSED
-            log.debug("flow %d: connect %s:%d failed: %s", flow, addr, port, exc)
-            self.tcp.host_refused(flow, err, loop.time())
-            self.shell.schedule_flush()
+            self.failed(flow, exc, f"{addr}:{port}", route)
             return
         except asyncio.CancelledError:
             self.connecting.pop(flow, None)
             raise
+        self.opened(flow, protocol)
+
+    async def connect_unix(self, flow: int, route: Route) -> None:
+        loop = self.shell.loop
+        try:
+            _transport, protocol = await loop.create_unix_connection(lambda: HostConnection(self, flow), route.path)
+        except OSError as exc:
+            self.failed(flow, exc, route.path, route)
+            return
+        except asyncio.CancelledError:
+            self.connecting.pop(flow, None)
+            raise
+        self.opened(flow, protocol)
+
+    async def connect_command(self, flow: int, route: Route) -> None:
+        """Run route.path (split like a shell would, but not run by one) with the connection as its
+        stdin and stdout; a command that cannot start refuses the connection."""
+        loop = self.shell.loop
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = shlex.split(route.path)
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=theirs.fileno(), stdout=theirs.fileno(), start_new_session=True
+            )
+        except (OSError, ValueError) as exc:
+            ours.close()
+            if not isinstance(exc, OSError):
+                exc = OSError(errno.EINVAL, str(exc))
+            self.failed(flow, exc, route.path, route)
+            return
+        except asyncio.CancelledError:
+            ours.close()
+            self.connecting.pop(flow, None)
+            raise
+        finally:
+            theirs.close()
+        self.commands[flow] = process
+        watcher = loop.create_task(self.reap(flow, process))
+        self.shell.tasks.add(watcher)
+        watcher.add_done_callback(self.shell.tasks.discard)
+        try:
+            _transport, protocol = await loop.create_unix_connection(lambda: HostConnection(self, flow), sock=ours)
+        except OSError as exc:
+            ours.close()
+            self.kill_command(flow)
+            self.failed(flow, exc, route.path, route)
+            return
+        except asyncio.CancelledError:
+            ours.close()
+            self.kill_command(flow)
+            self.connecting.pop(flow, None)
+            raise
+        log.debug("flow %d: started %s (pid %d)", flow, route.path, process.pid)
+        self.opened(flow, protocol)
+
+    async def reap(self, flow: int, process: "asyncio.subprocess.Process") -> None:
+        """Wait for a command to exit; once its connection is gone, give it COMMAND_GRACE seconds."""
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(process.wait()), COMMAND_GRACE)
+                    break
+                except TimeoutError:
+                    if flow not in self.conns and flow not in self.connecting:
+                        log.info(
+                            "flow %d: command pid %d still runs after its connection closed; killed", flow, process.pid
+                        )
+                        self.signal_command(process, signal.SIGKILL)
+        finally:
+            if self.commands.get(flow) is process:
+                del self.commands[flow]
+
+    def kill_command(self, flow: int) -> None:
+        process = self.commands.get(flow)
+        if process is not None and process.returncode is None:
+            self.signal_command(process, signal.SIGTERM)
+
+    @staticmethod
+    def signal_command(process: "asyncio.subprocess.Process", sig: int) -> None:
+        try:
+            os.killpg(process.pid, sig)  # its own session: the whole group
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def failed(self, flow: int, exc: OSError, where: str, route: Route | None) -> None:
+        """A connector failed: the guest gets RST (or ICMP unreachable); forwards say why in the log."""
         self.connecting.pop(flow, None)
-        conn = protocol
+        err = exc.errno if exc.errno is not None else errno.ECONNREFUSED
+        if route is not None and route.kind == FORWARD:
+            self.warn_target(route, exc)
+        else:
+            log.debug("flow %d: connect %s failed: %s", flow, where, exc)
+        self.tcp.host_refused(flow, err, self.shell.now())
+        self.shell.schedule_flush()
+
+    def warn_target(self, route: Route, exc: OSError) -> None:
+        now = self.shell.now()
+        target = route.target_text()
+        if now - self.warned.get(target, -WARN_INTERVAL) < WARN_INTERVAL:
+            return
+        if len(self.warned) >= MAX_WARNED:
+            self.warned.clear()
+        self.warned[target] = now
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        log.warning("forward %s (rule %s) failed: %s; the guest's connection is reset", target, route.rule, reason)
+
+    def opened(self, flow: int, conn: HostConnection) -> None:
+        self.connecting.pop(flow, None)
         if flow not in self.tcp.flows:  # the guest gave up meanwhile
             conn.abort_with_rst()
+            self.kill_command(flow)
             return
         self.conns[flow] = conn
-        self.tcp.host_connected(flow, loop.time())
+        self.tcp.host_connected(flow, self.shell.now())
         self.shell.schedule_flush()
 
     def op_send(self, op: HostOp) -> None:
@@ -195,6 +318,7 @@ class HostTcp:
         conn = self.conns.pop(op.flow, None)
         if conn is not None:
             conn.abort_with_rst()
+        self.kill_command(op.flow)
 
     def op_pause(self, op: HostOp) -> None:
         conn = self.conns.get(op.flow)
@@ -216,3 +340,6 @@ class HostTcp:
         for conn in list(self.conns.values()):
             conn.abort_with_rst()
         self.conns.clear()
+        for process in list(self.commands.values()):
+            if process.returncode is None:
+                self.signal_command(process, signal.SIGKILL)
