@@ -34,13 +34,41 @@ def host_port(text: str) -> tuple[str, int]:
 
 
 def dns_server(text: str) -> str:
-    """IP[:PORT] or [v6]:PORT for --dns-upstream, checked at parse time."""
-    from qemu_vpnnet.io.dns_upstream import parse_server
+    """[DOMAIN=]IP[:PORT] or [DOMAIN=][v6]:PORT for --dns-upstream, checked at parse time."""
+    from qemu_vpnnet.io.dns_upstream import parse_server, parse_split
 
     try:
-        parse_server(text)
+        if "=" in text:
+            parse_split(text)
+        else:
+            parse_server(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--dns-upstream {text!r}: {exc}") from exc
+    return text
+
+
+def dns_zone(text: str) -> str:
+    """NAME=ADDR for --dns-zone, checked at parse time."""
+    from qemu_vpnnet.core.dns_zone import ZoneError, parse_zone_entry
+
+    try:
+        parse_zone_entry(text)
+    except ZoneError as exc:
+        raise argparse.ArgumentTypeError(f"--dns-zone {text!r}: {exc}") from exc
+    return text
+
+
+def dns_zone_file(text: str) -> str:
+    """--dns-zone-file: a readable zone file without bad lines (checked at start)."""
+    from qemu_vpnnet.core.dns_zone import ZoneError
+    from qemu_vpnnet.io.dns_host import read_zone_file
+
+    try:
+        read_zone_file(text)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"--dns-zone-file {text}: {exc.strerror or exc}") from exc
+    except ZoneError as exc:
+        raise argparse.ArgumentTypeError(f"--dns-zone-file {text}: {exc}") from exc
     return text
 
 
@@ -130,22 +158,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="after a light request/reply turn keep polling this long instead of sleeping: lower "
         "round-trip latency for some CPU while such traffic flows; 0 turns it off (default 200)",
     )
-    o = p.add_argument_group("outbound traffic")
-    o.add_argument(
+    d = p.add_argument_group("DNS (see docs/dns.rst)")
+    d.add_argument(
+        "--dns-mode",
+        choices=("host", "forward"),
+        default=None,
+        help="host: answer A/AAAA with the host's resolver library (getaddrinfo: /etc/hosts, nsswitch, "
+        "systemd-resolved), forward the rest; forward: forward every query (default host, or forward "
+        "when a plain --dns-upstream IP is given)",
+    )
+    d.add_argument(
         "--dns-upstream",
         action="append",
         default=[],
         type=dns_server,
-        metavar="IP[:PORT]",
-        help="upstream DNS server (repeatable; default: the host's /etc/resolv.conf, followed when it changes)",
+        metavar="[DOMAIN=]IP[:PORT]",
+        help="upstream DNS server (repeatable; default: the host's /etc/resolv.conf, followed when it changes); "
+        "DOMAIN=IP sends queries for DOMAIN and the names below it to IP only, in every mode",
     )
-    o.add_argument(
+    d.add_argument(
+        "--dns-zone",
+        action="append",
+        default=[],
+        type=dns_zone,
+        metavar="NAME=ADDR",
+        help="answer NAME (or *.DOMAIN: every name below DOMAIN) with IPv4 or IPv6 ADDR "
+        "(repeatable, also for several addresses of one name; default none)",
+    )
+    d.add_argument(
+        "--dns-zone-file",
+        action="append",
+        default=[],
+        type=dns_zone_file,
+        metavar="FILE",
+        help="names from FILE, lines 'NAME ADDR [ADDR...]', reloaded when it changes (repeatable; default none)",
+    )
+    d.add_argument(
         "--host-name",
         action="append",
         default=[],
         metavar="NAME",
-        help="a DNS name that resolves to the gateway address, besides host.internal (repeatable)",
+        help="a DNS name that resolves to the gateway address, besides host.internal and gateway.internal (repeatable)",
     )
+    o = p.add_argument_group("outbound traffic")
     o.add_argument(
         "--no-host-loopback",
         action="store_true",

@@ -1,4 +1,4 @@
-"""Unit tests of the DNS server: built-in names, forwarding, truncation, SERVFAIL, bad input."""
+"""Unit tests of the DNS server in forward mode: built-in names, forwarding, truncation, SERVFAIL, bad input."""
 
 import random
 
@@ -15,8 +15,10 @@ GUEST = "10.0.2.15"
 DNS_IP = "10.0.2.3"
 
 
-def make_stack(**kwargs: object) -> Stack:
+def make_stack(mode: str = D.MODE_FORWARD, **kwargs: object) -> Stack:
+    """A stack with one port; DNS in forward mode unless mode says otherwise (tests/test_dns_host.py)."""
     stack = Stack(NetConfig(**kwargs))  # type: ignore[arg-type]
+    stack.dns.set_mode(mode)
     stack.attach_port(1)
     return stack
 

@@ -74,6 +74,8 @@ ALLOWED_OPTIONS: dict[str, bool] = {
     "dns-search": True,
     "mtu": True,
     "dns-upstream": True,
+    "dns-mode": True,
+    "dns-zone": True,
     "host-name": True,
     "no-host-loopback": False,
     "udp-timeout": True,

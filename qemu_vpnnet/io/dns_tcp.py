@@ -1,9 +1,11 @@
 """DNS over TCP at the virtual DNS address: the guest's connection ends here, not at a socket.
 
 A guest TCP connection to the DNS address, port 53, is spliced by the TCP engine like any other,
-but its "host socket" is a DnsTcpSession: it reads the guest's length-prefixed queries, answers
-built-in names itself (the same answers as over UDP, core/dns.py local_answer), and asks the
-upstream servers over TCP in turn for the rest, answering SERVFAIL when none answers. Answers
+but its "host socket" is a DnsTcpSession: it reads the guest's length-prefixed queries and
+decides each as the UDP server does (core/dns.py local_answer and route): built-in and zone
+names are answered by the core; in host mode A and AAAA go to the host's resolver
+(io/dns_host.py) and the core builds the answer; the rest is asked of the split upstream, or
+of the upstream servers in turn, over TCP, answering SERVFAIL when none answers. Answers
 go back in the order the queries came. Bounded: at most MAX_PENDING queries of one connection
 wait at once and at most 64 KiB of a partial query is kept; a guest that sends garbage is
 disconnected.
@@ -13,7 +15,7 @@ import asyncio
 import logging
 from typing import Any, Final
 
-from qemu_vpnnet.core.dns import servfail_for
+from qemu_vpnnet.core.dns import ROUTE_HOST, ROUTE_SPLIT, servfail_for
 from qemu_vpnnet.io.dns_upstream import DnsUpstreams, UpstreamError
 from qemu_vpnnet.io.host_tcp import HostConnection
 
@@ -99,9 +101,16 @@ class DnsTcpSession(asyncio.Transport):
         if counter:
             self.shell.stack.counters.add(counter + "-tcp")
             return b"" if reply is None else reply
+        route = dns.route(query)
+        resolver = self.upstreams.resolver
+        if route.kind == ROUTE_HOST and resolver is not None:
+            self.shell.stack.counters.add("dns-host-lookups-tcp")
+            status, addresses = await resolver.lookup(route.name, route.qtype)
+            return self.shell.stack.dns.host_answer(query, status, addresses)
+        servers = [(route.addr, route.port)] if route.kind == ROUTE_SPLIT else None
         self.shell.stack.counters.add("dns-forwarded-tcp")
         try:
-            answer = await self.upstreams.resolve_tcp(query)
+            answer = await self.upstreams.resolve_tcp(query, servers)
             return query[:2] + answer[2:]  # the guest's own id (the upstream saw a random one)
         except UpstreamError:
             self.shell.stack.counters.add("dns-servfail-tcp")

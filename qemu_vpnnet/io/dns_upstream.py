@@ -3,7 +3,8 @@
 Servers come from `--dns-upstream IP[:PORT]` (repeatable; then resolv.conf is not read) or
 from the `nameserver` lines of /etc/resolv.conf, which is checked for changes (device, inode,
 size, modification time) at most once a second, so DNS follows the host as its VPN comes and
-goes.
+goes. A split upstream (`--dns-upstream DOMAIN=IP[:PORT]`) is chosen by the core, which names
+that one server in the op (addr, port); then only that server is asked.
 
 A query goes over UDP to the first server, from a fresh socket with a random id; after
 UDP_TIMEOUT seconds without an answer, or an error (ECONNREFUSED when nothing listens), the
@@ -17,10 +18,13 @@ import logging
 import os
 import secrets
 import socket
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from qemu_vpnnet.core.actions import OP_DNS_QUERY, HostOp
 from qemu_vpnnet.io.shell import Shell, StartupError
+
+if TYPE_CHECKING:
+    from qemu_vpnnet.io.dns_host import HostResolver, ZoneFiles
 
 log = logging.getLogger("qemu_vpnnet.dns")
 
@@ -58,6 +62,30 @@ def parse_server(text: str) -> Server:
     return host, port
 
 
+def parse_split(text: str) -> tuple[str, Server]:
+    """DOMAIN=IP[:PORT] as (domain, server); ValueError when malformed."""
+    from qemu_vpnnet.core.dns_zone import normal_name
+
+    domain, _, server = text.partition("=")
+    name = normal_name(domain)
+    if name.startswith("*"):
+        raise ValueError(f"bad domain {domain!r} (no wildcards: a domain covers the names below it)")
+    return name, parse_server(server)
+
+
+def split_upstream_values(values: list[str]) -> tuple[list[Server], dict[str, Server]]:
+    """--dns-upstream values as (plain servers, {domain: server}); ValueError when one is malformed."""
+    plain: list[Server] = []
+    split: dict[str, Server] = {}
+    for text in values:
+        if "=" in text:
+            domain, server = parse_split(text)
+            split[domain] = server
+        else:
+            plain.append(parse_server(text))
+    return plain, split
+
+
 def parse_resolv_conf(text: str) -> list[Server]:
     """The nameserver entries of a resolv.conf, in order (bad ones skipped)."""
     servers: list[Server] = []
@@ -91,6 +119,8 @@ class DnsUpstreams:
         self.checked = -CHECK_INTERVAL
         self.tasks: set[asyncio.Task[None]] = set()
         self.warned: dict[Server, float] = {}
+        self.resolver: HostResolver | None = None  # set by dns_host.configure_dns
+        self.zone_files: ZoneFiles | None = None
 
     def install(self) -> None:
         self.shell.op_performers[OP_DNS_QUERY] = self.perform
@@ -138,13 +168,15 @@ class DnsUpstreams:
 
     # ---- forwarding --------------------------------------------------------------------
     def perform(self, op: HostOp) -> None:
-        task = self.loop.create_task(self.resolve(op.flow, op.data))
+        servers = [(op.addr, op.port)] if op.addr else None
+        task = self.loop.create_task(self.resolve(op.flow, op.data, servers))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def resolve(self, query_id: int, query: bytes) -> None:
+    async def resolve(self, query_id: int, query: bytes, servers: list[Server] | None = None) -> None:
+        """Forward query to servers (default: the upstream servers) in turn; tell the core."""
         dns = self.shell.stack.dns
-        for server in list(self.servers()):
+        for server in list(self.servers()) if servers is None else servers:
             try:
                 answer = await self.ask_udp(server, query)
                 if answer[2] & 0x02:
@@ -161,9 +193,10 @@ class DnsUpstreams:
         dns.failed(query_id, self.loop.time())
         self.shell.schedule_flush()
 
-    async def resolve_tcp(self, query: bytes) -> bytes:
-        """Ask the upstream servers over TCP in turn; the first answer, else UpstreamError."""
-        for server in list(self.servers()):
+    async def resolve_tcp(self, query: bytes, servers: list[Server] | None = None) -> bytes:
+        """Ask servers (default: the upstream servers) over TCP in turn; the first answer, else
+        UpstreamError."""
+        for server in list(self.servers()) if servers is None else servers:
             try:
                 return await self.ask_tcp(server, query)
             except (OSError, TimeoutError, EOFError, UpstreamError) as exc:
@@ -213,12 +246,17 @@ class DnsUpstreams:
     def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
+        if self.resolver is not None:
+            self.resolver.close()
+        if self.zone_files is not None:
+            self.zone_files.close()
 
 
 def install_dns_upstream(shell: Shell, upstream: list[str]) -> DnsUpstreams:
-    """Register the OP_DNS_QUERY performer; upstream holds --dns-upstream values (may be empty)."""
+    """Register the OP_DNS_QUERY performer; upstream holds --dns-upstream values (may be empty;
+    the DOMAIN=server ones are the core's, see dns_host.configure_dns)."""
     try:
-        fixed = [parse_server(text) for text in upstream]
+        fixed, _split = split_upstream_values(upstream)
     except ValueError as exc:
         raise StartupError(f"--dns-upstream: {exc} (expected IP[:PORT] or [IPv6]:PORT)") from exc
     upstreams = DnsUpstreams(shell, fixed)
