@@ -19,18 +19,41 @@ from .common import REPO_ROOT, HarnessError, read_text, stop_process, tail, with
 GUARD_DNS_UPSTREAM = "127.0.0.1:9"
 
 
-def dns_guarded(args: Sequence[str], *, netns: str | None, module: str = "qemu_vpnnet") -> tuple[str, ...]:
-    """``args`` plus ``--dns-upstream 127.0.0.1:9`` for a qemu_vpnnet backend in
-    the root namespace without its own ``--dns-upstream``.
+def _option_values(args: Sequence[str], option: str) -> list[str]:
+    """The values of ``option`` in ``args`` (``--opt VALUE`` and ``--opt=VALUE``), in order."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            values.append(args[i + 1])
+        elif arg.startswith(option + "="):
+            values.append(arg[len(option) + 1 :])
+    return values
 
-    The machine's resolver (its /etc/resolv.conf) must never get test traffic;
-    a backend in a test's own namespace reads that namespace's resolv.conf.
+
+def dns_guarded(args: Sequence[str], *, netns: str | None, module: str = "qemu_vpnnet") -> tuple[str, ...]:
+    """``args`` made safe for a qemu_vpnnet backend in the root namespace: plus
+    ``--dns-upstream 127.0.0.1:9`` unless a plain ``--dns-upstream IP`` is given
+    (a ``DOMAIN=IP`` one covers only its domain), and plus ``--dns-mode forward``
+    unless a mode is given; ``--dns-mode host`` there is refused (HarnessError).
+
+    The machine's resolver (its /etc/resolv.conf, and getaddrinfo, which host
+    mode calls) must never get test traffic; a backend in a test's own namespace
+    reads that namespace's resolv.conf and hosts.
     """
     if netns is not None or module != "qemu_vpnnet":
         return tuple(args)
-    if any(a == "--dns-upstream" or a.startswith("--dns-upstream=") for a in args):
-        return tuple(args)
-    return (*args, "--dns-upstream", GUARD_DNS_UPSTREAM)
+    modes = _option_values(args, "--dns-mode")
+    if modes and modes[-1] != "forward":
+        raise HarnessError(
+            f"--dns-mode {modes[-1]} in the root namespace would ask this machine's resolver: "
+            "run the backend in an NsHost namespace"
+        )
+    extra: list[str] = []
+    if not any("=" not in value for value in _option_values(args, "--dns-upstream")):
+        extra += ["--dns-upstream", GUARD_DNS_UPSTREAM]
+    if not modes:
+        extra += ["--dns-mode", "forward"]
+    return (*args, *extra)
 
 
 class BackendError(HarnessError):

@@ -10,7 +10,7 @@ whether it passed or not):
   env=None, start=True) -> VmGuest``
 - ``ns_guest(*, backend=None, socket_path=None, netdev=None, mtu=1500,
   mac=None, ipv6=True, qemu_args=(), qemu_env=None) -> NsGuest``
-- ``ns_host(*, host_addr=..., outside_addr=..., ..., resolv_conf=None) -> NsHost``
+- ``ns_host(*, host_addr=..., outside_addr=..., ..., resolv_conf=None, hosts=None) -> NsHost``
 
 Plus ``vm_image`` (session: builds vm-images/build/ once if needed) and
 ``vpnnet_run_dir`` (session: a short /tmp folder for Unix sockets, whose paths
@@ -210,11 +210,14 @@ def start_backend(request: pytest.FixtureRequest, tmp_path: Path, vpnnet_run_dir
     """Factory: start ``python -m qemu_vpnnet --socket PATH *args``; returns
     once the socket exists. Every backend is stopped at teardown.
 
-    DNS guard: the machine's own resolver (its /etc/resolv.conf) must never get
-    test traffic, so a backend started in the root namespace without a
-    ``--dns-upstream`` gets ``--dns-upstream 127.0.0.1:9`` (nothing answers).
-    Run it in an :class:`NsHost` namespace, or pass ``--dns-upstream`` to a DNS
-    server the test runs, to test DNS; ``dns_guard=False`` turns this off."""
+    DNS guard: the machine's own resolver (its /etc/resolv.conf, and getaddrinfo
+    in --dns-mode host) must never get test traffic, so a backend started in the
+    root namespace gets ``--dns-mode forward`` and, without a plain
+    ``--dns-upstream IP``, ``--dns-upstream 127.0.0.1:9`` (nothing answers);
+    ``--dns-mode host`` there is refused (integration/backend.py dns_guarded).
+    Run it in an :class:`NsHost` namespace (``hosts=`` and ``resolv_conf=``
+    written by the test), or pass ``--dns-upstream`` to a DNS server the test
+    runs, to test DNS; ``dns_guard=False`` turns this off."""
     backends: list[Backend] = []
 
     def start(
@@ -339,7 +342,7 @@ def ns_guest(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NsGuest
 @pytest.fixture
 def ns_host() -> Iterator[NsHostFactory]:
     """Factory: a host namespace with a veth to an outside namespace."""
-    hosts: list[NsHost] = []
+    made: list[NsHost] = []
 
     def make(
         *,
@@ -349,6 +352,7 @@ def ns_host() -> Iterator[NsHostFactory]:
         outside_addr6: str | None = "2001:2::2/64",
         default_route: bool = True,
         resolv_conf: str | None = None,
+        hosts: str | None = None,
         mtu: int = 1500,
     ) -> NsHost:
         host = NsHost(
@@ -358,10 +362,11 @@ def ns_host() -> Iterator[NsHostFactory]:
             outside_addr6=outside_addr6,
             default_route=default_route,
             resolv_conf=resolv_conf,
+            hosts=hosts,
             mtu=mtu,
         )
-        hosts.append(host)
+        made.append(host)
         return host.start()
 
     yield make
-    _close_all([h.close for h in hosts])
+    _close_all([h.close for h in made])

@@ -76,5 +76,6 @@ class NsHostFactory(Protocol):
         outside_addr6: str | None = "2001:2::2/64",
         default_route: bool = True,
         resolv_conf: str | None = None,
+        hosts: str | None = None,
         mtu: int = 1500,
     ) -> NsHost: ...

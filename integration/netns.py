@@ -2,7 +2,10 @@
 
 Every namespace gets ``/etc/netns/NAME/resolv.conf`` *before* anything runs in
 it: ``ip netns exec`` bind-mounts that file over ``/etc/resolv.conf`` only when
-it exists, and a DHCP script would otherwise rewrite the machine's own.
+it exists, and a DHCP script would otherwise rewrite the machine's own. With
+``hosts`` given, ``/etc/netns/NAME/hosts`` is written too and becomes the
+namespace's ``/etc/hosts`` (names only that namespace's resolver library knows).
+Both go with the folder at close.
 """
 
 from __future__ import annotations
@@ -86,9 +89,10 @@ class Netns:
     kills what runs inside and deletes it with its devices.
     """
 
-    def __init__(self, name: str, *, resolv_conf: str = "") -> None:
+    def __init__(self, name: str, *, resolv_conf: str = "", hosts: str | None = None) -> None:
         self.name = name
         self.initial_resolv_conf = resolv_conf
+        self.initial_hosts = hosts
         self.created = False
         self.closed = False
         self._procs: list[subprocess.Popen[bytes] | subprocess.Popen[str]] = []
@@ -102,6 +106,11 @@ class Netns:
         """The file that is ``/etc/resolv.conf`` inside the namespace."""
         return self.etc_dir / "resolv.conf"
 
+    @property
+    def hosts_path(self) -> Path:
+        """The file that is ``/etc/hosts`` inside the namespace (when ``hosts`` was given)."""
+        return self.etc_dir / "hosts"
+
     def create(self) -> Netns:
         if self.created:
             raise RuntimeError(f"namespace {self.name} already created")
@@ -109,6 +118,8 @@ class Netns:
             raise RuntimeError(f"namespace {self.name} exists already")
         self.etc_dir.mkdir(parents=True, exist_ok=True)
         self.resolv_conf_path.write_text(self.initial_resolv_conf)
+        if self.initial_hosts is not None:
+            self.hosts_path.write_text(self.initial_hosts)
         netns.create(self.name)
         self.created = True
         with self.iproute() as ipr:
@@ -119,6 +130,12 @@ class Netns:
         """Rewrite the namespace's resolv.conf in place (same inode, so the
         bind mount of running ``ip netns exec`` processes sees it too)."""
         with open(self.resolv_conf_path, "r+") as f:
+            f.truncate(0)
+            f.write(text)
+
+    def set_hosts(self, text: str) -> None:
+        """Rewrite the namespace's hosts file in place (it must have been given at creation)."""
+        with open(self.hosts_path, "r+") as f:
             f.truncate(0)
             f.write(text)
 

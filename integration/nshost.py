@@ -33,7 +33,8 @@ class NsHost:
     ``host``/``outside`` are :class:`~integration.netns.Netns` objects (``run``,
     ``popen``, ``iproute``...). The host namespace's resolv.conf starts as
     ``resolv_conf`` (default: the outside address as name server, where a test
-    may run a DNS server) and is changed with :meth:`set_resolv_conf`.
+    may run a DNS server) and is changed with :meth:`set_resolv_conf`; with
+    ``hosts`` its /etc/hosts is that text (:meth:`set_hosts` changes it).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class NsHost:
         outside_addr6: str | None = "2001:2::2/64",
         default_route: bool = True,
         resolv_conf: str | None = None,
+        hosts: str | None = None,
         mtu: int = 1500,
     ) -> None:
         host_name, self.host_ifname = unique_names("h")
@@ -55,7 +57,7 @@ class NsHost:
         self.outside_iface6 = ipaddress.ip_interface(outside_addr6) if outside_addr6 else None
         if resolv_conf is None:
             resolv_conf = f"nameserver {self.outside_iface.ip}\n"
-        self.host = Netns(host_name, resolv_conf=resolv_conf)
+        self.host = Netns(host_name, resolv_conf=resolv_conf, hosts=hosts)
         self.outside = Netns(outside_name, resolv_conf="")
         self.default_route = default_route
         self.mtu = mtu
@@ -132,6 +134,10 @@ class NsHost:
     def set_resolv_conf(self, text: str) -> None:
         """Rewrite the host namespace's resolv.conf (what the backend reads)."""
         self.host.set_resolv_conf(text)
+
+    def set_hosts(self, text: str) -> None:
+        """Rewrite the host namespace's /etc/hosts (given at creation)."""
+        self.host.set_hosts(text)
 
     def close(self) -> None:
         """Delete both namespaces (the veth pair goes with them). Idempotent."""

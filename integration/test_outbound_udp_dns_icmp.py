@@ -1,10 +1,11 @@
 """Outbound UDP, DNS and ICMP echo through the backend, with real peers.
 
-Every test runs the backend inside an NsHost "host" namespace; the peers -- UDP echo
-servers, DNS servers written here with dpkt -- run in that namespace's loopback (reached
-through the gateway address) or in the "outside" namespace (198.18.0.2, 198.19.x.x). The
-guest is a namespace guest bridged to the backend by QEMU's hub; it runs this machine's
-python3 for its side (GUEST_TOOL). No traffic leaves the namespaces the tests make.
+Every test runs the backend inside an NsHost "host" namespace (the tests of DNS forwarding
+ask for --dns-mode forward; host mode has its own tests in integration/test_dns_host.py); the
+peers -- UDP echo servers, DNS servers written here with dpkt -- run in that namespace's
+loopback (reached through the gateway address) or in the "outside" namespace (198.18.0.2,
+198.19.x.x). The guest is a namespace guest bridged to the backend by QEMU's hub; it runs this
+machine's python3 for its side (GUEST_TOOL). No traffic leaves the namespaces the tests make.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def test_no_host_loopback_drops_udp_to_the_gateway(world: Callable[..., World]) 
 
 
 def test_dns_passthrough_nxdomain_and_builtin_names(world: Callable[..., World]) -> None:
-    w = world("--host-name", "myhost.example.test")
+    w = world("--dns-mode", "forward", "--host-name", "myhost.example.test")
     log = w.serve(w.host.outside, "dns", f"{OUTSIDE}:192.0.2.1")
     a = w.tool("dns", DNS, "www.example.test", "1")
     assert (a["rcode"], a["a"], a["id_ok"], a["from"]) == (0, ["192.0.2.1"], True, [DNS, 53])
@@ -301,7 +302,7 @@ def test_dns_passthrough_nxdomain_and_builtin_names(world: Callable[..., World])
 
 
 def test_dns_truncation_and_tcp_retry_upstream(world: Callable[..., World]) -> None:
-    w = world()
+    w = world("--dns-mode", "forward")
     log = w.serve(w.host.outside, "dns", f"{OUTSIDE}:192.0.2.1")
     # 60 records (> 512 bytes): the guest without EDNS gets TC; with EDNS 4096 all of it
     cut = w.tool("dns", DNS, "many.example.test", "1")
@@ -353,7 +354,7 @@ def test_dns_over_tcp_servfail_when_no_upstream_answers(world: Callable[..., Wor
 
 
 def test_dns_follows_resolv_conf_changes(world: Callable[..., World]) -> None:
-    w = world()  # the host namespace's resolv.conf names 198.18.0.2
+    w = world("--dns-mode", "forward")  # the host namespace's resolv.conf names 198.18.0.2
     second = w.host.add_outside_address("198.19.9.9/32")
     w.serve(w.host.outside, "dns", f"{OUTSIDE}:192.0.2.1", f"{second}:192.0.2.99")
     assert w.tool("dns", DNS, "www.example.test", "1")["a"] == ["192.0.2.1"]

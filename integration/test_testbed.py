@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from integration.backend import BackendError, dns_guarded
-from integration.common import parse_lease_line
+from integration.common import HarnessError, parse_lease_line
 from integration.fixtures import NsGuestFactory, NsHostFactory, StartBackend, VmGuestFactory
 from integration.netns import Netns, sweep
 from integration.nsguest import NsGuest
@@ -129,9 +129,16 @@ def test_backend_in_a_host_namespace(
 
 def test_backend_dns_guard() -> None:
     guarded = dns_guarded(("--mtu", "65520"), netns=None)
-    assert guarded == ("--mtu", "65520", "--dns-upstream", "127.0.0.1:9")
-    assert dns_guarded(("--dns-upstream", "198.18.0.2"), netns=None) == ("--dns-upstream", "198.18.0.2")
-    assert dns_guarded(("--dns-upstream=198.18.0.2",), netns=None) == ("--dns-upstream=198.18.0.2",)
+    assert guarded == ("--mtu", "65520", "--dns-upstream", "127.0.0.1:9", "--dns-mode", "forward")
+    forward = ("--dns-mode", "forward")
+    assert dns_guarded(("--dns-upstream", "198.18.0.2"), netns=None) == ("--dns-upstream", "198.18.0.2", *forward)
+    assert dns_guarded(("--dns-upstream=198.18.0.2",), netns=None) == ("--dns-upstream=198.18.0.2", *forward)
+    # a split upstream covers one domain only: the rest still needs the guard
+    split = ("--dns-upstream", "corp.test=198.18.0.2")
+    assert dns_guarded(split, netns=None) == (*split, "--dns-upstream", "127.0.0.1:9", *forward)
+    assert dns_guarded(("--dns-mode=forward",), netns=None) == ("--dns-mode=forward", "--dns-upstream", "127.0.0.1:9")
+    with pytest.raises(HarnessError, match="root namespace"):
+        dns_guarded(("--dns-upstream", "198.18.0.2", "--dns-mode", "host"), netns=None)
     assert dns_guarded((), netns="vpnt-1-h1") == ()
     assert dns_guarded((), netns=None, module=HUB) == ()
 
