@@ -244,6 +244,69 @@ async def cmd_query_stats(ctx: Context, args: dict[str, object]) -> object:
     }
 
 
+def zone_arguments(args: dict[str, object]) -> tuple[str, bytes | None]:
+    """dns-zone-add/-remove's name (normalized) and address (None when not given)."""
+    from qemu_vpnnet.core.dns_zone import ZoneError, address_bytes, normal_name
+
+    name = args["name"]
+    assert isinstance(name, str)
+    try:
+        normal = normal_name(name)
+    except ZoneError:
+        raise QmpError(f"Invalid DNS name '{name}'") from None
+    address = args.get("address")
+    if address is None:
+        return normal, None
+    assert isinstance(address, str)
+    try:
+        return normal, address_bytes(address)
+    except ZoneError:
+        raise QmpError("Parameter 'address' expects an IPv4 or IPv6 address") from None
+
+
+def zone_entry(name: str, addrs: list[bytes], source: str) -> dict[str, object]:
+    from qemu_vpnnet.core.dns_zone import address_text
+
+    return {"name": name, "addresses": [address_text(a) for a in addrs], "source": source}
+
+
+async def cmd_dns_zone_add(ctx: Context, args: dict[str, object]) -> object:
+    from qemu_vpnnet.core.dns_zone import SOURCE_QMP, ZoneError
+
+    name, addr = zone_arguments(args)
+    assert addr is not None
+    zones = ctx.shell.stack.dns.zones
+    try:
+        added = zones.add(SOURCE_QMP, name, addr)
+    except ZoneError as exc:
+        raise QmpError(str(exc)) from exc
+    if not added:
+        raise QmpError(f"DNS name '{name}' has address '{args['address']}' already")
+    return zone_entry(name, zones.sources[SOURCE_QMP][name], SOURCE_QMP)
+
+
+async def cmd_dns_zone_remove(ctx: Context, args: dict[str, object]) -> object:
+    from qemu_vpnnet.core.dns_zone import SOURCE_QMP
+
+    name, addr = zone_arguments(args)
+    zones = ctx.shell.stack.dns.zones
+    removed = zones.remove(SOURCE_QMP, name, addr)
+    if not removed:
+        if addr is not None and name in zones.sources.get(SOURCE_QMP, {}):
+            raise QmpError(f"DNS name '{name}' has no address '{args['address']}'")
+        others = [source for source, zone in zones.sources.items() if name in zone]
+        if others:
+            raise QmpError(f"DNS name '{name}' comes from {others[0]}; only names added over QMP can be removed")
+        raise QmpError(f"DNS name '{name}' not found")
+    return zone_entry(name, removed, SOURCE_QMP)
+
+
+async def cmd_query_dns_zones(ctx: Context, args: dict[str, object]) -> object:
+    dns = ctx.shell.stack.dns
+    result = [zone_entry(name, addrs, "built-in") for name, addrs in dns.builtin.items()]
+    return result + [zone_entry(name, addrs, source) for source, name, addrs in dns.zones.entries()]
+
+
 def command_table() -> dict[str, Command]:
     """The QMP commands by name, in the order query-commands lists them (human-monitor-command,
     which runs the HMP subset, is added by the server from qmp_hmp)."""
@@ -275,6 +338,9 @@ def command_table() -> dict[str, Command]:
             cmd_hostfwd_remove,
         ),
         Command("query-hostfwd", (), cmd_query_hostfwd),
+        Command("dns-zone-add", (Param("name", str, True), Param("address", str, True)), cmd_dns_zone_add),
+        Command("dns-zone-remove", (Param("name", str, True), Param("address", str)), cmd_dns_zone_remove),
+        Command("query-dns-zones", (), cmd_query_dns_zones),
         Command("query-leases", (), cmd_query_leases),
         Command("query-connections", (), cmd_query_connections),
         Command("query-stats", (), cmd_query_stats),
