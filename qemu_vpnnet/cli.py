@@ -11,12 +11,15 @@ from collections.abc import Callable, Sequence
 from qemu_vpnnet import __version__
 from qemu_vpnnet.control.qmp_server import QmpServer
 from qemu_vpnnet.core.config import DEFAULT_MTU, DEFAULT_NET, NetConfig, ip_bytes
+from qemu_vpnnet.core.fwd import Rule
 from qemu_vpnnet.core.packets import parse_mac
 from qemu_vpnnet.core.stack import Stack
 from qemu_vpnnet.hostfwd import HostFwdSyntaxError, parse_hostfwd
 from qemu_vpnnet.io.forwards import Forwarder, ForwardError
 from qemu_vpnnet.io.host_side import install_host_side
+from qemu_vpnnet.io.policy_control import Policy
 from qemu_vpnnet.io.shell import Shell, StartupError
+from qemu_vpnnet.policy import GuestFwdSpec, PolicySyntaxError, parse_guestfwd, parse_rule, shorthand_rule
 
 log = logging.getLogger("qemu_vpnnet")
 
@@ -209,6 +212,64 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--udp-timeout", type=float, default=60.0, metavar="SECONDS", help="UDP flow idle timeout")
     o.add_argument("--max-udp-flows", type=int, default=4096, help="UDP flows kept at once (oldest evicted)")
     o.add_argument("--max-tcp-flows", type=int, default=65536, help="TCP connections kept at once")
+    r = p.add_argument_group(
+        "outbound policy (see docs/policy.rst): each new flow's route -- direct, forward, local or refuse"
+    )
+    r.add_argument(
+        "--rule",
+        dest="policy_rules",
+        action="append",
+        default=[],
+        type=lambda text: ("rule", text),
+        metavar="RULE",
+        help="a policy rule 'ACTION [PROTO] DEST[:PORTS] [TARGET] [reply=rst|icmp|drop] [id=NAME]', e.g. "
+        "'refuse tcp 10.0.0.0/8:22' or 'forward tcp *:80 tcp:127.0.0.1:3128'; repeatable, first match wins "
+        "(command-line rules come after those added over QMP and before the --policy file's)",
+    )
+    r.add_argument(
+        "--deny",
+        dest="policy_rules",
+        action="append",
+        type=lambda text: ("deny", text),
+        metavar="CIDR[:PORT[-PORT]]",
+        help="refuse new flows to CIDR (any protocol): TCP gets RST, UDP and ping ICMP administratively "
+        "prohibited (repeatable; in order with --rule and --allow)",
+    )
+    r.add_argument(
+        "--allow",
+        dest="policy_rules",
+        action="append",
+        type=lambda text: ("allow", text),
+        metavar="CIDR[:PORT[-PORT]]",
+        help="route new flows to CIDR directly, before later --deny rules (repeatable)",
+    )
+    r.add_argument(
+        "--restrict",
+        action="store_true",
+        help="as QEMU's restrict=on: guests reach only gateway services (--guestfwd), DNS, forwards and what "
+        "an --allow or direct rule lets through; everything else, the host included, is refused (default off)",
+    )
+    r.add_argument(
+        "--allow-metadata",
+        action="store_true",
+        help="let guests reach the cloud metadata address 169.254.169.254 (default: refused)",
+    )
+    r.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="rules from FILE, one per line (# comments), re-read when it changes; a bad line is logged with "
+        "its number and the rules read before are kept (default: none)",
+    )
+    r.add_argument(
+        "--guestfwd",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a gateway service: guest connections to ADDR:PORT of the guest network (any free address, or the "
+        "gateway's on a port) go to a host target: tcp:ADDR:PORT-tcp:HOST:PORT, -unix:PATH, -cmd:COMMAND (a "
+        "process per connection, run without a shell, the connection as its stdin/stdout), or "
+        "udp:ADDR:PORT-udp:HOST:PORT (repeatable; kept in --state)",
+    )
     c = p.add_argument_group("port forwarding and control")
     c.add_argument(
         "--hostfwd",
@@ -225,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="unix:PATH|tcp:HOST:PORT",
         help="QMP control socket (repeatable); unix sockets are created mode 0600",
     )
-    c.add_argument("--state", metavar="FILE", help="keep the forward table in FILE across restarts")
+    c.add_argument(
+        "--state",
+        metavar="FILE",
+        help="keep the forwards, gateway services and run-time policy rules in FILE across restarts",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="log level (default info)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v is debug)")
     return p
@@ -300,6 +365,45 @@ async def add_forwards(forwarder: Forwarder, rules: list[str]) -> None:
     forwarder.save()
 
 
+def policy_rules(args: argparse.Namespace) -> list[Rule]:
+    """--rule, --allow and --deny in the order given; StartupError names a bad one."""
+    rules: list[Rule] = []
+    counts: dict[str, int] = {}
+    for kind, text in args.policy_rules or []:
+        counts[kind] = counts.get(kind, 0) + 1
+        default_id = f"{kind}{counts[kind]}"
+        option = f"--{kind}"
+        try:
+            rule = parse_rule(text, default_id) if kind == "rule" else shorthand_rule(kind, text, default_id)
+        except PolicySyntaxError as exc:
+            raise StartupError(f"{option} {text!r}: {exc}") from exc
+        rules.append(rule)
+    return rules
+
+
+def start_policy(shell: Shell, forwarder: Forwarder, args: argparse.Namespace) -> Policy:
+    """The outbound policy of the command line, the policy file and the state file."""
+    policy = Policy(shell, args.policy)
+    policy.set_options(args.restrict, args.allow_metadata)
+    policy.set_cli_rules(policy_rules(args))
+    policy.load_file(initial=True)
+    specs: list[GuestFwdSpec] = []
+    for text in args.guestfwd:
+        try:
+            specs.append(parse_guestfwd(text))
+        except PolicySyntaxError as exc:
+            raise StartupError(f"--guestfwd {text!r}: {exc}") from exc
+    try:
+        saved = forwarder.load_state_data()
+    except ForwardError as exc:
+        raise StartupError(str(exc)) from exc
+    policy.restore(saved, specs)
+    forwarder.extra_state = policy.state
+    policy.save_state = forwarder.save
+    policy.start_watching()
+    return policy
+
+
 async def serve(args: argparse.Namespace, config: NetConfig) -> int:
     stack = Stack(config)
     shell = Shell(stack, busy_poll=args.busy_poll / 1e6)
@@ -309,7 +413,13 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     forwarder = Forwarder(shell, args.state)
-    qmp = QmpServer(shell, forwarder, stop)
+    try:
+        policy = start_policy(shell, forwarder, args)
+    except StartupError as exc:
+        log.error("%s", exc)
+        await shell.close()
+        return 2
+    qmp = QmpServer(shell, forwarder, stop, policy)
     try:
         for spec in args.qmp:
             await qmp.listen(spec)
@@ -324,6 +434,7 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         await add_forwards(forwarder, args.hostfwd)
     except StartupError as exc:
         log.error("%s", exc)
+        policy.close()
         await qmp.close()
         await forwarder.close()
         await shell.close()
@@ -341,6 +452,7 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         log.info("QEMU arguments: %s", hint)
     await stop.wait()
     log.info("stopping")
+    policy.close()
     await qmp.close()
     await forwarder.close()
     await shell.close()

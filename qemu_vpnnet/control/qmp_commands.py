@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from qemu_vpnnet.io.forwards import Forwarder
+    from qemu_vpnnet.io.policy_control import Policy
     from qemu_vpnnet.io.shell import Shell
 
 PACKAGE: Final = f"qemu-vpnnet {__version__}"
@@ -67,6 +68,7 @@ class Context:
     commands: "dict[str, Command]"
     quit: Callable[[], None]  # stops the backend
     after_reply: list[Callable[[], None]] = field(default_factory=list)
+    policy: "Policy | None" = None  # the outbound policy (control/qmp_policy.py)
 
 
 Handler = Callable[[Context, dict[str, object]], Awaitable[object]]
@@ -238,7 +240,7 @@ async def cmd_query_connections(ctx: Context, args: dict[str, object]) -> object
 async def cmd_query_stats(ctx: Context, args: dict[str, object]) -> object:
     stack = ctx.shell.stack
     return {
-        "counters": stack.counters.snapshot(),
+        "counters": stack.counters.snapshot() | stack.fwd.counters(),
         "guests": len(ctx.shell.ports),
         "tcp-connections": len(stack.tcp.flows),
     }
@@ -345,4 +347,7 @@ def command_table() -> dict[str, Command]:
         Command("query-connections", (), cmd_query_connections),
         Command("query-stats", (), cmd_query_stats),
     ]
+    from qemu_vpnnet.control.qmp_policy import policy_commands
+
+    commands += policy_commands()
     return {c.name: c for c in commands}

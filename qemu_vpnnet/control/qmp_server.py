@@ -37,6 +37,7 @@ from qemu_vpnnet.io.shell import StartupError, prepare_unix_path
 
 if TYPE_CHECKING:
     from qemu_vpnnet.io.forwards import Forwarder
+    from qemu_vpnnet.io.policy_control import Policy
     from qemu_vpnnet.io.shell import Shell
 
 log = logging.getLogger("qemu_vpnnet.qmp")
@@ -97,9 +98,14 @@ def parse_spec(spec: str) -> tuple[str, str, int]:
 class QmpServer:
     """Listeners and client sessions of the QMP control plane; forwards the shell's events."""
 
-    def __init__(self, shell: "Shell", forwarder: "Forwarder", stop: asyncio.Event) -> None:
+    def __init__(
+        self, shell: "Shell", forwarder: "Forwarder", stop: asyncio.Event, policy: "Policy | None" = None
+    ) -> None:
+        from qemu_vpnnet.io.policy_control import Policy
+
         self.shell = shell
         self.forwarder = forwarder
+        self.policy = policy if policy is not None else Policy(shell)
         self.stop = stop
         self.commands: dict[str, Command] = command_table()
         self.commands[HMP_COMMAND.name] = HMP_COMMAND
@@ -315,7 +321,9 @@ class QmpSession:
         if command is None:
             return error_message(f"The command {name} has not been found", NOT_FOUND)
         server = self.server
-        ctx = Context(server.shell, server.forwarder, server.stop, server.commands, server.quit, after_reply)
+        ctx = Context(
+            server.shell, server.forwarder, server.stop, server.commands, server.quit, after_reply, server.policy
+        )
         try:
             value = await command.handler(ctx, validate(command, arguments))
         except QmpError as exc:

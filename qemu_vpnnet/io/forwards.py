@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from typing import Any, Final, cast
 
 from qemu_vpnnet.core.actions import OP_UDP_FWD_CLOSE, OP_UDP_FWD_REPLY, HostOp
@@ -77,6 +78,8 @@ class Forwarder:
         self.forwards: dict[tuple[str, str, int], Forward] = {}
         self.next_source_port = SOURCE_PORT_FIRST
         self.udp_peers: dict[int, tuple[UdpForward, PeerAddr]] = {}  # UDP forward flow -> (socket, peer)
+        # more sections of the state file (the policy's gateway services and run-time rules)
+        self.extra_state: Callable[[], dict[str, object]] | None = None
         shell.op_performers[OP_UDP_FWD_REPLY] = self.op_udp_reply
         shell.op_performers[OP_UDP_FWD_CLOSE] = self.op_udp_close
 
@@ -270,21 +273,34 @@ class Forwarder:
         directory = os.path.dirname(os.path.abspath(self.state_file))
         try:
             fd, tmp = tempfile.mkstemp(prefix=".vpnnet-state-", dir=directory)
+            state: dict[str, object] = {"version": 1, "hostfwd": rules}
+            if self.extra_state is not None:
+                state.update(self.extra_state())
             with os.fdopen(fd, "w") as stream:
-                json.dump({"version": 1, "hostfwd": rules}, stream, indent=1)
+                json.dump(state, stream, indent=1)
                 stream.flush()
                 os.fsync(stream.fileno())
             os.replace(tmp, self.state_file)
         except OSError as exc:
             log.error("cannot write state file %s: %s", self.state_file, exc)
 
-    def load_state(self) -> builtins.list[ForwardSpec]:
-        """The forwards in the state file (none if it does not exist); ForwardError if unreadable."""
+    def load_state_data(self) -> dict[str, Any]:
+        """The state file's JSON object ({} if there is none); ForwardError if unreadable."""
         if not self.state_file or not os.path.exists(self.state_file):
-            return []
+            return {}
         try:
             with open(self.state_file) as stream:
                 data = json.load(stream)
+        except (OSError, ValueError) as exc:
+            raise ForwardError(f"state file {self.state_file} is unreadable: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ForwardError(f"state file {self.state_file} is unreadable: not a JSON object")
+        return data
+
+    def load_state(self) -> builtins.list[ForwardSpec]:
+        """The forwards in the state file (none if it does not exist); ForwardError if unreadable."""
+        data = self.load_state_data()
+        try:
             specs = []
             for rule in data.get("hostfwd", []):
                 specs.append(
