@@ -60,6 +60,14 @@ class PolicySyntaxError(ValueError):
     """A rule or gateway service that cannot be parsed; the message says what is wrong."""
 
 
+def is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def canonical_action(action: int) -> str:
     return ("direct", "forward", "local", "refuse")[action]
 
@@ -328,8 +336,11 @@ def parse_guestfwd(text: str) -> GuestFwdSpec:
         raise PolicySyntaxError(f"bad guest-side address {addr!r} in {text!r} (IPv4 expected)") from None
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise PolicySyntaxError(f"bad guest-side port {port!r} in {text!r}")
-    if target.split(":", 1)[0].lower() not in ("tcp", "udp", "unix", "cmd"):
-        target = f"{protocol}:{target}"
+    first = target.split(":", 1)[0]
+    if first.lower() not in ("tcp", "udp", "unix", "cmd"):
+        if first and not first.startswith("[") and not is_ip_address(first):
+            raise PolicySyntaxError(f"unknown target type {first!r} in {text!r} ({TARGET_SYNTAX})")
+        target = f"{protocol}:{target}"  # a bare HOST:PORT: the service's own protocol
     spec = GuestFwdSpec(protocol, addr, int(port), target)
     guestfwd_rule(spec)  # checks the target
     return spec

@@ -41,6 +41,7 @@ LINGER_RST: Final = struct.pack("ii", 1, 0)
 WARN_INTERVAL: Final = 10.0  # seconds between two log lines about the same failing forward target
 MAX_WARNED: Final = 256
 COMMAND_GRACE: Final = 5.0  # seconds a command may run on after its connection closed
+MAX_COMMANDS: Final = 128  # cmd: forward processes at once: a guest must not fork without bound
 
 
 class HostConnection(asyncio.Protocol):
@@ -193,6 +194,9 @@ class HostTcp:
         """Run route.path (split like a shell would, but not run by one) with the connection as its
         stdin and stdout; a command that cannot start refuses the connection."""
         loop = self.shell.loop
+        if len(self.commands) >= MAX_COMMANDS:
+            self.failed(flow, OSError(errno.EAGAIN, f"{MAX_COMMANDS} commands run already"), route.path, route)
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             argv = shlex.split(route.path)
