@@ -2,6 +2,7 @@
 upstreams and the source address of answers (sans-IO: answers are checked as bytes)."""
 
 import socket
+from pathlib import Path
 
 import dpkt
 import pytest
@@ -303,3 +304,55 @@ def test_answers_come_from_the_address_the_query_was_sent_to() -> None:
     # and the usual path through the stack still answers from the DNS address
     stack.frame_received(1, udp_to(DNS_IP, query("gateway.internal")), 0.0)
     assert len(answers_from(stack, src=DNS_IP)) == 1
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dns-zone", "nameonly"], "--dns-zone 'nameonly': expected NAME=ADDR"),
+        (["--dns-zone", "a.test=300.1.1.1"], "bad address '300.1.1.1'"),
+        (["--dns-zone-file", "/nonexistent/zones"], "--dns-zone-file /nonexistent/zones: No such file"),
+        (["--dns-upstream", "corp..test=10.1.1.1"], "bad DNS name 'corp..test'"),
+        (["--dns-upstream", "corp.test=10.1.1"], "--dns-upstream 'corp.test=10.1.1'"),
+        (["--dns-mode", "hosts"], "invalid choice: 'hosts'"),
+    ],
+)
+def test_bad_dns_options_exit_naming_the_value(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qemu_vpnnet.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--socket", "/tmp/x.sock", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_zone_file_line_exits_with_its_number(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qemu_vpnnet.cli import build_parser
+
+    path = tmp_path / "zones"
+    path.write_text("ok.test 192.0.2.1\nbad.test\n")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--socket", "/tmp/x.sock", "--dns-zone-file", str(path)])
+    assert "line 2: expected NAME ADDR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "mode"),
+    [
+        ([], "host"),
+        (["--dns-upstream", "10.1.1.1"], "forward"),
+        (["--dns-upstream", "corp.test=10.1.1.1"], "host"),
+        (["--dns-upstream", "10.1.1.1", "--dns-mode", "host"], "host"),
+        (["--dns-mode", "forward"], "forward"),
+    ],
+)
+def test_dns_mode_default(argv: list[str], mode: str) -> None:
+    from qemu_vpnnet.cli import build_parser
+    from qemu_vpnnet.io.dns_host import dns_mode_of
+
+    assert dns_mode_of(build_parser().parse_args(["--socket", "/tmp/x.sock", *argv])) == mode
