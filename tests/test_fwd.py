@@ -119,6 +119,23 @@ def test_host_loopback_off_makes_the_gateway_virtual_but_keeps_its_services() ->
     assert decide(t, "tcp", "10.0.2.2", 80).startswith("forward")
 
 
+def test_proxy_ports_take_only_what_would_go_direct() -> None:
+    t = table("deny tcp 192.0.2.0/24", "forward tcp 198.51.100.80:80 tcp:127.0.0.1:8080")
+    assert decide(t, "tcp", "203.0.113.1", 80) == "direct"  # no upstream proxy: nothing intercepted
+    t.proxy_http_ports = {80, 8080}
+    t.proxy_https_ports = {443}
+    assert decide(t, "tcp", "203.0.113.1", 80) == "proxy http [proxy-http]"
+    assert decide(t, "tcp", "203.0.113.1", 8080) == "proxy http [proxy-http]"
+    assert decide(t, "tcp", "203.0.113.1", 443) == "proxy https [proxy-https]"
+    assert decide(t, "tcp", "203.0.113.1", 22) == "direct"
+    assert decide(t, "udp", "203.0.113.1", 443) == "direct"  # QUIC is not proxied
+    assert decide(t, "tcp", "192.0.2.1", 80) == "refuse [r1]"  # refused stays refused
+    assert decide(t, "tcp", "198.51.100.80", 80).startswith("forward")
+    assert decide(t, "tcp", "10.0.2.2", 80) == "direct"  # the host's own web server
+    t.restrict = True
+    assert decide(t, "tcp", "203.0.113.1", 80) == "refuse [restrict]"
+
+
 def test_allow_metadata_lifts_the_builtin_rule() -> None:
     t = table()
     t.set_allow_metadata(True)

@@ -21,6 +21,10 @@ The order of the decision:
    range; the destination is matched as the guest sees it *and* as the host will see it (the
    gateway address is the host's 127.0.0.1), so a rule on either name holds for both.
 5. No rule matched: DIRECT, or REFUSE (rule "restrict") when restrict is on.
+6. A TCP flow that would go DIRECT to a port of proxy_http_ports or proxy_https_ports (set only
+   while an upstream HTTP proxy is configured) goes through that proxy instead: PROXY, whose
+   path says "http" (requests rewritten to absolute form) or "https" (CONNECT by the SNI name).
+   The gateway's own ports (the host's loopback) are never proxied.
 
 Everything here is plain data and arithmetic: no sockets, no clock; tests/test_fwd.py drives
 it as a table.
@@ -36,7 +40,8 @@ DIRECT: Final = 0
 FORWARD: Final = 1
 LOCAL: Final = 2
 REFUSE: Final = 3
-KIND_NAMES: Final = ("direct", "forward", "local", "refuse")
+PROXY: Final = 4  # through the upstream HTTP proxy, transparently (Route.path: "http" or "https")
+KIND_NAMES: Final = ("direct", "forward", "local", "refuse", "proxy")
 
 # what a FORWARD route connects to (Route.target)
 TARGET_NONE: Final = 0
@@ -60,7 +65,7 @@ PROTO_TCP: Final = 6
 PROTO_UDP: Final = 17
 PROTO_NAMES: Final = {PROTO_ANY: "any", PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp"}
 
-LOCAL_SERVICES: Final = ("dns",)  # what a LOCAL route may name
+LOCAL_SERVICES: Final = ("dns", "http-proxy")  # what a LOCAL route may name
 METADATA_ADDR: Final = b"\xa9\xfe\xa9\xfe"  # 169.254.169.254, cloud instance metadata
 MAX_RULES: Final = 4096  # rules of one origin (run time, command line, file)
 MAX_GUESTFWDS: Final = 1024
@@ -99,6 +104,8 @@ class Route:
             return "local " + self.path
         if kind == REFUSE:
             return "refuse " + REPLY_NAMES[self.reply] if self.reply != REPLY_DEFAULT else "refuse"
+        if kind == PROXY:
+            return "proxy " + self.path
         return "direct"
 
     def target_text(self) -> str:
@@ -116,6 +123,8 @@ DIRECT_ROUTE: Final = Route(DIRECT)
 VIRTUAL_ROUTE: Final = Route(REFUSE, "virtual")
 RESTRICT_ROUTE: Final = Route(REFUSE, "restrict")
 DNS_ROUTE: Final = Route(LOCAL, "dns", path="dns")
+PROXY_HTTP_ROUTE: Final = Route(PROXY, "proxy-http", path="http")
+PROXY_HTTPS_ROUTE: Final = Route(PROXY, "proxy-https", path="https")
 
 
 def addr_value(addr: bytes) -> int:
@@ -219,7 +228,10 @@ class RouteTable:
         # gateway services: (proto << 48 | address << 16 | port) -> rule
         self.guestfwds: dict[int, Rule] = {}
         self.service_addrs: dict[bytes, int] = {}  # addresses of gateway services -> how many use it
-        self.counts: dict[int, int] = {DIRECT: 0, FORWARD: 0, LOCAL: 0, REFUSE: 0}
+        self.counts: dict[int, int] = {DIRECT: 0, FORWARD: 0, LOCAL: 0, REFUSE: 0, PROXY: 0}
+        # TCP ports whose direct flows go through the upstream HTTP proxy (empty: no upstream)
+        self.proxy_http_ports: set[int] = set()
+        self.proxy_https_ports: set[int] = set()
         self.refusals: dict[str, int] = {}  # refusing rule id (or "virtual", "restrict") -> flows refused
 
     # ---- the table ---------------------------------------------------------------------
@@ -324,13 +336,20 @@ class RouteTable:
             if dst != cfg.host_ip or not cfg.host_loopback:
                 return VIRTUAL_ROUTE
             host_value = 0x7F000001  # the gateway is the host's 127.0.0.1
+        route = RESTRICT_ROUTE if self.restrict else DIRECT_ROUTE
         for rule in self.rules:
             if rule.matches(proto, 4, value, dport) or (
                 host_value != value and rule.matches(proto, 4, host_value, dport)
             ):
                 rule.hits += 1
-                return rule.route
-        return RESTRICT_ROUTE if self.restrict else DIRECT_ROUTE
+                route = rule.route
+                break
+        if route.kind == DIRECT and proto == PROTO_TCP and host_value == value:  # never the host's own ports
+            if dport in self.proxy_http_ports:
+                return PROXY_HTTP_ROUTE
+            if dport in self.proxy_https_ports:
+                return PROXY_HTTPS_ROUTE
+        return route
 
     def counters(self) -> dict[str, int]:
         """Decisions per route kind, and the hits of every refusing rule, for query-stats."""

@@ -31,7 +31,7 @@ from qemu_vpnnet.core.actions import (
     HostOp,
 )
 from qemu_vpnnet.core.config import ip_str
-from qemu_vpnnet.core.fwd import DIRECT, DIRECT_ROUTE, FORWARD, PROTO_TCP, REFUSE, REPLY_DROP, REPLY_ICMP, Route
+from qemu_vpnnet.core.fwd import DIRECT, DIRECT_ROUTE, FORWARD, PROTO_TCP, PROXY, REFUSE, REPLY_DROP, REPLY_ICMP, Route
 from qemu_vpnnet.core.icmp import send_icmp_error
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
@@ -571,7 +571,7 @@ class TcpEngine:
             self.refuse_syn(src_mac, src, dst, sport, dport, seq, frame, start, route)
             return
         host_port = dport
-        if kind == DIRECT:
+        if kind == DIRECT or kind == PROXY:  # a proxied flow's shell needs the destination too
             host_addr = cfg.host_side_address(dst)
         elif kind == FORWARD:
             host_addr = route.addr  # "" for unix and cmd targets
