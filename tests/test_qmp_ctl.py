@@ -248,3 +248,39 @@ def test_hmp_shell(backend: BackendThread) -> None:
     out = qmp_shell(backend, "hostfwd_add tcp::0-:22\ninfo usernet\nhostfwd_remove tcp::1\n", "-H")
     assert "TCP[HOST_FORWARD]" in out
     assert "host forwarding rule for tcp::1 not found" in out
+
+
+def test_policy_and_guestfwd_commands(backend: BackendThread, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_ctl(backend, "policy", "add", "refuse tcp 192.0.2.0/24:22 id=ssh", "direct udp *:53") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "added refuse tcp 192.0.2.0/24:22 id=ssh"
+    assert out[1].startswith("added direct udp *:53 id=qmp")
+    assert run_ctl(backend, "policy", "add", "--position", "0", "refuse icmp * id=noping") == 0
+    capsys.readouterr()
+    assert run_ctl(backend, "policy", "list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "restrict: off, allow-metadata: off"
+    assert lines[1].split() == ["ID", "ORIGIN", "HITS", "RULE"]
+    ids = [line.split()[0] for line in lines[2:]]
+    assert ids[:3] == ["metadata", "noping", "ssh"] and ids[3].startswith("qmp") and len(ids) == 4
+    assert run_ctl(backend, "policy", "remove", "ssh") == 0
+    assert capsys.readouterr().out == "removed refuse tcp 192.0.2.0/24:22 id=ssh\n"
+    assert run_ctl(backend, "policy", "remove", "ssh") == 1
+    assert capsys.readouterr().err == "qemu-vpnnet ctl: policy-rule-remove: no rule with id 'ssh'\n"
+    assert run_ctl(backend, "policy", "add", "block *") == 1
+    assert "unknown action 'block'" in capsys.readouterr().err
+    assert run_ctl(backend, "--json", "policy", "set", "--restrict", "on") == 0
+    assert json.loads(capsys.readouterr().out)["restrict"] is True
+
+    assert run_ctl(backend, "guestfwd", "add", "tcp:10.0.2.100:1234-tcp:127.0.0.1:5000", "tcp:10.0.2.2:23-cmd:cat") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "added tcp:10.0.2.100:1234-tcp:127.0.0.1:5000",
+        "added tcp:10.0.2.2:23-cmd:cat",
+    ]
+    assert run_ctl(backend, "guestfwd", "list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["SERVICE", "CONNECTIONS"] and lines[2].split() == ["tcp:10.0.2.2:23-cmd:cat", "0"]
+    assert run_ctl(backend, "guestfwd", "remove", "tcp:10.0.2.100:1234") == 0
+    assert capsys.readouterr().out == "removed tcp:10.0.2.100:1234-tcp:127.0.0.1:5000\n"
+    assert run_ctl(backend, "guestfwd", "remove", "10.0.2.100") == 2
+    assert "expected tcp|udp:ADDR:PORT" in capsys.readouterr().err

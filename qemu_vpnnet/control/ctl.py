@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--close-connections", action="store_true", help="also reset the connections the forward opened"
     )
 
+    from qemu_vpnnet.control.ctl_policy import add_parsers
+
+    add_parsers(sub, common)
     sub.add_parser("leases", parents=[common], help="the DHCP leases")
     sub.add_parser("stats", parents=[common], help="counters of the network stack")
     sub.add_parser("connections", parents=[common], help="the TCP connections and UDP/ping flows")
@@ -193,6 +196,7 @@ def connection_row(c: dict[str, object]) -> list[str]:
             str(c.get("state", "")),
             str(c.get("bytes-to-host", "")),
             str(c.get("bytes-to-guest", "")),
+            str(c.get("route", "")),
             age_text,
         ]
     guest = endpoint(c.get("guest-address", ""), c.get("guest-port", c.get("echo-id", "")))
@@ -201,13 +205,13 @@ def connection_row(c: dict[str, object]) -> list[str]:
         remote = endpoint(remote, c["remote-port"])
     sent = c.get("bytes-out", c.get("requests", ""))
     received = c.get("bytes-in", c.get("replies", ""))
-    return [proto, "outbound", guest, remote, "-", str(sent), str(received), age_text]
+    return [proto, "outbound", guest, remote, "-", str(sent), str(received), str(c.get("route", "direct")), age_text]
 
 
 def format_connections(conns: list[dict[str, object]]) -> str:
     if not conns:
         return "no connections"
-    headers = ["PROTO", "DIRECTION", "GUEST", "REMOTE", "STATE", "TO-HOST", "TO-GUEST", "AGE"]
+    headers = ["PROTO", "DIRECTION", "GUEST", "REMOTE", "STATE", "TO-HOST", "TO-GUEST", "ROUTE", "AGE"]
     return table(headers, [connection_row(c) for c in conns])
 
 
@@ -273,6 +277,10 @@ async def run_command(client: QMPClient, args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "hostfwd":
         return await run_hostfwd(client, args)
+    if command in ("policy", "guestfwd"):
+        from qemu_vpnnet.control.ctl_policy import run_guestfwd, run_policy
+
+        return await (run_policy(client, args) if command == "policy" else run_guestfwd(client, args))
     if command == "leases":
         leases = as_list(await execute(client, "query-leases"))
         print_result(leases, as_json, format_leases(leases))
