@@ -243,6 +243,7 @@ class IcmpProxy:
                     "echo-id": flow.ident,
                     "remote-address": ip_str(flow.last_dst) if flow.last_dst else "",
                     "host-address": flow.last_addr,
+                    "route": "direct",  # only direct echoes make a flow (refused ones are answered at once)
                     "requests": flow.requests,
                     "replies": flow.replies,
                     "age": now - flow.created,

@@ -116,6 +116,7 @@ class UdpForwards:
             {
                 "protocol": "udp",
                 "direction": "forwarded",
+                "route": "hostfwd",
                 "guest-address": ip_str(flow.guest_ip),
                 "guest-port": flow.guest_port,
                 "remote-address": ip_str(self.config.host_ip),
