@@ -259,6 +259,26 @@ def test_restrict_refuses_outside_and_host_but_not_services_and_dns(bed: BedFact
     b.backend.wait_for_log(r"policy: restrict=True")
 
 
+# ---- local: the backend's own DNS -------------------------------------------------------------
+
+
+def test_local_dns_rule_intercepts_dns_to_any_server(bed: BedFactory) -> None:
+    """--rule 'local udp *:53 dns' (and tcp): a guest that asks another DNS server is answered by
+    the backend's DNS (the host's resolver); the server it named never sees the query."""
+    b = bed(
+        "--rule",
+        "local udp *:53 dns id=dns-udp",
+        "--rule",
+        "local tcp *:53 dns",
+        hosts="198.18.0.77 intercepted.policy.test\n",
+    )
+    outside = b.peer(b.host.outside, "0.0.0.0", "udp:53", "tcp:53")
+    asked = b.guest.run(["busybox", "nslookup", "-type=a", "intercepted.policy.test", OUTSIDE], timeout=20)
+    assert asked.returncode == 0 and "198.18.0.77" in asked.stdout, asked
+    assert f"Address:\t{OUTSIDE}:53" in asked.stdout  # nslookup believes the outside server answered
+    assert outside.seen("UDP", 53) == [] and outside.seen("TCP", 53) == []
+
+
 # ---- gateway services (guestfwd) -------------------------------------------------------------
 
 
