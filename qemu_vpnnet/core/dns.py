@@ -34,6 +34,7 @@ from typing import Final, final
 import dpkt
 
 from qemu_vpnnet.core.actions import OP_DNS_QUERY, OP_DNS_RESOLVE, HostOp
+from qemu_vpnnet.core.dns_names import AnswerNames
 from qemu_vpnnet.core.dns_zone import DnsZones
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.udp import send_udp_to_guest
@@ -251,6 +252,7 @@ class DnsServer:
         if cfg.dns_ip != cfg.host_ip:
             self.ptr[reverse_name(cfg.dns_ip)] = "dns.internal"
         self.zones = DnsZones()
+        self.names = AnswerNames()  # address -> name resolved, for the proxy's no_proxy (core/dns_names.py)
         self.split: dict[str, tuple[str, int]] = {}  # domain -> (server address, port)
         self.pending: dict[int, PendingQuery] = {}  # query number -> query, oldest first
         self.waiting: dict[bytes, int] = {}  # guest address + port + id -> query number
@@ -314,6 +316,7 @@ class DnsServer:
             counter = "dns-zone"
             addrs = self.zones.lookup(name)
         if addrs is not None:
+            self.names.remember(name, addrs)
             return address_message(qid, flags, question, qtype, qclass, addrs, BUILTIN_TTL), counter
         if qtype == TYPE_PTR and qclass == CLASS_IN:
             target = self.ptr.get(name)
@@ -346,6 +349,7 @@ class DnsServer:
         qid, flags = _HEADER.unpack_from(query, 0)[:2]
         qend = question_end(query, HEADER_LEN)
         qtype = (query[qend - 4] << 8) | query[qend - 3]
+        self.names.remember(question_name(query, HEADER_LEN), addresses)
         return resolved_message(qid, flags, query[HEADER_LEN:qend], qtype, status, addresses)
 
     # ---- guest side --------------------------------------------------------------------
@@ -423,6 +427,7 @@ class DnsServer:
             flags = ((data[2] << 8) | data[3]) | FLAG_TC
             message = _HEADER.pack(gid, flags, 1, 0, 0, 0) + pending.question
         self.out.counters.add("dns-answers")
+        self.names.learn(data)
         self.send(pending, message)
 
     def resolved(self, query: int, status: int, addresses: list[bytes], now: float) -> None:
@@ -435,6 +440,7 @@ class DnsServer:
         if status == RESOLVED_SERVFAIL or not RESOLVED_OK <= status <= RESOLVED_SERVFAIL:
             self.servfail(pending)
             return
+        self.names.remember(question_name(pending.question, 0), addresses)
         message = resolved_message(pending.guest_id, pending.flags, pending.question, pending.qtype, status, addresses)
         if len(message) > pending.limit:
             self.out.counters.add("dns-truncated")
