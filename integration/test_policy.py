@@ -61,6 +61,13 @@ class Peer:
         prefix = f"{kind} {port_or_path} " if kind != "UNIX" else f"UNIX {port_or_path}"
         return [line for line in self.lines() if line.startswith(prefix)]
 
+    def count(self, kind: str, port_or_path: int | str, expected: int, timeout: float = 3.0) -> int:
+        """How many times it saw ``kind`` at ``port_or_path``, once that is ``expected`` (or after
+        ``timeout``): the server prints its line before it answers, but the test's reader thread
+        may not have it yet when the guest has the answer."""
+        wait_until(lambda: len(self.seen(kind, port_or_path)) >= expected, timeout)
+        return len(self.seen(kind, port_or_path))
+
 
 @dataclass
 class Bed:
@@ -182,10 +189,10 @@ def bed(ns_host: NsHostFactory, start_backend: StartBackend, ns_guest: NsGuestFa
 
 
 def test_deny_refuses_with_rst_icmp_and_admin_prohibited(bed: BedFactory) -> None:
-    """--deny gives TCP a RST at once (curl: "Connection refused"), a reply=icmp rule gives
-    EHOSTUNREACH ("No route to host"), UDP gets ICMP 3/13 (EHOSTUNREACH on a connected socket)
-    and ping the admin-prohibited error; the next port of the same host works, and the server
-    never saw a refused flow."""
+    """--deny gives TCP a RST at once (curl fails after 0 ms, nc: "Connection refused"), a
+    reply=icmp rule gives EHOSTUNREACH ("No route to host"), UDP gets ICMP 3/13 (EHOSTUNREACH on
+    a connected socket), ping the admin-prohibited error, reply=drop nothing; the next port of
+    the same host works, and the server never saw a refused flow."""
     b = bed(
         "--deny",
         f"{OUTSIDE}:8080",
@@ -195,9 +202,11 @@ def test_deny_refuses_with_rst_icmp_and_admin_prohibited(bed: BedFactory) -> Non
         f"{OUTSIDE}:5000",
         "--rule",
         "refuse icmp 198.19.0.9 id=noping",
+        "--rule",
+        f"refuse tcp {OUTSIDE}:8083 reply=drop",
     )
     b.host.add_outside_address("198.19.0.9/32")
-    peer = b.peer(b.host.outside, "0.0.0.0", "tcp:8080,8081,8082", "udp:5000,5001")
+    peer = b.peer(b.host.outside, "0.0.0.0", "tcp:8080,8081,8082,8083", "udp:5000,5001")
 
     rst = b.tcp(OUTSIDE, 8080)
     assert refused_fast(rst), rst
@@ -222,12 +231,16 @@ def test_deny_refuses_with_rst_icmp_and_admin_prohibited(bed: BedFactory) -> Non
     assert b.guest.ping("198.19.0.9", timeout=1).returncode != 0
     pinged = client(b.guest, "ping", "198.19.0.9")
     assert (pinged["result"], pinged.get("type"), pinged.get("code")) == ("unreachable", 3, 13), pinged
-    assert pinged["ms"] < PROMPT_MS
+    assert pinged["ms"] < PROMPT_MS and pinged["from"] == "198.19.0.9"  # from the refused address
     assert client(b.guest, "ping", OUTSIDE)["result"] == "reply"
     assert b.guest.ping(OUTSIDE, timeout=2).returncode == 0
 
-    assert peer.seen("TCP", 8080) == [] and peer.seen("TCP", 8082) == [] and peer.seen("UDP", 5000) == []
-    assert len(peer.seen("TCP", 8081)) == 1 and len(peer.seen("UDP", 5001)) == 1
+    dropped = b.guest.run(["curl", "-sS", "--connect-timeout", "1", f"http://{OUTSIDE}:8083/"], timeout=20)
+    assert dropped.returncode == 28, dropped  # reply=drop: nothing comes back, curl's timeout
+
+    assert [peer.seen("TCP", port) for port in (8080, 8082, 8083)] == [[], [], []]
+    assert peer.seen("UDP", 5000) == []
+    assert peer.count("TCP", 8081, 1) == 1 and peer.count("UDP", 5001, 1) == 1
 
 
 # ---- --restrict ------------------------------------------------------------------------------
@@ -255,7 +268,7 @@ def test_restrict_refuses_outside_and_host_but_not_services_and_dns(bed: BedFact
     assert "198.18.0.77" in looked_up.stdout, looked_up
 
     assert outside.seen("TCP", 8080) == [] and outside.seen("UDP", 5000) == []
-    assert local.seen("TCP", 7002) == [] and len(local.seen("TCP", 7001)) == 1
+    assert local.seen("TCP", 7002) == [] and local.count("TCP", 7001, 1) == 1
     b.backend.wait_for_log(r"policy: restrict=True")
 
 
@@ -324,8 +337,8 @@ def test_gateway_services_of_every_target_kind(bed: BedFactory, run_dir: Path) -
     assert (got["result"], got.get("bytes")) == ("ok", 100), got
     got = b.tcp(GATEWAY, 2375, "GET /_ping\n")
     assert (got["result"], got.get("data")) == ("ok", "unix:GET /_ping\n"), got
-    assert len(local.seen("TCP", 7001)) == 1 and len(local.seen("UDP", 5514)) == 1
-    assert len(local.seen("UNIX", app)) == 1 and len(local.seen("UNIX", docker)) == 1
+    assert local.count("TCP", 7001, 1) == 1 and local.count("UDP", 5514, 1) == 1
+    assert local.count("UNIX", app, 1) == 1 and local.count("UNIX", docker, 1) == 1
 
     assert refused_fast(b.tcp(SERVICE, 1236)), "a Unix socket nobody listens on: RST"
     b.backend.wait_for_log(
@@ -378,7 +391,7 @@ def test_no_trick_reaches_a_refused_destination(bed: BedFactory) -> None:
     big = 4000  # > MTU 1500: three fragments, the UDP header in the first only
     allowed = b.udp(OUTSIDE, 5001, big)
     assert (allowed["result"], allowed.get("bytes")) == ("ok", big), allowed
-    assert outside.seen("UDP", 5001) and outside.seen("UDP", 5001)[0].startswith(f"UDP 5001 {big} ")
+    assert outside.count("UDP", 5001, 1) == 1 and outside.seen("UDP", 5001)[0].startswith(f"UDP 5001 {big} ")
     refused = b.udp(OUTSIDE, 5000, big)
     assert refused_fast(refused, "EHOSTUNREACH"), refused
     assert refused_fast(b.udp(OUTSIDE, 5000, 20), "EHOSTUNREACH")
@@ -414,7 +427,8 @@ def test_policy_file_reload_keeps_existing_connections_and_bad_lines(bed: BedFac
         changed_at = time.monotonic()
         assert wait_until(lambda: b.tcp(OUTSIDE, 8080)["result"] == "ECONNREFUSED", 5, 0.1)
         assert time.monotonic() - changed_at < 2.5
-        arrived = len(outside.seen("TCP", 8080))  # the polls before the change, and the held one
+        time.sleep(0.3)  # the server's lines of the polls before the change, and of the held one
+        arrived = len(outside.seen("TCP", 8080))
         assert b.tcp(OUTSIDE, 8081)["result"] == "ok"
         assert held.echo("after the change") == "after the change\n"  # its route is kept
 
@@ -545,7 +559,7 @@ def test_qmp_rules_guestfwd_counters_and_state(
     assert (got["result"], got.get("data")) == ("ok", "after the restart\n"), got
     assert refused_fast(b.udp(OUTSIDE, 5000, guest=guest), "EHOSTUNREACH")
     assert b.tcp(OUTSIDE, 8080, guest=guest)["result"] == "ok"
-    assert outside.seen("UDP", 5000) == [] and len(local.seen("TCP", 7001)) == 3
+    assert outside.seen("UDP", 5000) == [] and local.count("TCP", 7001, 3) == 3
 
 
 # ---- the cloud metadata address --------------------------------------------------------------
@@ -570,7 +584,7 @@ def test_metadata_address_refused_by_default_reachable_with_allow_metadata(
     allowed = bed("--allow-metadata", host=host)
     got = allowed.tcp(METADATA, 80, "GET /latest/meta-data/\n")
     assert (got["result"], got.get("data")) == ("ok", "GET /latest/meta-data/\n"), got
-    assert len(metadata.seen("TCP", 80)) == 1
+    assert metadata.count("TCP", 80, 1) == 1
     assert refused_fast(default.tcp(METADATA, 80)), "the first backend still refuses"
 
 
@@ -597,5 +611,5 @@ def test_vm_reaches_a_gateway_service_and_is_refused_by_deny(bed: BedFactory, vm
     assert "can't connect to remote host (198.18.0.2): Connection refused" in console, console
     assert "DENIED-RC=1" in console, console
     assert "DIRECT-RC=0" in console and "direct" in console, console
-    assert len(local.seen("TCP", 7001)) == 1 and outside.seen("TCP", 8080) == []
-    assert len(outside.seen("TCP", 8081)) == 1
+    assert local.count("TCP", 7001, 1) == 1 and outside.seen("TCP", 8080) == []
+    assert outside.count("TCP", 8081, 1) == 1
