@@ -316,3 +316,22 @@ def test_split_upstream_takes_its_domain_in_every_mode(world: Callable[..., Worl
     assert w.dig("intranet.corp.test").data("A") == expected
     assert "split.test" not in w.queries_seen(OUTSIDE)
     assert "query[A] a.b.split.test" in w.queries_seen(SPLIT_SERVER)
+
+
+def test_hosts_file_names_answer_at_once_when_the_name_servers_are_down(
+    ns_host: NsHostFactory, start_backend: StartBackend, ns_guest: NsGuestFactory
+) -> None:
+    """A name /etc/hosts knows for IPv4 only: its AAAA question is NODATA at once, as a host
+    program's getaddrinfo(AF_UNSPEC) would see it, not after the resolv.conf server's timeout
+    (an AF_INET6 lookup would go on to DNS, here a server that does not answer)."""
+    host = ns_host(hosts=HOSTS, resolv_conf="nameserver 198.18.0.99\noptions timeout:3 attempts:1\n")
+    backend = start_backend("-v", netns=host.host.name)
+    guest = ns_guest(backend=backend)
+    guest.dhcp()
+    w = World(host, backend, guest, Path("/nonexistent"), {})
+    started = time.monotonic()
+    assert w.dig("v4only.corp.test").data("A") == ["198.18.0.78"]
+    nodata = w.dig("v4only.corp.test", "AAAA")
+    assert (nodata.status, nodata.records) == ("NOERROR", [])
+    assert w.dig("intranet.corp.test", "AAAA").data("AAAA") == ["2001:db8::77"]
+    assert time.monotonic() - started < 2.0

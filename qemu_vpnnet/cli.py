@@ -97,6 +97,56 @@ def busy_poll_usec(text: str) -> int:
     return value
 
 
+def size_bytes(text: str) -> int:
+    """--pcap-max-size: bytes, or with k/M/G."""
+    from qemu_vpnnet.io.capture import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_security_options(p: argparse.ArgumentParser) -> None:
+    """Packet capture and least privilege (docs/security.rst)."""
+    from qemu_vpnnet.io.capture import DEFAULT_FILES, DEFAULT_SNAPLEN
+
+    s = p.add_argument_group("packet capture and least privilege (see docs/security.rst)")
+    s.add_argument(
+        "--pcap",
+        metavar="FILE",
+        help="capture every frame to and from the guests, from the start, in pcap format (tcpdump -r, "
+        "Wireshark); QMP capture-start/capture-stop do the same at run time (default: no capture)",
+    )
+    s.add_argument(
+        "--pcap-filter",
+        default="",
+        metavar="EXPR",
+        help="keep only frames matching '[arp|ip|icmp|tcp|udp] [host ADDR] [port N]' (default: all)",
+    )
+    s.add_argument(
+        "--pcap-snaplen",
+        type=int,
+        default=DEFAULT_SNAPLEN,
+        metavar="BYTES",
+        help=f"bytes kept of each frame, 64..262144 (default {DEFAULT_SNAPLEN}: whole frames)",
+    )
+    s.add_argument(
+        "--pcap-max-size",
+        type=size_bytes,
+        default="64M",
+        metavar="SIZE",
+        help="start a new file when the capture reaches SIZE (k, M, G; 0: no limit) (default 64M)",
+    )
+    s.add_argument(
+        "--pcap-files",
+        type=int,
+        default=DEFAULT_FILES,
+        metavar="N",
+        help=f"files kept: FILE, FILE.1, ... FILE.N-1; the oldest is removed (default {DEFAULT_FILES})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qemu-vpnnet",
@@ -291,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="keep the forwards, gateway services and run-time policy rules in FILE across restarts",
     )
+    add_security_options(p)
     p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="log level (default info)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v is debug)")
     return p
@@ -404,6 +455,26 @@ def start_policy(shell: Shell, forwarder: Forwarder, args: argparse.Namespace) -
     return policy
 
 
+def start_pcap(shell: Shell, args: argparse.Namespace) -> None:
+    """--pcap FILE and its options; StartupError when they cannot be used."""
+    import os
+
+    from qemu_vpnnet.io.capture import CaptureError, CaptureOptions, parse_filter, start_capture
+
+    try:
+        options = CaptureOptions(
+            os.path.abspath(args.pcap),
+            args.pcap_snaplen,
+            args.pcap_max_size,
+            args.pcap_files,
+            None,
+            parse_filter(args.pcap_filter),
+        )
+        start_capture(shell, options)
+    except (ValueError, CaptureError) as exc:
+        raise StartupError(f"--pcap: {exc}") from exc
+
+
 async def serve(args: argparse.Namespace, config: NetConfig) -> int:
     stack = Stack(config)
     shell = Shell(stack, busy_poll=args.busy_poll / 1e6)
@@ -421,6 +492,8 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         return 2
     qmp = QmpServer(shell, forwarder, stop, policy)
     try:
+        if args.pcap:
+            start_pcap(shell, args)
         for spec in args.qmp:
             await qmp.listen(spec)
         for path in args.socket:

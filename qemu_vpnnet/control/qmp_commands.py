@@ -347,7 +347,9 @@ def command_table() -> dict[str, Command]:
         Command("query-connections", (), cmd_query_connections),
         Command("query-stats", (), cmd_query_stats),
     ]
+    from qemu_vpnnet.control.qmp_capture import capture_commands
     from qemu_vpnnet.control.qmp_policy import policy_commands
 
     commands += policy_commands()
+    commands += capture_commands()
     return {c.name: c for c in commands}

@@ -1,18 +1,18 @@
 """DNS through the host's resolver library, zone files, and the DNS options of the command line.
 
-HostResolver performs OP_DNS_RESOLVE: `getaddrinfo(name, AF_INET or AF_INET6)` in a thread pool
+HostResolver performs OP_DNS_RESOLVE: `getaddrinfo(name, AF_UNSPEC)` in a thread pool
 of its own (MAX_CONCURRENT threads), so /etc/hosts, nsswitch and systemd-resolved answer for
 the guest as for any host program. At most MAX_CONCURRENT lookups run at once and MAX_QUEUED
 more wait; past that, and after LOOKUP_TIMEOUT seconds, the core is told RESOLVED_SERVFAIL. A
 lookup that times out keeps its thread until getaddrinfo returns (threads cannot be cancelled),
 so a stuck resolver holds at most MAX_CONCURRENT threads.
 
-NXDOMAIN and NODATA: when getaddrinfo finds nothing of the family asked for (EAI_NONAME,
-EAI_NODATA, EAI_ADDRFAMILY), it is asked again with AF_UNSPEC: if that finds addresses, the
-name exists (NOERROR, no answers), otherwise NXDOMAIN. EAI_AGAIN, EAI_FAIL and other errors
-are SERVFAIL. The name goes to getaddrinfo without a trailing dot, as a host program would
-give it (glibc's files backend does not match "name." in /etc/hosts), so the host's search
-list may apply to it.
+NXDOMAIN and NODATA: one AF_UNSPEC lookup answers both A and AAAA (a guest's A and AAAA
+questions for one name share it while it runs). Addresses of the other family only: the name
+exists (NOERROR, no answers); nothing (EAI_NONAME, EAI_NODATA, EAI_ADDRFAMILY): NXDOMAIN.
+EAI_AGAIN, EAI_FAIL and other errors are SERVFAIL. The name goes to getaddrinfo without a
+trailing dot, as a host program would give it (glibc's files backend does not match "name." in
+/etc/hosts), so the host's search list may apply to it.
 
 ZoneFiles loads each --dns-zone-file into the core's zones and checks it for changes (device,
 inode, size, modification time) once a second; a file with a bad line is logged with the line
@@ -55,33 +55,44 @@ _NOT_FOUND: Final = frozenset(
 )
 
 
-def lookup(name: str, qtype: int) -> tuple[int, list[bytes]]:
-    """(RESOLVED_* status, packed addresses) for name's A (or, for TYPE_AAAA, AAAA) records."""
-    family = socket.AF_INET6 if qtype == TYPE_AAAA else socket.AF_INET
+Lookup = tuple[int, list[bytes], list[bytes]]  # (RESOLVED_* status, IPv4 addresses, IPv6 addresses)
+
+
+def lookup(name: str) -> Lookup:
+    """What getaddrinfo(name, AF_UNSPEC) finds, as a host program would ask it.
+
+    One question for both families: a name that /etc/hosts knows for IPv4 only is not then
+    looked up again in DNS for IPv6 (an AF_INET6 lookup is, and waits for a DNS timeout when
+    the host's name servers are unreachable). A name with no address at all is NXDOMAIN.
+    """
     try:
-        infos = socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        if exc.errno not in _NOT_FOUND:
-            return RESOLVED_SERVFAIL, []
-        try:
-            socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
-        except socket.gaierror as again:
-            return (RESOLVED_NXDOMAIN if again.errno in _NOT_FOUND else RESOLVED_SERVFAIL), []
-        except (OSError, UnicodeError):
-            return RESOLVED_SERVFAIL, []
-        return RESOLVED_NODATA, []
+        return (RESOLVED_NXDOMAIN if exc.errno in _NOT_FOUND else RESOLVED_SERVFAIL), [], []
     except (OSError, UnicodeError):
-        return RESOLVED_SERVFAIL, []
-    addresses: list[bytes] = []
+        return RESOLVED_SERVFAIL, [], []
+    v4: list[bytes] = []
+    v6: list[bytes] = []
     for info in infos:
-        if info[0] != family:
+        family = info[0]
+        if family != socket.AF_INET and family != socket.AF_INET6:
             continue
         try:
             addr = socket.inet_pton(family, str(info[4][0]).split("%", 1)[0])
         except OSError:
             continue
-        if addr not in addresses:
-            addresses.append(addr)
+        found = v4 if family == socket.AF_INET else v6
+        if addr not in found:
+            found.append(addr)
+    return RESOLVED_OK, v4, v6
+
+
+def answer_for(result: Lookup, qtype: int) -> tuple[int, list[bytes]]:
+    """The core's (status, addresses) for an A or AAAA question from one lookup."""
+    status, v4, v6 = result
+    if status != RESOLVED_OK:
+        return status, []
+    addresses = v6 if qtype == TYPE_AAAA else v4
     return (RESOLVED_OK if addresses else RESOLVED_NODATA), addresses
 
 
@@ -95,6 +106,7 @@ class HostResolver:
         self.slots = asyncio.Semaphore(MAX_CONCURRENT)
         self.queued = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        self.inflight: dict[str, asyncio.Task[Lookup]] = {}  # name -> its lookup, shared by A and AAAA
 
     def install(self) -> None:
         self.shell.op_performers[OP_DNS_RESOLVE] = self.perform
@@ -110,10 +122,24 @@ class HostResolver:
         self.shell.schedule_flush()
 
     async def lookup(self, name: str, qtype: int) -> tuple[int, list[bytes]]:
-        """What getaddrinfo says of name (RESOLVED_SERVFAIL when overloaded or too slow)."""
+        """What getaddrinfo says of name (RESOLVED_SERVFAIL when overloaded or too slow).
+
+        A guest asks A and AAAA at once: both wait for the same lookup of the name.
+        """
+        pending = self.inflight.get(name)
+        if pending is None:
+            if len(self.inflight) >= MAX_CONCURRENT + MAX_QUEUED:
+                self.shell.stack.counters.add("dns-host-overload")
+                return RESOLVED_SERVFAIL, []
+            pending = self.loop.create_task(self.lookup_name(name))
+            self.inflight[name] = pending
+            pending.add_done_callback(lambda _task: self.inflight.pop(name, None))
+        return answer_for(await asyncio.shield(pending), qtype)
+
+    async def lookup_name(self, name: str) -> Lookup:
         if self.queued >= MAX_QUEUED:
             self.shell.stack.counters.add("dns-host-overload")
-            return RESOLVED_SERVFAIL, []
+            return RESOLVED_SERVFAIL, [], []
         self.queued += 1
         deadline = self.loop.time() + LOOKUP_TIMEOUT
         try:
@@ -121,10 +147,10 @@ class HostResolver:
                 await self.slots.acquire()
         except TimeoutError:
             self.shell.stack.counters.add("dns-host-timeouts")
-            return RESOLVED_SERVFAIL, []
+            return RESOLVED_SERVFAIL, [], []
         finally:
             self.queued -= 1
-        future = self.loop.run_in_executor(self.executor, lookup, name, qtype)
+        future = self.loop.run_in_executor(self.executor, lookup, name)
         future.add_done_callback(lambda _f: self.slots.release())  # when the thread is done
         try:
             async with asyncio.timeout_at(deadline):
@@ -132,7 +158,7 @@ class HostResolver:
         except TimeoutError:
             self.shell.stack.counters.add("dns-host-timeouts")
             log.debug("getaddrinfo(%s) took more than %.0f s", name, LOOKUP_TIMEOUT)
-            return RESOLVED_SERVFAIL, []
+            return RESOLVED_SERVFAIL, [], []
 
     def close(self) -> None:
         for task in list(self.tasks):

@@ -13,6 +13,7 @@ from qemu_vpnnet.core.actions import HostOp
 from qemu_vpnnet.core.stack import NO_DEADLINE, Stack
 
 if TYPE_CHECKING:
+    from qemu_vpnnet.io.capture import Capture
     from qemu_vpnnet.io.dns_upstream import DnsUpstreams
     from qemu_vpnnet.io.host_ping import HostPing
     from qemu_vpnnet.io.host_tcp import HostTcp
@@ -85,6 +86,7 @@ class Shell:
         self.timer_handle: asyncio.Handle | None = None
         self.timer_when = 0.0
         self.internal_errors = 0
+        self.capture: Capture | None = None  # io/capture.py; checked once per batch, not per frame
         # the host-side handlers, set by io.host_side.install_host_side
         self.host_tcp: HostTcp | None = None
         self.host_udp: HostUdp | None = None
@@ -122,6 +124,11 @@ class Shell:
         stack = self.stack
         now = self.loop.time()
         port_id = port.id
+        if self.capture is not None:
+            try:
+                self.capture.frames_in(port_id, frames)
+            except Exception:
+                self.internal_error("capture")
         for frame in frames:
             try:
                 stack.frame_received(port_id, frame, now)
@@ -167,6 +174,11 @@ class Shell:
                     except Exception:
                         self.internal_error(repr(op))
             out = stack.out.switch.out
+            if self.capture is not None:
+                try:
+                    self.capture.frames_out(out)
+                except Exception:
+                    self.internal_error("capture")
             for port_id, frames in out.items():
                 if frames:
                     out[port_id] = []
@@ -294,6 +306,10 @@ class Shell:
             await asyncio.sleep(RECONNECT_DELAY / 4)
 
     async def close(self) -> None:
+        if self.capture is not None:
+            from qemu_vpnnet.io.capture import stop_capture
+
+            await stop_capture(self)
         if self.host_tcp is not None:
             self.host_tcp.close_all()
         if self.host_udp is not None:

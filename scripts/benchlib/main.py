@@ -12,6 +12,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -94,6 +95,8 @@ class Setup:
                 "127.0.0.1:9",
                 "--log-level",
                 "warning",
+                # extra backend options for one run, e.g. VPNNET_BENCH_ARGS="--pcap /tmp/bench.pcap"
+                *shlex.split(os.environ.get("VPNNET_BENCH_ARGS", "")),
             ]
             env = dict(os.environ)
             if self.backend == "vpnnet":
