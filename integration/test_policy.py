@@ -594,13 +594,23 @@ VM_SCRIPT = """\
 echo via-service | timeout 10 nc {service} 1234; echo "SERVICE-RC=$?"
 timeout 10 nc {outside} 8080 </dev/null; echo "DENIED-RC=$?"
 echo direct | timeout 10 nc {outside} 8081; echo "DIRECT-RC=$?"
+timeout 10 nslookup -type=a intranet.corp.test > /tmp/ns.out 2>&1; echo "NSLOOKUP-RC=$?"
+addr=$(sed -n 's/^Address: *//p' /tmp/ns.out | tail -n 1); echo "RESOLVED=$addr"
+echo by-name | timeout 10 nc "$addr" 8081; echo "BYNAME-RC=$?"
 """
 
 
 def test_vm_reaches_a_gateway_service_and_is_refused_by_deny(bed: BedFactory, vm_guest: VmGuestFactory) -> None:
     """The tiny VM (a real virtio-net NIC): busybox nc through a gateway service, a --deny'd port
-    refused with "Connection refused" at once, the next port direct; one boot."""
-    b = bed("--guestfwd", f"tcp:{SERVICE}:1234-tcp:127.0.0.1:7001", "--deny", f"{OUTSIDE}:8080")
+    refused with "Connection refused" at once, the next port direct, and a name only the host's
+    /etc/hosts knows resolved through the backend's DNS (host mode) and reached; one boot."""
+    b = bed(
+        "--guestfwd",
+        f"tcp:{SERVICE}:1234-tcp:127.0.0.1:7001",
+        "--deny",
+        f"{OUTSIDE}:8080",
+        hosts=f"127.0.0.1 localhost\n{OUTSIDE} intranet.corp.test\n",
+    )
     local = b.peer(b.host.host, "127.0.0.1", "tcp:7001")
     outside = b.peer(b.host.outside, "0.0.0.0", "tcp:8080,8081")
     vm = vm_guest(VM_SCRIPT.format(service=SERVICE, outside=OUTSIDE), backend=b.backend, dhcp="once")
@@ -612,4 +622,6 @@ def test_vm_reaches_a_gateway_service_and_is_refused_by_deny(bed: BedFactory, vm
     assert "DENIED-RC=1" in console, console
     assert "DIRECT-RC=0" in console and "direct" in console, console
     assert local.count("TCP", 7001, 1) == 1 and outside.seen("TCP", 8080) == []
-    assert outside.count("TCP", 8081, 1) == 1
+    assert "NSLOOKUP-RC=0" in console and f"RESOLVED={OUTSIDE}" in console, console
+    assert "BYNAME-RC=0" in console, console
+    assert outside.count("TCP", 8081, 2) == 2
