@@ -306,9 +306,9 @@ def udp_frame(dst: str, dport: int, data: bytes, sport: int = 5000) -> bytes:
     return ip_frame(GUEST_MAC, GW_MAC, ipv4("10.0.2.15", dst, dpkt.ip.IP_PROTO_UDP, seg))
 
 
-def icmp_echo(dst: str) -> bytes:
+def icmp_echo(dst: str, src: str = "10.0.2.15") -> bytes:
     echo = dpkt.icmp.ICMP(type=8, code=0, data=dpkt.icmp.ICMP.Echo(id=7, seq=1, data=b"ping"))
-    return ip_frame(GUEST_MAC, GW_MAC, ipv4("10.0.2.15", dst, dpkt.ip.IP_PROTO_ICMP, echo))
+    return ip_frame(GUEST_MAC, GW_MAC, ipv4(src, dst, dpkt.ip.IP_PROTO_ICMP, echo))
 
 
 def test_refused_syn_gets_rst_and_no_connect() -> None:
@@ -447,7 +447,7 @@ def test_gateway_service_address_answers_arp_and_ping_and_is_never_leased() -> N
     stack.frame_received(1, eth(b"\xff" * 6, GUEST_MAC, dpkt.ethernet.ETH_TYPE_ARP, bytes(arp)), 0.0)
     frames, _ops = taken(stack)
     assert frames[0].data.op == 2 and frames[0].data.sha == GW_MAC
-    stack.frame_received(1, icmp_echo("10.0.2.15"), 0.0)
+    stack.frame_received(1, icmp_echo("10.0.2.15", src="10.0.2.16"), 0.0)  # not from the service's address
     frames, _ops = taken(stack)
     assert frames[0].data.data.type == 0
     offer = stack.dhcp._candidate(bytes.fromhex("525400000001"), 0.0)

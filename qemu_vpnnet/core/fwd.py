@@ -217,8 +217,10 @@ def metadata_rule() -> Rule:
 class RouteTable:
     """The rule table and the gateway services, and the one decision for new flows."""
 
-    def __init__(self, config: NetConfig) -> None:
+    def __init__(self, config: NetConfig, owners: dict[bytes, bytes] | None = None) -> None:
         self.config = config
+        # address -> the only MAC that may send from it (core/guard.py): gateway services' are ours
+        self.owners: dict[bytes, bytes] = owners if owners is not None else {}
         self.restrict = False
         self.builtin: list[Rule] = [metadata_rule()]
         self.runtime: list[Rule] = []  # QMP
@@ -289,6 +291,7 @@ class RouteTable:
         rule.origin = "guestfwd"
         self.guestfwds[key] = rule
         self.service_addrs[addr] = self.service_addrs.get(addr, 0) + 1
+        self.owners[addr] = cfg.gateway_mac
 
     def remove_guestfwd(self, proto: int, addr: bytes, port: int) -> Rule | None:
         rule = self.guestfwds.pop(self.service_key(proto, addr, port), None)
@@ -298,6 +301,9 @@ class RouteTable:
                 self.service_addrs[addr] = left
             else:
                 self.service_addrs.pop(addr, None)
+                cfg = self.config
+                if addr != cfg.host_ip and addr != cfg.dns_ip and self.owners.get(addr) == cfg.gateway_mac:
+                    del self.owners[addr]
         return rule
 
     def is_service_address(self, addr: bytes) -> bool:

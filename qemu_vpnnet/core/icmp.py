@@ -102,7 +102,7 @@ class PingFlow(IdleFlow):
     """One guest's echo identifier, mapped to one host ping socket."""
 
     def __init__(self, flow_id: int, key: int, guest_mac: bytes, guest_ip: bytes, ident: int, now: float) -> None:
-        super().__init__(flow_id, key, now)
+        super().__init__(flow_id, key, now, guest_mac)
         self.guest_mac = guest_mac
         self.guest_ip = guest_ip
         self.ident = ident
@@ -117,7 +117,7 @@ class IcmpProxy:
     def __init__(self, out: Output) -> None:
         self.out = out
         # keyed by (address << 16 | echo identifier)
-        self.table = IdleFlows(out, OP_PING_CLOSE, "icmp", MAX_PING_FLOWS)
+        self.table = IdleFlows(out, OP_PING_CLOSE, "icmp", MAX_PING_FLOWS, out.config.guest_max_udp)
         self.unavailable_until = -1.0
 
     # ---- guest side --------------------------------------------------------------------
@@ -153,6 +153,11 @@ class IcmpProxy:
             out.drop("icmp-ping-unavailable")
             return
         if known is None:
+            guard = out.guard
+            usage = guard.usage(src_mac, now)
+            if not guard.need_socket(usage, now) and not self.table.evict_oldest_of(src_mac):
+                guard.refuse("icmp-refused-no-fds", src_mac, now)
+                return
             flow = PingFlow(self.table.new_id(), key, src_mac, src, ident, now)
             self.table.insert(flow)
         else:

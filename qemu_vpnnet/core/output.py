@@ -5,6 +5,7 @@ from typing import Final, final
 from qemu_vpnnet.core.actions import Counters, HostOp
 from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.fwd import RouteTable
+from qemu_vpnnet.core.guard import Guard
 from qemu_vpnnet.core.packets import IPPROTO_UDP, build_ipv4_frame, udp_segment
 from qemu_vpnnet.core.switch import Switch
 
@@ -19,9 +20,10 @@ class Output:
         self.config = config
         self.counters = Counters()
         self.switch = Switch(config.gateway_mac, self.counters)
-        self.fwd = RouteTable(config)  # the route of every new guest flow (core/fwd.py)
         self.ops: list[HostOp] = []
         self.events: list[tuple[str, dict[str, object]]] = []
+        self.guard = Guard(config, self.counters, self.events)  # address owners, per-guest limits
+        self.fwd = RouteTable(config, self.guard.owners)  # the route of every new guest flow (core/fwd.py)
         self.guest_macs: dict[bytes, bytes] = {}  # guest IPv4 address -> MAC, learned from traffic
         self.ip_ident = 0
 

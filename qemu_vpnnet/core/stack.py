@@ -56,13 +56,56 @@ class Stack:
         self.tcp = TcpEngine(out)
         self.udp_forwards = UdpForwards(out)
         self.fragments = Reassembler(self.counters)
+        self.guard = out.guard  # who may use which address, per-guest limits (core/guard.py)
+        self.owners = out.guard.owners
+        self.guard.reclaim = self.reclaim
 
     # ---- ports -------------------------------------------------------------------------
     def attach_port(self, port: int) -> None:
         self.switch.attach(port)
 
-    def detach_port(self, port: int) -> None:
+    def detach_port(self, port: int) -> dict[str, int]:
+        """QEMU on port went away: forget its MACs, and close the flows of the guests that lived
+        only there (their host peers see a reset). Returns what was closed, by kind."""
+        gone = {mac for mac, where in self.switch.mac_table.items() if where == port}
         self.switch.detach(port)
+        return self.close_guests(gone)
+
+    def close_guests(self, macs: set[bytes]) -> dict[str, int]:
+        """Close every flow of the guests with these MACs: TCP (outbound and forwarded) aborted
+        toward the host, UDP, ping and UDP-forward flows closed. Counted as guest-gone-*."""
+        closed = {
+            "tcp": self.tcp.close_guests(macs),
+            "udp": self.udp.table.close_guests(macs),
+            "icmp": self.icmp.table.close_guests(macs),
+            "udp-forward": self.udp_forwards.close_guests(macs),
+        }
+        for kind, count in closed.items():
+            if count:
+                self.counters.add(f"guest-gone-{kind}-closed", count)
+        return closed
+
+    def reclaim(self, mac: bytes, now: float) -> bool:
+        """Free one host socket of the guest with this MAC (it holds the most and the budget is
+        spent): its oldest pending connect, else its oldest UDP or ping flow, else its oldest
+        connection. True when one was freed."""
+        usage = self.guard.guests.get(mac)
+        if usage is None:
+            return False
+        victim = -1
+        for flow, pending in usage.tcp.items():
+            if pending:
+                victim = flow
+                break
+        if victim < 0:
+            if self.udp.table.evict_oldest_of(mac) or self.icmp.table.evict_oldest_of(mac):
+                return True
+            for flow in usage.tcp:
+                victim = flow
+                break
+        if victim < 0:
+            return False
+        return self.tcp.abort_flow(victim, "tcp-reclaimed")
 
     def port_congested(self, port: int, congested: bool, now: float) -> None:
         """The shell's write buffer toward port's QEMU went above (or back below) its limit."""
@@ -87,10 +130,19 @@ class Stack:
         if src_mac[0] & 1 or src_mac == self.config.gateway_mac:
             self.out.drop("bad-source-mac")
             return
+        ethertype = (frame[12] << 8) | frame[13]
+        # a claim to an address that is not the sender's is neither learned nor switched
+        if ethertype == ETH_P_IP:
+            owner = self.owners.get(frame[26:30])  # the source address (short frames: no match)
+            if owner is not None and owner != src_mac and self.spoofed("ip", frame[26:30], src_mac, src_mac, now):
+                return
+        elif ethertype == ETH_P_ARP and len(frame) >= ETH_HLEN + 28:
+            spa = frame[28:32]
+            if spa in self.owners and self.spoofed("arp", spa, src_mac, frame[22:28], now):
+                return
         self.switch.learn(src_mac, port)
         if not self.switch.forward(port, dst_mac, frame):
             return
-        ethertype = (frame[12] << 8) | frame[13]
         if ethertype == ETH_P_IP:
             self.ipv4_received(src_mac, frame, now)
         elif ethertype == ETH_P_ARP:
@@ -99,6 +151,37 @@ class Stack:
             self.counters.add("rx-ipv6-ignored")
         else:
             self.counters.add("rx-other-ethertype")
+
+    def spoofed(self, what: str, addr: bytes, src_mac: bytes, claimed_mac: bytes, now: float) -> bool:
+        """Whether a frame from src_mac claiming addr (for ARP: at claimed_mac, its sender
+        hardware address) claims an address owned by someone else; counted as a drop."""
+        reason = self.spoof_reason(addr, src_mac, now)
+        if not reason and claimed_mac != src_mac:
+            reason = self.spoof_reason(addr, claimed_mac, now)
+        if not reason:
+            return False
+        self.out.drop(f"{what}-spoof-{reason}")
+        return True
+
+    def spoof_reason(self, addr: bytes, mac: bytes, now: float) -> str:
+        """"" when mac may use addr; else why not: gateway, dns, service (the backend's own
+        addresses) or lease (a live DHCP lease of another MAC). Forgets expired leases."""
+        owners = self.owners
+        owner = owners.get(addr)
+        if owner is None or owner == mac:
+            return ""
+        cfg = self.config
+        if owner == cfg.gateway_mac:
+            if addr == cfg.host_ip:
+                return "gateway"
+            return "dns" if addr == cfg.dns_ip else "service"
+        live = self.dhcp.bound_mac(addr, now)
+        if live is None:
+            del owners[addr]  # the lease ran out or was released: free for anyone again
+            return ""
+        if live != owner:
+            owners[addr] = live
+        return "" if live == mac else "lease"
 
     def arp_received(self, src_mac: bytes, frame: bytes) -> None:
         if len(frame) < ETH_HLEN + 28:
@@ -194,11 +277,17 @@ class Stack:
         self.udp.from_guest(src_mac, src, dst, sport, dport, payload, now)
 
     def dhcp_received(self, src_mac: bytes, payload: bytes, now: float) -> None:
+        if len(payload) >= 34 and payload[28:34] != src_mac:
+            self.out.drop("dhcp-spoof-chaddr")  # a lease (or its release) asked for another MAC
+            return
         try:
             reply = self.dhcp.handle(payload, src_mac, now)
         except ValueError:
             self.out.drop("bad-dhcp")
             return
+        lease = self.dhcp.by_mac.get(src_mac)
+        if lease is not None and lease.bound and lease.expires > now:
+            self.guard.leased(lease.addr, src_mac)
         if self.dhcp.events:
             self.out.events.extend(self.dhcp.events)
             self.dhcp.events.clear()

@@ -32,6 +32,7 @@ from qemu_vpnnet.core.actions import (
 )
 from qemu_vpnnet.core.config import ip_str
 from qemu_vpnnet.core.fwd import DIRECT, DIRECT_ROUTE, FORWARD, PROTO_TCP, PROXY, REFUSE, REPLY_DROP, REPLY_ICMP, Route
+from qemu_vpnnet.core.guard import GuestUsage
 from qemu_vpnnet.core.icmp import send_icmp_error
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
@@ -91,7 +92,11 @@ DUP_THRESH: Final = 3  # duplicate ACKs that mean a segment was lost
 REXMIT_BURST: Final = 256  # segments one ACK may make us resend (the holes SACK reported)
 LOST_REXMIT_MIN: Final = 0.001  # a hole resent longer ago than this and twice the RTT: resend again
 RECOVERY_PROBES: Final = 4  # recovery timer firings before the retransmission timeout takes over
+# A host that does not answer a connect: the guest gets RST after this long and the socket is
+# closed. Within the SYN budget of a Linux host (tcp_syn_retries 6: 1+2+4+8+16+32+64 = 127 s),
+# and after the guest's own kernel sent its fifth SYN (31 s), so a slow host still gets through.
 CONNECT_TIMEOUT: Final = 60.0
+FD_RETRIES: Final = 2  # connects retried after EMFILE/ENFILE (each after freeing a socket)
 TIME_WAIT_TIME: Final = 2.0
 RTO_INITIAL: Final = 1.0
 RTO_MIN: Final = 0.2
@@ -170,6 +175,9 @@ class TcpConn:
         self.outbound = True  # opened by the guest (False: a forwarded host connection)
         self.host_addr = ""
         self.route: Route = DIRECT_ROUTE  # decided at the guest's SYN (core/fwd.py), kept for life
+        self.host_port = remote_port  # where the host connect goes (a forward's target port)
+        self.usage: GuestUsage | None = None  # the guest that opened it (core/guard.py); None: forwarded
+        self.fd_retries = 0
         # send side (host -> guest)
         self.iss = 0
         self.snd_una = 0
@@ -268,7 +276,11 @@ class TcpEngine:
 
     def remove(self, conn: TcpConn) -> None:
         conn.state = CLOSED
-        self.flows.pop(conn.flow, None)
+        if self.flows.pop(conn.flow, None) is not None:
+            guard = self.out.guard
+            guard.sockets -= 1
+            if conn.usage is not None:
+                guard.tcp_closed(conn.usage, conn.flow)
         if self.by_key.get(conn.key) is conn:
             del self.by_key[conn.key]
         self.dirty.pop(conn.flow, None)
@@ -582,6 +594,21 @@ class TcpEngine:
             self.counters.add("tcp-refused-flow-limit")
             self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
             return
+        guard = self.out.guard
+        usage = guard.usage(src_mac, now)
+        refusal = ""
+        if usage.pending >= cfg.guest_max_pending:
+            refusal = "tcp-refused-guest-pending"
+        elif len(usage.tcp) >= cfg.guest_max_tcp:
+            refusal = "tcp-refused-guest-connections"
+        elif not guard.allow_new_flow(usage, now):
+            refusal = "tcp-refused-guest-rate"
+        elif not guard.need_socket(usage, now):
+            refusal = "tcp-refused-no-fds"
+        if refusal:
+            guard.refuse(refusal, src_mac, now)
+            self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
+            return
         try:
             mss, wscale, sack = parse_syn_options(frame[start + 20 : start + hlen])
         except ValueError:
@@ -591,7 +618,11 @@ class TcpEngine:
         conn.sack_ok = sack
         conn.state = CONNECTING
         conn.host_addr = host_addr
+        conn.host_port = host_port
         conn.route = route
+        conn.usage = usage
+        guard.sockets += 1
+        guard.tcp_opened(usage, conn.flow)
         conn.rcv_nxt = seq + 1
         conn.rcv_adv = conn.rcv_nxt
         conn.snd_wnd = window
@@ -1014,6 +1045,8 @@ class TcpEngine:
         conn.snd_nxt = conn.snd_max = conn.iss + 1
         conn.state = SYN_RECEIVED
         conn.syn_quote = b""
+        if conn.usage is not None:
+            self.out.guard.tcp_connected(conn.usage, flow)
         conn.deadline = INF
         conn.queued_at = INF
         self.set_deadline(conn, now + conn.rto)
@@ -1024,6 +1057,8 @@ class TcpEngine:
         conn = self.flows.get(flow)
         if conn is None or conn.state != CONNECTING:
             return
+        if (err == errno.EMFILE or err == errno.ENFILE) and self.retry_connect(conn, now):
+            return
         self.counters.add("tcp-connect-failed")
         if err in (errno.ENETUNREACH, errno.EHOSTUNREACH) and conn.syn_quote:
             code = 0 if err == errno.ENETUNREACH else 1
@@ -1031,6 +1066,19 @@ class TcpEngine:
         else:
             self.send_rst(conn)
         self.remove(conn)
+
+    def retry_connect(self, conn: TcpConn, now: float) -> bool:
+        """The host connect failed for want of file descriptors: free one from the guest
+        holding the most and connect again (FD_RETRIES times). False: refuse it."""
+        self.counters.add("tcp-connect-no-fds")
+        usage = conn.usage
+        if usage is None or conn.fd_retries >= FD_RETRIES:
+            return False
+        conn.fd_retries += 1
+        if not self.out.guard.take_from_heaviest(usage, now):
+            return False
+        self.out.op(HostOp(OP_TCP_CONNECT, conn.flow, conn.host_addr, conn.host_port, b"", conn.route))
+        return True
 
     def host_data(self, flow: int, data: bytes, now: float) -> None:
         conn = self.flows.get(flow)
@@ -1100,6 +1148,7 @@ class TcpEngine:
         conn.rcv_wscale = RCV_WSCALE
         self.flows[conn.flow] = conn
         self.by_key[key] = conn
+        self.out.guard.sockets += 1
         self.send_syn(conn)
         self.set_deadline(conn, now + conn.rto)
         return conn.flow
@@ -1115,6 +1164,29 @@ class TcpEngine:
         if conn.state not in (CONNECTING, TIME_WAIT):
             self.send_rst(conn)
         self.remove(conn)
+
+    def abort_flow(self, flow: int, reason: str) -> bool:
+        """Reset a flow both ways (RST to the guest, abort the host socket); counted as reason."""
+        conn = self.flows.get(flow)
+        if conn is None:
+            return False
+        self.counters.add(reason)
+        if conn.state != TIME_WAIT:
+            self.send_rst(conn)
+        self.out.op(HostOp(OP_TCP_ABORT, flow))
+        self.remove(conn)
+        return True
+
+    def close_guests(self, macs: set[bytes]) -> int:
+        """The guests with these MACs are gone: abort their connections' host sockets (both
+        directions of flow); no RST toward guests that are not there. How many were closed."""
+        closed = 0
+        for conn in list(self.flows.values()):
+            if conn.guest_mac in macs:
+                self.out.op(HostOp(OP_TCP_ABORT, conn.flow))
+                self.remove(conn)
+                closed += 1
+        return closed
 
     # ---- time --------------------------------------------------------------------------
     def timer(self, now: float) -> None:

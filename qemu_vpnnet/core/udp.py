@@ -69,7 +69,7 @@ class UdpFlow(IdleFlow):
     """One guest (address, port) and its host socket."""
 
     def __init__(self, flow_id: int, key: int, guest_mac: bytes, guest_ip: bytes, guest_port: int, now: float) -> None:
-        super().__init__(flow_id, key, now)
+        super().__init__(flow_id, key, now, guest_mac)
         self.guest_mac = guest_mac
         self.guest_ip = guest_ip
         self.guest_port = guest_port
@@ -101,7 +101,7 @@ class UdpNat:
     def __init__(self, out: Output) -> None:
         self.out = out
         # keyed by (address << 16 | port)
-        self.table = IdleFlows(out, OP_UDP_CLOSE, "udp", out.config.max_udp_flows)
+        self.table = IdleFlows(out, OP_UDP_CLOSE, "udp", out.config.max_udp_flows, out.config.guest_max_udp)
         self.local_services: dict[str, LocalHandler] = {}  # LOCAL routes by service name (Stack sets "dns")
 
     # ---- guest side --------------------------------------------------------------------
@@ -134,7 +134,7 @@ class UdpNat:
             self.table.touch(flow, now)
         else:
             dest = self.new_destination(src_mac, src, dst, sport, dport, payload, now)
-            if dest is None:
+            if dest is None or not self.guest_may_open(src_mac, now):
                 return
             flow = UdpFlow(self.table.new_id(), key, src_mac, src, sport, now)
             flow.remember(dest_key, dest)
@@ -149,6 +149,20 @@ class UdpNat:
         flow.bytes_out += len(payload)
         flow.packets_out += 1
         out.op(HostOp(OP_UDP_SEND, flow.id, addr=dest.host_addr, port=dest.host_port, data=payload))
+
+    def guest_may_open(self, mac: bytes, now: float) -> bool:
+        """Per-guest limits for a new flow (core/guard.py): its new-flow rate, and a host socket
+        within the budget (taken from a guest that holds more, or its own oldest flow). Its own
+        flow limit is kept by the table (its oldest flow is evicted)."""
+        guard = self.out.guard
+        usage = guard.usage(mac, now)
+        if not guard.allow_new_flow(usage, now):
+            guard.refuse("udp-refused-guest-rate", mac, now)
+            return False
+        if not guard.need_socket(usage, now) and not self.table.evict_oldest_of(mac):
+            guard.refuse("udp-refused-no-fds", mac, now)
+            return False
+        return True
 
     def new_destination(
         self, src_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes, now: float

@@ -90,6 +90,13 @@ class UdpForwards:
         self.by_key.pop(flow.key, None)
         self.out.op(HostOp(OP_UDP_FWD_CLOSE, flow.flow))
 
+    def close_guests(self, macs: set[bytes]) -> int:
+        """The guests with these MACs are gone: close their forward flows; how many."""
+        gone = [flow for flow in self.by_flow.values() if flow.guest_mac in macs]
+        for flow in gone:
+            self.close(flow)
+        return len(gone)
+
     def close_flow(self, flow_id: int) -> None:
         flow = self.by_flow.get(flow_id)
         if flow is not None:

@@ -267,7 +267,9 @@ class HostTcp:
         """A connector failed: the guest gets RST (or ICMP unreachable); forwards say why in the log."""
         self.connecting.pop(flow, None)
         err = exc.errno if exc.errno is not None else errno.ECONNREFUSED
-        if route is not None and route.kind == FORWARD:
+        if err == errno.EMFILE or err == errno.ENFILE:
+            self.shell.out_of_descriptors(f"connect {where}", exc)
+        elif route is not None and route.kind == FORWARD:
             self.warn_target(route, exc)
         else:
             log.debug("flow %d: connect %s failed: %s", flow, where, exc)

@@ -7,6 +7,7 @@ then fails with ECONNREFUSED (or another errno) and the details -- which destina
 ICMP type and code -- wait on the socket's error queue, read with MSG_ERRQUEUE.
 """
 
+import errno
 import logging
 import socket
 import struct
@@ -83,7 +84,9 @@ class HostUdp:
                 raise
         except OSError as exc:
             self.open_errors += 1
-            if self.open_errors <= 10 or self.open_errors % 1000 == 0:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.shell.out_of_descriptors("UDP socket", exc)
+            elif self.open_errors <= 10 or self.open_errors % 1000 == 0:
                 log.warning("cannot open a UDP socket for flow %d: %s (%d failures)", op.flow, exc, self.open_errors)
             self.shell.stack.udp.host_failed(op.flow, self.loop.time())
             self.shell.schedule_flush()

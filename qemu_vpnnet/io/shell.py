@@ -4,6 +4,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import socket
 import stat
 from collections.abc import Callable
@@ -26,6 +27,23 @@ log = logging.getLogger("qemu_vpnnet")
 EventListener = Callable[[str, dict[str, object]], None]
 OpPerformer = Callable[[HostOp], None]
 RECONNECT_DELAY: Final = 1.0
+FD_RESERVE_MIN: Final = 64  # descriptors kept from the flows' budget: QEMU ports, listeners, DNS, QMP
+
+
+def host_socket_budget() -> int:
+    """How many host sockets the flows may hold: the open-file limit (the soft one raised to the
+    hard one first) less a reserve of an eighth, at least FD_RESERVE_MIN."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        wanted = hard if hard != resource.RLIM_INFINITY and hard <= 1 << 20 else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft - max(FD_RESERVE_MIN, soft // 8))
 
 
 class StartupError(Exception):
@@ -92,6 +110,8 @@ class Shell:
         self.host_udp: HostUdp | None = None
         self.host_ping: HostPing | None = None
         self.dns_upstreams: DnsUpstreams | None = None
+        stack.guard.fd_budget = host_socket_budget()
+        self.fd_warned = -1e9  # when running out of descriptors was last logged
 
     def now(self) -> float:
         return self.loop.time()
@@ -106,8 +126,16 @@ class Shell:
     def port_closed(self, port: QemuPort, reason: str) -> None:
         if self.ports.pop(port.id, None) is None:
             return
-        self.stack.detach_port(port.id)
-        log.info("guest disconnected: port=%d %s (%s)", port.id, port.description, reason)
+        closed = self.stack.detach_port(port.id)
+        flows = ", ".join(f"{count} {kind}" for kind, count in closed.items() if count)
+        log.info(
+            "guest disconnected: port=%d %s (%s); %s",
+            port.id,
+            port.description,
+            reason,
+            f"its flows closed: {flows}" if flows else "no flows were open",
+        )
+        self.schedule_flush()
         self.emit("GUEST_DISCONNECTED", {"port": port.id, "transport": port.description, "reason": reason})
 
     def malformed_input(self, port: QemuPort, reason: str) -> None:
@@ -209,9 +237,38 @@ class Shell:
         self.poller.activity(seen - self.bytes_seen)
         self.bytes_seen = seen
 
+    def out_of_descriptors(self, what: str, exc: OSError) -> None:
+        """EMFILE/ENFILE from a host socket: logged once per interval."""
+        now = self.now()
+        if now - self.fd_warned < 10.0:
+            return
+        self.fd_warned = now
+        guard = self.stack.guard
+        log.warning(
+            "out of file descriptors (%s: %s); flows hold %d host sockets (budget %d); "
+            "sockets are taken from the guest holding the most",
+            what,
+            os.strerror(exc.errno) if exc.errno else exc,
+            guard.sockets,
+            guard.fd_budget,
+        )
+
     def emit(self, name: str, data: dict[str, object]) -> None:
         if name == "GUEST_LEASE":
             log.info("lease: %s -> %s", data.get("mac"), data.get("address"))
+        elif name == "GUEST_LIMIT":
+            log.warning(
+                "guest %s: %s (%s so far; it holds %s connections, %s connecting, %s datagram flows; "
+                "host sockets %s of %s); logged once per 10 s",
+                data.get("mac"),
+                data.get("reason"),
+                data.get("count"),
+                data.get("tcp"),
+                data.get("pending"),
+                data.get("datagram-flows"),
+                data.get("host-sockets"),
+                data.get("budget"),
+            )
         for listener in list(self.event_listeners):
             try:
                 listener(name, data)

@@ -1,0 +1,193 @@
+"""One guest cannot hurt another: address ownership, per-guest limits, the host-socket budget.
+
+Theory of operation.
+
+* Ownership (anti-spoofing). `owners` maps each address a guest must not claim to the MAC
+  that may: the gateway, DNS and gateway-service addresses map to the gateway's own MAC (no
+  guest may use them), an address with a bound DHCP lease to its guest's MAC. Stack checks
+  every IPv4 frame's source address and every ARP sender address against it before the frame
+  is learned or switched, with one dict lookup; only a mismatch takes the slow path
+  (`spoof_reason`), which checks that the lease is still live (an expired one is forgotten) and
+  names the reason: gateway, dns, service or lease.
+* Per-guest limits, by the guest's MAC address (the identity of the switch and of DHCP; a
+  flood with random source addresses still comes from one MAC): TCP connections it opened,
+  those of them still connecting (SYN received, host connect pending), UDP and ping flows,
+  and new flows per second (a token bucket holding one second's worth). The engines ask
+  before they open a host socket; over a limit a TCP SYN is answered with RST at once and a
+  new UDP flow evicts that guest's oldest.
+* The host-socket budget. The shell sets `fd_budget` from RLIMIT_NOFILE less a reserve (for
+  QEMU connections, listeners, DNS, the log). `sockets` counts the host sockets the flows hold.
+  A new flow past the budget takes a socket from the guest holding the most (its oldest
+  pending connect first, then its oldest UDP flow, then its oldest connection), never from a
+  guest holding fewer than the one asking; when the asking guest is itself the heaviest, its
+  flow is refused. EMFILE/ENFILE from the kernel (descriptors held elsewhere) is handled the
+  same way, once more per connect.
+
+Each refusal is counted, and announced (event GUEST_LIMIT, which the shell logs) at most once
+per LOG_INTERVAL per reason.
+"""
+
+from collections.abc import Callable
+from typing import Final, final
+
+from qemu_vpnnet.core.actions import Counters
+from qemu_vpnnet.core.config import NetConfig
+from qemu_vpnnet.core.packets import mac_str
+
+LOG_INTERVAL: Final = 10.0  # seconds between two GUEST_LIMIT events of one reason
+MAX_GUESTS: Final = 4096  # usage records kept (those holding nothing are dropped first)
+NO_BUDGET: Final = 1 << 40
+
+
+@final
+class GuestUsage:
+    """What one guest (MAC) holds: its TCP flows, its datagram flows, its new-flow tokens."""
+
+    def __init__(self, mac: bytes, tokens: float, now: float) -> None:
+        self.mac = mac
+        self.tcp: dict[int, bool] = {}  # its TCP flow ids, oldest first -> still connecting
+        self.pending = 0  # of those, connecting
+        self.datagram = 0  # UDP and ping flows
+        self.tokens = tokens
+        self.refilled = now
+
+    def load(self) -> int:
+        """Host sockets it holds."""
+        return len(self.tcp) + self.datagram
+
+
+@final
+class Guard:
+    def __init__(self, config: NetConfig, counters: Counters, events: list[tuple[str, dict[str, object]]]) -> None:
+        self.config = config
+        self.counters = counters
+        self.events = events
+        self.owners: dict[bytes, bytes] = {}  # address -> the only MAC that may use it as a source
+        gateway = config.gateway_mac
+        self.owners[config.host_ip] = gateway
+        self.owners[config.dns_ip] = gateway
+        self.guests: dict[bytes, GuestUsage] = {}
+        self.sockets = 0  # host sockets the flows hold (TCP, UDP, ping)
+        self.fd_budget = NO_BUDGET
+        self.logged: dict[str, float] = {}
+        # frees one host socket of the guest with this MAC (Stack sets it); True when it did
+        self.reclaim: Callable[[bytes, float], bool] = no_reclaim
+
+    # ---- ownership (RouteTable adds and removes the gateway services' addresses) ----------
+    def leased(self, addr: bytes, mac: bytes) -> None:
+        """A DHCP lease on addr was bound to mac."""
+        if self.owners.get(addr) != self.config.gateway_mac:
+            if len(self.owners) >= MAX_GUESTS * 2 and addr not in self.owners:
+                return  # the slow path still finds live leases through DhcpServer
+            self.owners[addr] = mac
+
+    # ---- limits ------------------------------------------------------------------------
+    def usage(self, mac: bytes, now: float) -> GuestUsage:
+        usage = self.guests.get(mac)
+        if usage is None:
+            guests = self.guests
+            if len(guests) >= MAX_GUESTS:
+                idle = [m for m, u in guests.items() if not u.tcp and not u.datagram]
+                for old in idle[: max(1, len(idle) // 2)]:
+                    del guests[old]
+            usage = GuestUsage(mac, float(self.config.guest_new_flows), now)
+            guests[mac] = usage
+        return usage
+
+    def allow_new_flow(self, usage: GuestUsage, now: float) -> bool:
+        """Take one token of the guest's new-flow bucket (rate guest_new_flows per second)."""
+        rate = float(self.config.guest_new_flows)
+        if rate <= 0.0:
+            return True
+        tokens = usage.tokens + (now - usage.refilled) * rate
+        if tokens > rate:
+            tokens = rate
+        usage.refilled = now
+        if tokens < 1.0:
+            usage.tokens = tokens
+            return False
+        usage.tokens = tokens - 1.0
+        return True
+
+    def need_socket(self, usage: GuestUsage, now: float) -> bool:
+        """Room for one more host socket for this guest: within the budget, or taken from a
+        guest that holds more. False when this guest is the one holding the most."""
+        if self.sockets < self.fd_budget:
+            return True
+        return self.take_from_heaviest(usage, now)
+
+    def take_from_heaviest(self, usage: GuestUsage, now: float) -> bool:
+        victim = self.heaviest(usage)
+        if victim is None:
+            return False
+        if self.reclaim(victim.mac, now):
+            self.counters.add("fd-reclaimed")
+            self.note("fd-reclaimed", victim.mac, now)
+            return True
+        return False
+
+    def heaviest(self, usage: GuestUsage) -> GuestUsage | None:
+        """The guest holding the most host sockets, if it holds more than usage's guest + 1."""
+        best: GuestUsage | None = None
+        best_load = usage.load() + 1
+        for other in self.guests.values():
+            load = other.load()
+            if load > best_load and other is not usage:
+                best = other
+                best_load = load
+        return best
+
+    # ---- TCP accounting ----------------------------------------------------------------
+    def tcp_opened(self, usage: GuestUsage, flow: int) -> None:
+        usage.tcp[flow] = True
+        usage.pending += 1
+
+    def tcp_connected(self, usage: GuestUsage, flow: int) -> None:
+        if usage.tcp.get(flow):
+            usage.tcp[flow] = False
+            usage.pending -= 1
+
+    def tcp_closed(self, usage: GuestUsage, flow: int) -> None:
+        pending = usage.tcp.pop(flow, None)
+        if pending:
+            usage.pending -= 1
+
+    # ---- reporting ---------------------------------------------------------------------
+    def refuse(self, reason: str, mac: bytes, now: float) -> None:
+        """Count a refusal (counter REASON) and announce it at most once per LOG_INTERVAL."""
+        self.counters.add(reason)
+        self.note(reason, mac, now)
+
+    def note(self, reason: str, mac: bytes, now: float) -> None:
+        last = self.logged.get(reason)
+        if last is not None and now - last < LOG_INTERVAL:
+            return
+        self.logged[reason] = now
+        usage = self.guests.get(mac)
+        self.events.append(
+            (
+                "GUEST_LIMIT",
+                {
+                    "reason": reason,
+                    "mac": mac_str(mac),
+                    "count": self.counters.values.get(reason, 0),
+                    "tcp": len(usage.tcp) if usage is not None else 0,
+                    "pending": usage.pending if usage is not None else 0,
+                    "datagram-flows": usage.datagram if usage is not None else 0,
+                    "host-sockets": self.sockets,
+                    "budget": self.fd_budget if self.fd_budget != NO_BUDGET else -1,
+                },
+            )
+        )
+
+    def describe(self) -> list[dict[str, object]]:
+        """Per-guest usage, for query-stats style introspection."""
+        return [
+            {"mac": mac_str(u.mac), "tcp": len(u.tcp), "pending": u.pending, "datagram-flows": u.datagram}
+            for u in self.guests.values()
+            if u.tcp or u.datagram
+        ]
+
+
+def no_reclaim(mac: bytes, now: float) -> bool:
+    return False
