@@ -29,7 +29,14 @@ setup(
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
     packages=find_packages(include=["qemu_vpnnet", "qemu_vpnnet.*"]),
-    install_requires=["qemu.qmp>=0.0.3", "pyroute2>=0.7", "dpkt>=1.9.8", "uvloop>=0.19", "mypy-extensions>=1.0"],
+    install_requires=[
+        "qemu.qmp>=0.0.3",
+        "pyroute2>=0.7",
+        "dpkt>=1.9.8",
+        "uvloop>=0.19",
+        "mypy-extensions>=1.0",
+        "h11>=0.14",  # HTTP/1.1 parsing of the proxy (io/http_proxy.py)
+    ],
     extras_require={"test": ["pytest>=7", "mypy>=1.8", "ruff>=0.4"]},
     ext_modules=ext_modules,
     entry_points={"console_scripts": ["qemu-vpnnet = qemu_vpnnet.cli:main"]},

@@ -17,7 +17,9 @@ from qemu_vpnnet.core.stack import Stack
 from qemu_vpnnet.hostfwd import HostFwdSyntaxError, parse_hostfwd
 from qemu_vpnnet.io.forwards import Forwarder, ForwardError
 from qemu_vpnnet.io.host_side import install_host_side
+from qemu_vpnnet.io.http_proxy import start_proxy
 from qemu_vpnnet.io.policy_control import Policy
+from qemu_vpnnet.io.proxy_config import add_proxy_options
 from qemu_vpnnet.io.shell import Shell, StartupError
 from qemu_vpnnet.policy import GuestFwdSpec, PolicySyntaxError, parse_guestfwd, parse_rule, shorthand_rule
 
@@ -342,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the forwards, gateway services and run-time policy rules in FILE across restarts",
     )
     add_security_options(p)
+    add_proxy_options(p)
     p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="log level (default info)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v is debug)")
     return p
@@ -492,6 +495,7 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         return 2
     qmp = QmpServer(shell, forwarder, stop, policy)
     try:
+        start_proxy(shell, args)  # after the policy: a --guestfwd on the explicit proxy's port wins
         if args.pcap:
             start_pcap(shell, args)
         for spec in args.qmp:

@@ -349,7 +349,9 @@ def command_table() -> dict[str, Command]:
     ]
     from qemu_vpnnet.control.qmp_capture import capture_commands
     from qemu_vpnnet.control.qmp_policy import policy_commands
+    from qemu_vpnnet.control.qmp_proxy import proxy_commands
 
     commands += policy_commands()
+    commands += proxy_commands()
     commands += capture_commands()
     return {c.name: c for c in commands}

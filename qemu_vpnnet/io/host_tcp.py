@@ -3,8 +3,9 @@
 OP_TCP_CONNECT carries the flow's route (core/fwd.py), which picks the connector: a TCP
 connect() (direct, or a forward to tcp:HOST:PORT), a Unix stream socket (unix:PATH), a process
 per connection with the connection as its stdin and stdout (cmd:COMMAND, run without a shell),
-or the backend's own DNS over TCP (local dns). Each one answers the core with host_connected()
-or host_refused(); a forward whose target fails is logged (once per target and interval).
+the backend's own DNS over TCP (local dns), the upstream HTTP proxy (proxy http/https) or the
+explicit proxy at the gateway (local http-proxy), both in io/http_proxy.py. Each one answers
+the core with host_connected() or host_refused(); a forward whose target fails is logged (once per target and interval).
 """
 
 import asyncio
@@ -16,7 +17,7 @@ import signal
 import socket
 import struct
 from collections.abc import Callable
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from qemu_vpnnet.core.actions import (
     OP_PAUSE_READING,
@@ -29,9 +30,12 @@ from qemu_vpnnet.core.actions import (
     OP_TCP_SHUTDOWN,
     HostOp,
 )
-from qemu_vpnnet.core.fwd import FORWARD, LOCAL, TARGET_CMD, TARGET_UNIX, Route
+from qemu_vpnnet.core.fwd import FORWARD, LOCAL, PROXY, TARGET_CMD, TARGET_UNIX, Route
 from qemu_vpnnet.core.tcp import TcpEngine
 from qemu_vpnnet.io.shell import Shell
+
+if TYPE_CHECKING:
+    from qemu_vpnnet.io.http_proxy import HttpProxy
 
 log = logging.getLogger("qemu_vpnnet.tcp")
 
@@ -124,6 +128,7 @@ class HostTcp:
         self.connecting: dict[int, asyncio.Task[None]] = {}
         self.commands: dict[int, asyncio.subprocess.Process] = {}  # cmd: forwards, by flow
         self.warned: dict[str, float] = {}  # forward target -> when its failure was last logged
+        self.proxy: HttpProxy | None = None  # the HTTP proxy (io/http_proxy.py), set by start_proxy
         performers = shell.op_performers
         performers[OP_TCP_CONNECT] = self.op_connect
         performers[OP_TCP_SEND] = self.op_send
@@ -140,8 +145,16 @@ class HostTcp:
 
     def op_connect(self, op: HostOp) -> None:
         route = op.route
+        if route is not None and route.kind == LOCAL and route.path == "http-proxy":
+            self.connect_explicit_proxy(op.flow)
+            return
         if route is not None and route.kind == LOCAL:
             self.connect_dns(op.flow)
+            return
+        proxy = self.proxy
+        if route is not None and route.kind == PROXY and proxy is not None:
+            coro = proxy.connect_transparent(self, op.flow, op.addr, op.port, route.path)
+            self.connecting[op.flow] = self.shell.loop.create_task(coro)
             return
         if route is not None and route.kind == FORWARD and route.target == TARGET_UNIX:
             coro = self.connect_unix(op.flow, route)
@@ -165,6 +178,14 @@ class HostTcp:
         self.conns[flow] = conn
         self.tcp.host_connected(flow, self.shell.now())
         self.shell.schedule_flush()
+
+    def connect_explicit_proxy(self, flow: int) -> None:
+        """Guest TCP to the explicit proxy's gateway port (local http-proxy)."""
+        if self.proxy is None:
+            self.tcp.host_refused(flow, errno.ECONNREFUSED, self.shell.now())
+            self.shell.schedule_flush()
+            return
+        self.proxy.open_explicit(self, flow)
 
     async def connect(self, flow: int, addr: str, port: int, route: Route | None = None) -> None:
         loop = self.shell.loop
@@ -340,6 +361,8 @@ class HostTcp:
         self.op_resume(op)
 
     def close_all(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
         for task in self.connecting.values():
             task.cancel()
         self.connecting.clear()
