@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import h11
 
 from qemu_vpnnet.core.config import ip_bytes
-from qemu_vpnnet.core.fwd import DIRECT, KIND_NAMES, PROTO_TCP, PROXY
+from qemu_vpnnet.core.fwd import DIRECT, KIND_NAMES, LOCAL, PROTO_TCP, PROXY, Route, RouteTable, Rule, addr_value
 from qemu_vpnnet.io.proxy_config import ProxyConfigError, ProxySettings, ProxyUrl, split_host_port
 from qemu_vpnnet.io.tls_sni import FOUND, MAX_HELLO, NEED_MORE, parse_client_hello
 
@@ -984,6 +984,26 @@ class ProxySession(asyncio.Transport):
         self.proxy.sessions.discard(self)
 
 
+def add_explicit_proxy(table: RouteTable, port: int) -> Rule:
+    """The explicit proxy as a gateway service of the route table: LOCAL "http-proxy" at the
+    gateway address, TCP port port (before every rule, as any gateway service). ValueError when
+    a gateway service has that port already."""
+    cfg = table.config
+    rule = Rule(
+        "http-proxy",
+        Route(LOCAL, "http-proxy", path="http-proxy"),
+        proto=PROTO_TCP,
+        net=addr_value(cfg.host_ip),
+        prefix=32,
+        port_lo=port,
+        port_hi=port,
+        text=f"local tcp {cfg.host_ip_str()}:{port} http-proxy",
+    )
+    table.add_guestfwd(rule, cfg.host_ip, port)
+    rule.origin = "builtin"
+    return rule
+
+
 def connect_headers(authority: str, url: ProxyUrl) -> Headers:
     headers: Headers = [(b"Host", authority.encode())]
     auth = url.authorization()
@@ -1007,8 +1027,6 @@ class HttpProxy:
     def apply(self, settings: ProxySettings) -> None:
         """Make settings the ones in force: the route table's proxy ports, the explicit proxy's
         gateway service, the DNS name map. New flows only; proxied flows keep their upstream."""
-        from qemu_vpnnet.core.fwd import LOCAL, Route, Rule, addr_value
-
         stack = self.shell.stack
         table = stack.fwd
         cfg = stack.config
@@ -1022,19 +1040,7 @@ class HttpProxy:
                 self.explicit_rule_port = 0
             port = settings.explicit_port
             if port:
-                gateway = cfg.host_ip_str()
-                rule = Rule(
-                    "http-proxy",
-                    Route(LOCAL, "http-proxy", path="http-proxy"),
-                    proto=PROTO_TCP,
-                    net=addr_value(cfg.host_ip),
-                    prefix=32,
-                    port_lo=port,
-                    port_hi=port,
-                    text=f"local tcp {gateway}:{port} http-proxy",
-                )
-                table.add_guestfwd(rule, cfg.host_ip, port)  # ValueError: that port is a gateway service already
-                rule.origin = "builtin"
+                add_explicit_proxy(table, port)  # ValueError: that port is a gateway service already
                 self.explicit_rule_port = port
         ups = [
             f"http {settings.http.text()}" if settings.http else "",
