@@ -64,6 +64,15 @@ def format_guestfwds(services: list[dict[str, object]]) -> str:
     return table(["SERVICE", "CONNECTIONS"], rows)
 
 
+def print_changes(results: list[dict[str, object]], verb: str, as_json: bool) -> None:
+    """What add and remove did: the objects as JSON, or a line "VERB RULE" each."""
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for info in results:
+        print(f"{verb} {info.get('rule', '')}")
+
+
 def parse_service(text: str) -> dict[str, object]:
     protocol, sep, rest = text.partition(":")
     addr, colon, port = rest.rpartition(":")
@@ -97,12 +106,7 @@ async def run_policy(client: QMPClient, args: argparse.Namespace) -> int:
     else:
         for rule_id in args.ids:
             results.append(as_dict(await execute(client, "policy-rule-remove", {"id": rule_id})))
-    if as_json:
-        print(json.dumps(results, indent=2))
-    else:
-        verb = "added" if args.action == "add" else "removed"
-        for info in results:
-            print(f"{verb} {info.get('rule', '')}")
+    print_changes(results, "added" if args.action == "add" else "removed", as_json)
     return EXIT_OK
 
 
@@ -119,10 +123,5 @@ async def run_guestfwd(client: QMPClient, args: argparse.Namespace) -> int:
     else:
         for text in args.services:
             results.append(as_dict(await execute(client, "guestfwd-remove", parse_service(text))))
-    if as_json:
-        print(json.dumps(results, indent=2))
-    else:
-        verb = "added" if args.action == "add" else "removed"
-        for info in results:
-            print(f"{verb} {info.get('rule', '')}")
+    print_changes(results, "added" if args.action == "add" else "removed", as_json)
     return EXIT_OK
