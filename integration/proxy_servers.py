@@ -10,9 +10,6 @@ every request it gets (so a test sees that a request arrived, and with which Hos
   body's length and sha256, and the request headers;
 - ``GET /upgrade`` with ``Upgrade: echo``: 101, then every byte is echoed back.
 
-``python3 proxy_servers.py upgrade-client HOST PORT`` (in a guest): sends an Upgrade request,
-expects 101, sends a line through the switched connection and prints the JSON result.
-
 ``python3 proxy_servers.py raw HOST PORT HEXDATA WAIT`` (in a guest): connects, sends the bytes,
 then reads until EOF, a reset or WAIT seconds; prints JSON ``{"reply": ..., "reset": bool,
 "eof": bool, "seconds": ...}``.
@@ -122,26 +119,6 @@ def origin(addr: str, port: int, cert: str = "", key: str = "") -> None:
     server.serve_forever()
 
 
-def upgrade_client(host: str, port: int) -> None:
-    with socket.create_connection((host, port), timeout=20) as conn:
-        conn.sendall(f"GET /upgrade HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = conn.recv(4096)
-            if not data:
-                break
-            head += data
-        status_line = head.split(b"\r\n", 1)[0].decode()
-        rest = head.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in head else b""
-        conn.sendall(b"ping through the tunnel\n")
-        while len(rest) < 24:
-            data = conn.recv(4096)
-            if not data:
-                break
-            rest += data
-        print(json.dumps({"status": status_line, "echo": rest.decode(errors="replace")}))
-
-
 def raw(host: str, port: int, hexdata: str, wait: float) -> None:
     start = time.monotonic()
     reply = b""
@@ -176,8 +153,6 @@ def main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "origin":
         origin(argv[1], int(argv[2]), *argv[3:5])
-    elif mode == "upgrade-client":
-        upgrade_client(argv[1], int(argv[2]))
     elif mode == "raw":
         raw(argv[1], int(argv[2]), argv[3], float(argv[4]))
     else:

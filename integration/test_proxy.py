@@ -327,8 +327,6 @@ def test_explicit_proxy_without_upstream_keeps_to_the_policy(world: Callable[...
     w = world("--deny", f"{WWW}/32")
     explicit = {"http_proxy": f"http://{GATEWAY}:3128", "https_proxy": f"http://{GATEWAY}:3128"}
     assert w.ok("http://direct.test/hello", env=explicit) == "hello direct.test /hello\n"
-    # upgrade through the explicit proxy, directly: after the 101 a plain tunnel
-    # (absolute form by hand: the upgrade client speaks to the proxy)
     refused = w.curl("-i", "http://www.test/hello", env=explicit)
     assert refused.stdout.startswith("HTTP/1.1 403"), refused.stdout
     assert "deny" in refused.stdout
@@ -377,3 +375,67 @@ def test_proxy_down_resets_promptly_and_garbage_is_reset(world: Callable[..., Wo
     silent = w.peer("raw", WWW, "443", "", "15")  # no ClientHello at all
     assert (silent["reset"] or silent["eof"]) and 4 < float(str(silent["seconds"])) < 9, silent
     w.backend.wait_for_log(r"no TLS ClientHello within 5 s")
+
+
+def test_pipelined_requests_and_an_upgrade(world: Callable[..., World]) -> None:
+    w = world(*UPSTREAM, "--no-proxy", "direct.test")
+    # two requests in one segment, the second asking to close: two answers, in order, then EOF
+    pipelined = (
+        b"GET /hello?first HTTP/1.1\r\nHost: www.test\r\n\r\n"
+        b"GET /hello?second HTTP/1.1\r\nHost: www.test\r\nConnection: close\r\n\r\n"
+    )
+    out = w.peer("raw", WWW, "80", pipelined.hex(), "15")
+    reply = str(out["reply"])
+    assert out["eof"] and reply.count("HTTP/1.1 200") == 2, out
+    assert reply.index("hello www.test /hello?first") < reply.index("hello www.test /hello?second")
+    # garbage instead of HTTP on a proxied port: reset
+    garbage = w.peer("raw", WWW, "80", (b"\x00\x01 not http\r\n\r\n").hex(), "10")
+    assert garbage["reset"], garbage
+    w.backend.wait_for_log(r"not HTTP from the guest")
+    # Upgrade through the explicit proxy, directly (no_proxy; tinyproxy does not pass upgrades):
+    # after the 101 the connection is a tunnel to the origin, which echoes
+    request = (
+        b"GET http://direct.test/upgrade HTTP/1.1\r\nHost: direct.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+        b"echo me\n"
+    )
+    upgraded = w.peer("raw", GATEWAY, "3128", request.hex(), "3")
+    assert str(upgraded["reply"]).startswith("HTTP/1.1 101 "), upgraded
+    assert str(upgraded["reply"]).endswith("\r\n\r\necho me\n"), upgraded
+
+
+def test_proxy_settings_over_qmp(world: Callable[..., World], vpnnet_run_dir: Path) -> None:
+    from integration.test_dns_host import Qmp
+
+    sock = vpnnet_run_dir / f"proxyqmp-{time.monotonic_ns()}.sock"
+    w = world("--qmp", f"unix:{sock}", auth=True)
+    qmp = Qmp(sock)
+    try:
+        info = qmp.execute("query-proxy")
+        assert (info["http-proxy"], info["https-proxy"], info["explicit-proxy"]) == ("", "", f"{GATEWAY}:3128")
+        assert w.curl("http://www.test/hello", timeout=20).returncode in (7, 56)  # direct: reset by nftables
+        info = qmp.execute(
+            "proxy-set",
+            {
+                "http-proxy": "http://proxyuser:s3cret@127.0.0.1:8889",
+                "https-proxy": "http://proxyuser:s3cret@127.0.0.1:8889",
+                "no-proxy": "direct.test",
+                "transparent-http-ports": [80, 8080],
+            },
+        )
+        assert info["http-proxy"] == "http://proxyuser@127.0.0.1:8889" and "s3cret" not in json.dumps(info)
+        assert info["transparent-http-ports"] == [80, 8080] and info["no-proxy"] == "direct.test"
+        assert w.ok("http://www.test/hello") == "hello www.test /hello\n"
+        assert w.ok("https://secure.test/hello") == "hello secure.test /hello\n"
+        assert w.ok("http://direct.test/hello") == "hello direct.test /hello\n"
+        counters = qmp.execute("query-proxy")["counters"]
+        assert counters["proxy-http-connections"] >= 1 and counters["proxy-https-connects"] >= 1, counters
+        assert "Invalid http-proxy" in qmp.error("proxy-set", {"http-proxy": "socks5://u:pw@x:1"})
+        assert "pw" not in qmp.error("proxy-set", {"http-proxy": "socks5://u:pw@x:1"})
+        # cleared: nothing is intercepted any more
+        qmp.execute("proxy-set", {"http-proxy": "", "https-proxy": "", "explicit-proxy-port": 0})
+        assert w.curl("http://www.test/hello", timeout=20).returncode in (7, 56)
+        assert qmp.execute("query-proxy")["explicit-proxy"] == ""
+        lines = w.proxies["auth"].requests()
+        assert lines.count("GET http://www.test/hello HTTP/1.1") == 1, lines
+    finally:
+        qmp.close()

@@ -277,6 +277,9 @@ class ProxySession(asyncio.Transport):
         self.tasks: set[asyncio.Task[None]] = set()
         self.hello_timer: asyncio.TimerHandle | None = None
         self.target_text = ""  # what the log says this session goes to
+        # the current request, while it may be sent again: a kept-alive upstream connection that
+        # closes before any answer (the proxy ended it meanwhile) gets it once more on a new one
+        self.retry: tuple[tuple[str, str, int], str, int, h11.Request] | None = None
         if self.mode == HELLO:
             self.hello_timer = self.loop.call_later(HELLO_TIMEOUT, self.hello_timeout)
 
@@ -471,6 +474,13 @@ class ProxySession(asyncio.Transport):
             if client.our_state in (h11.IDLE, h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
                 self.drop_upstream()  # between responses: the next request opens a new connection
                 return
+        retry = self.retry
+        if self.mode == HTTP and retry is not None and client is not None and client.our_state is h11.DONE:
+            self.retry = None
+            self.proxy.count("proxy-request-retried")
+            key, host, port, request = retry
+            self.open_and_send(key, host, port, request, again=True)
+            return
         if self.mode == HTTP and client is not None:
             try:
                 client.receive_data(b"")
@@ -741,8 +751,24 @@ class ProxySession(asyncio.Transport):
             and client.our_state is h11.IDLE
             and client.their_state is h11.IDLE
         ):
+            self.retry = (key, host, port, request)
             self.send_upstream(request)
             return
+        self.retry = None
+        self.open_and_send(key, host, port, request, check, resolve)
+
+    def open_and_send(
+        self,
+        key: tuple[str, str, int],
+        host: str,
+        port: int,
+        request: h11.Request,
+        check: tuple[str, int] | None = None,
+        resolve: bool = False,
+        again: bool = False,
+    ) -> None:
+        """Open an upstream connection for key and send the request head on it (again: the
+        whole bodiless request once more, after a kept-alive connection closed unanswered)."""
         self.drop_upstream()
         self.blocked = True
 
@@ -772,6 +798,8 @@ class ProxySession(asyncio.Transport):
                 return
             self.attach(upstream, key)
             self.send_upstream(request)
+            if again:
+                self.send_upstream(h11.EndOfMessage())
             self.unblock_after_head()
 
         self.spawn(connect)
@@ -781,6 +809,8 @@ class ProxySession(asyncio.Transport):
         self.unblock()
 
     def send_upstream(self, event: h11.Event) -> None:
+        if isinstance(event, h11.Data) and event.data:
+            self.retry = None  # a body went out: it cannot be sent again
         client = self.client
         upstream = self.upstream
         if client is None or upstream is None:
@@ -864,6 +894,7 @@ class ProxySession(asyncio.Transport):
             event = client.next_event()
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
+            self.retry = None
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101 and client.their_state is h11.SWITCHED_PROTOCOL:
                     headers = forward_headers(event.headers, keep_upgrade=True)
