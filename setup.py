@@ -36,6 +36,7 @@ setup(
         "uvloop>=0.19",
         "mypy-extensions>=1.0",
         "h11>=0.14",  # HTTP/1.1 parsing of the proxy (io/http_proxy.py)
+        "pyseccomp>=0.1.2",  # ctypes bindings over Debian's libseccomp2: the --sandbox filter (sandbox.py)
     ],
     extras_require={"test": ["pytest>=7", "mypy>=1.8", "ruff>=0.4"]},
     ext_modules=ext_modules,

@@ -56,6 +56,16 @@ def dns_guarded(args: Sequence[str], *, netns: str | None, module: str = "qemu_v
     return (*args, *extra)
 
 
+#: The user a backend drops to when VPNNET_TEST_SANDBOX=1 (docs/security.rst).
+SANDBOX_USER = "nobody"
+
+
+def sandboxed() -> bool:
+    """VPNNET_TEST_SANDBOX=1: every backend starts as root and drops to ``--user nobody
+    --sandbox`` (the suite's sandboxed pass, scripts/test)."""
+    return os.environ.get("VPNNET_TEST_SANDBOX", "") not in ("", "0")
+
+
 class BackendError(HarnessError):
     """The backend did not start, or did not log what a test waited for."""
 
@@ -103,6 +113,14 @@ class Backend:
         if self.socket_arg is not None:
             cmd += [self.socket_arg, str(self.socket_path)]
         cmd += list(self.args)
+        if sandboxed() and self.module.split(".")[0] == "qemu_vpnnet":
+            cmd += ["--user", SANDBOX_USER, "--sandbox"]
+        strace_dir = os.environ.get("VPNNET_TEST_STRACE")
+        if strace_dir and self.module.split(".")[0] == "qemu_vpnnet":
+            # the system calls of every backend (and its children), unsandboxed, to re-derive the
+            # seccomp allow-list (docs/security.rst); the pid of such a backend is strace's
+            out = Path(strace_dir) / f"strace-{self.socket_path.name}-{os.getpid()}-{time.monotonic_ns()}.txt"
+            cmd = ["strace", "-f", "-qq", "-c", "-o", str(out), *cmd, "--no-sandbox"]
         if self.netns is not None:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         return cmd

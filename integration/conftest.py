@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from .backend import Backend, dns_guarded
+from .backend import Backend, dns_guarded, sandboxed
 from .fixtures import NsGuestFactory, NsHostFactory, StartBackend, VmGuestFactory
 from .netns import sweep
 from .nsguest import NsGuest
@@ -186,7 +186,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def vpnnet_run_dir() -> Iterator[Path]:
     """A short-named folder for Unix sockets (at most 108 bytes a path)."""
     path = Path(tempfile.mkdtemp(prefix=f"vpnt-{os.getpid()}-", dir="/tmp"))
-    path.chmod(0o755)
+    # sticky and world-writable under VPNNET_TEST_SANDBOX: a backend that dropped to nobody
+    # must remove its own sockets at exit
+    path.chmod(0o1777 if sandboxed() else 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -107,7 +107,8 @@ def test_capture_started_and_stopped_over_qmp(
     start_backend: StartBackend, ns_guest: NsGuestFactory, web: int, tmp_path: Path, vpnnet_run_dir: Path
 ) -> None:
     qmp_path = vpnnet_run_dir / f"cap-{tmp_path.name[-20:]}.qmp"
-    backend = start_backend("--qmp", f"unix:{qmp_path}")
+    # tmp_path is no directory the sandbox leaves writable by itself (docs/security.rst)
+    backend = start_backend("--qmp", f"unix:{qmp_path}", "--writable", str(tmp_path))
     guest = ns_guest(backend=backend, ipv6=False)
     lease = guest.dhcp()
     assert qmp(qmp_path, "query-capture") == {"active": False}

@@ -22,6 +22,7 @@ from qemu_vpnnet.io.policy_control import Policy
 from qemu_vpnnet.io.proxy_config import add_proxy_options
 from qemu_vpnnet.io.shell import Shell, StartupError
 from qemu_vpnnet.policy import GuestFwdSpec, PolicySyntaxError, parse_guestfwd, parse_rule, shorthand_rule
+from qemu_vpnnet.sandbox import Lockdown, TargetUser
 
 log = logging.getLogger("qemu_vpnnet")
 
@@ -109,6 +110,16 @@ def size_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def target_user(text: str) -> "TargetUser":
+    """--user USER[:GROUP], looked up at parse time."""
+    from qemu_vpnnet.sandbox import parse_user
+
+    try:
+        return parse_user(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def add_security_options(p: argparse.ArgumentParser) -> None:
     """Packet capture and least privilege (docs/security.rst)."""
     from qemu_vpnnet.io.capture import DEFAULT_FILES, DEFAULT_SNAPLEN
@@ -147,6 +158,30 @@ def add_security_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"files kept: FILE, FILE.1, ... FILE.N-1; the oldest is removed (default {DEFAULT_FILES})",
     )
+    s.add_argument(
+        "--user",
+        type=target_user,
+        metavar="USER[:GROUP]",
+        help="started as root, become USER (and GROUP, default USER's) once the listening sockets are open: "
+        "no supplementary groups, no capabilities (default: stay as started)",
+    )
+    s.add_argument(
+        "--sandbox",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="once listening: set no-new-privileges, allow only the system calls the backend makes "
+        "(seccomp) and, where the kernel has Landlock, writes only below the state file's, capture "
+        "file's and sockets' directories and --writable ones; --no-sandbox turns it off (default on)",
+    )
+    s.add_argument(
+        "--writable",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="one more directory the sandbox leaves writable, e.g. for QMP capture-start files or what "
+        "cmd: targets write (repeatable; default none)",
+    )
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -478,6 +513,37 @@ def start_pcap(shell: Shell, args: argparse.Namespace) -> None:
         raise StartupError(f"--pcap: {exc}") from exc
 
 
+def lock_down(args: argparse.Namespace, shell: Shell, qmp: QmpServer, forwarder: Forwarder) -> None:
+    """--user and --sandbox, once every listener is open (docs/security.rst); StartupError when the
+    user cannot be taken."""
+    import os
+
+    sockets = [*shell.unix_paths, *(path for path, _inode in qmp.unix_paths)]
+    files = [f for f in (args.state, args.pcap) if f]
+    lockdown = Lockdown(
+        user=args.user,
+        sandbox=args.sandbox,
+        writable=[os.path.dirname(os.path.abspath(p)) for p in [*files, *sockets]] + list(args.writable),
+        created=[os.path.abspath(p) for p in [*sockets, *files]],
+    )
+    try:
+        lockdown.apply()
+    except (OSError, RuntimeError) as exc:
+        raise StartupError(f"--user/--sandbox: {exc}") from exc
+    for part in lockdown.applied:
+        log.info("sandbox: %s", part)
+    if args.user is not None:
+        forwarder.privilege_note = (
+            f"the backend dropped root and runs as {args.user.name}: ports below 1024 need --hostfwd at start"
+        )
+        checks = [("--state", args.state, "saving it"), ("--pcap", args.pcap, "rotation")]
+        checks += [("socket", path, "removing it at exit") for path in sockets]
+        for option, path, what in checks:
+            directory = os.path.dirname(os.path.abspath(path)) if path else ""
+            if directory and not os.access(directory, os.W_OK | os.X_OK):
+                log.warning("%s %s: %s is not writable by %s: %s fails", option, path, directory, args.user.name, what)
+
+
 async def serve(args: argparse.Namespace, config: NetConfig) -> int:
     stack = Stack(config)
     shell = Shell(stack, busy_poll=args.busy_poll / 1e6)
@@ -509,6 +575,7 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         for path in args.connect:
             shell.connect_unix(path)
         await add_forwards(forwarder, args.hostfwd)
+        lock_down(args, shell, qmp, forwarder)
     except StartupError as exc:
         log.error("%s", exc)
         policy.close()

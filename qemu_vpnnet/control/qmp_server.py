@@ -232,6 +232,8 @@ class QmpServer:
                     os.unlink(path)
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # after --user: a directory that user may not write to
+                log.warning("cannot remove %s: %s", path, exc.strerror or exc)
         self.unix_paths.clear()
 
 

@@ -13,6 +13,7 @@ connections are refused (reset) right away.
 
 import asyncio
 import builtins
+import errno
 import json
 import logging
 import os
@@ -80,6 +81,7 @@ class Forwarder:
         self.udp_peers: dict[int, tuple[UdpForward, PeerAddr]] = {}  # UDP forward flow -> (socket, peer)
         # more sections of the state file (the policy's gateway services and run-time rules)
         self.extra_state: Callable[[], dict[str, object]] | None = None
+        self.privilege_note = ""  # after --user: why binding a low port fails (cli.lock_down)
         shell.op_performers[OP_UDP_FWD_REPLY] = self.op_udp_reply
         shell.op_performers[OP_UDP_FWD_CLOSE] = self.op_udp_close
 
@@ -108,6 +110,8 @@ class Forwarder:
                 forward = await self._listen_udp(spec, family)
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            if exc.errno == errno.EACCES and self.privilege_note:
+                reason += f" ({self.privilege_note})"
             raise ForwardError(f"cannot listen on {spec.protocol} {spec.host_addr}:{spec.host_port}: {reason}") from exc
         self.forwards[forward.key()] = forward
         info = forward.describe()

@@ -393,5 +393,7 @@ class Shell:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # after --user: a directory that user may not write to
+                log.warning("cannot remove %s: %s", path, exc.strerror or exc)
         if self.timer_handle is not None:
             self.timer_handle.cancel()
