@@ -10,7 +10,7 @@ every request it gets (so a test sees that a request arrived, and with which Hos
   body's length and sha256, and the request headers;
 - ``GET /upgrade`` with ``Upgrade: echo``: 101, then every byte is echoed back.
 
-``python3 proxy_servers.py raw HOST PORT HEXDATA WAIT`` (in a guest): connects, sends the bytes,
+``python3 proxy_servers.py raw HOST PORT HEXDATA|@FILE WAIT`` (in a guest): connects, sends the bytes,
 then reads until EOF, a reset or WAIT seconds; prints JSON ``{"reply": ..., "reset": bool,
 "eof": bool, "seconds": ...}``.
 """
@@ -124,7 +124,10 @@ def raw(host: str, port: int, hexdata: str, wait: float) -> None:
     reply = b""
     reset = eof = False
     with socket.create_connection((host, port), timeout=wait) as conn:
-        if hexdata:
+        if hexdata.startswith("@"):  # the bytes of a file
+            with open(hexdata[1:], "rb") as f:
+                conn.sendall(f.read())
+        elif hexdata:
             conn.sendall(bytes.fromhex(hexdata))
         try:
             while True:

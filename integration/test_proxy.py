@@ -357,12 +357,20 @@ def test_wrong_credentials_refusals_and_a_proxy_that_is_down(world: Callable[...
     w = world("--http-proxy", "http://proxyuser:wrong@127.0.0.1:8889", "--https-proxy", "127.0.0.1:8888", auth=True)
     denied = w.curl("-i", "http://www.test/hello")  # the proxy's answer, passed on (tinyproxy's is 401)
     assert re.match(r"HTTP/1.1 40[17] ", denied.stdout), denied.stdout
-    # a refusing proxy: 403 for HTTP (its answer), a reset for HTTPS, and a log line
+    # a refusing proxy: 403 for HTTPS is a reset (and a log line); for HTTP its answer
     w.backend.wait_for_log("serving")
     start = time.monotonic()
     refused = w.curl("https://blocked.test/hello", timeout=20)
     assert refused.returncode in (35, 56) and time.monotonic() - start < 5, refused
     w.backend.wait_for_log(r"CONNECT blocked\.test:443 via 127\.0\.0\.1:8888: the proxy answered 403")
+    w.backend.wait_for_log(r"proxy: http http://proxyuser@127\.0\.0\.1:8889")  # (never the password)
+
+
+def test_a_refusing_proxy_answers_http_itself(world: Callable[..., World]) -> None:
+    w = world(*UPSTREAM)
+    refused = w.curl("-i", "http://blocked.test/hello")
+    assert refused.stdout.startswith("HTTP/1.1 403 "), refused.stdout
+    assert "GET http://blocked.test/hello HTTP/1.1" in w.proxies["open"].requests()
 
 
 def test_proxy_down_resets_promptly_and_garbage_is_reset(world: Callable[..., World]) -> None:
@@ -392,6 +400,12 @@ def test_pipelined_requests_and_an_upgrade(world: Callable[..., World]) -> None:
     garbage = w.peer("raw", WWW, "80", (b"\x00\x01 not http\r\n\r\n").hex(), "10")
     assert garbage["reset"], garbage
     w.backend.wait_for_log(r"not HTTP from the guest")
+    # a request head over 64 KiB: reset, the log says why
+    huge = b"GET /hello HTTP/1.1\r\nHost: www.test\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
+    (w.tmp / "huge.http").write_bytes(huge)
+    too_long = w.peer("raw", WWW, "80", f"@{w.tmp / 'huge.http'}", "10")
+    assert too_long["reset"] and not too_long["reply"], too_long
+    w.backend.wait_for_log(r"request head over 65536 bytes; reset")
     # Upgrade through the explicit proxy, directly (no_proxy; tinyproxy does not pass upgrades):
     # after the 101 the connection is a tunnel to the origin, which echoes
     request = (
