@@ -64,3 +64,14 @@ def test_an_upgrade_keeps_its_headers() -> None:
     headers = forward_headers(event.headers, keep_upgrade=True)
     assert (b"Upgrade", b"websocket") in headers and (b"Connection", b"upgrade") in headers
     assert (b"Upgrade", b"websocket") not in forward_headers(event.headers, keep_upgrade=False)
+
+
+def test_the_size_of_a_complete_head_is_measured() -> None:
+    from qemu_vpnnet.io.http_proxy import MAX_HEAD, head_size
+
+    small = request_headers(b"Accept: */*\r\n")
+    assert head_size(small) < 100
+    big = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    big.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")  # all at once
+    event = big.next_event()
+    assert isinstance(event, h11.Request) and head_size(event) > MAX_HEAD

@@ -177,6 +177,11 @@ def forward_headers(headers: "h11._headers.Headers", keep_upgrade: bool) -> Head
     return result
 
 
+def head_size(event: h11.Request) -> int:
+    """About the bytes of a request head (h11 checks the size only of a head not complete yet)."""
+    return len(event.method) + len(event.target) + 12 + sum(len(n) + len(v) + 4 for n, v in event.headers)
+
+
 def header_value(headers: "h11._headers.Headers", wanted: bytes) -> bytes:
     for name, value in headers:
         if name == wanted:
@@ -652,6 +657,9 @@ class ProxySession(asyncio.Transport):
                 self.blocked = True  # until our response is done (maybe_next_cycle) or the switch
                 return
             if isinstance(event, h11.Request):
+                if head_size(event) > MAX_HEAD:  # h11 bounds only a head that is still incomplete
+                    self.fail(f"request head over {MAX_HEAD} bytes", "proxy-head-too-large")
+                    return
                 self.keep_raw_until_decided(event)
                 self.on_request(event)
             elif isinstance(event, h11.Data):
