@@ -10,7 +10,16 @@ from collections.abc import Callable, Sequence
 
 from qemu_vpnnet import __version__
 from qemu_vpnnet.control.qmp_server import QmpServer
-from qemu_vpnnet.core.config import DEFAULT_MTU, DEFAULT_NET, NetConfig, ip_bytes
+from qemu_vpnnet.core.config import (
+    DEFAULT_MTU,
+    DEFAULT_NET,
+    GUEST_MAX_PENDING,
+    GUEST_MAX_TCP,
+    GUEST_MAX_UDP,
+    GUEST_NEW_FLOWS,
+    NetConfig,
+    ip_bytes,
+)
 from qemu_vpnnet.core.fwd import Rule
 from qemu_vpnnet.core.packets import parse_mac
 from qemu_vpnnet.core.stack import Stack
@@ -183,7 +192,6 @@ def add_security_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qemu-vpnnet",
@@ -299,6 +307,39 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--udp-timeout", type=float, default=60.0, metavar="SECONDS", help="UDP flow idle timeout")
     o.add_argument("--max-udp-flows", type=int, default=4096, help="UDP flows kept at once (oldest evicted)")
     o.add_argument("--max-tcp-flows", type=int, default=65536, help="TCP connections kept at once")
+    g = p.add_argument_group(
+        "per-guest limits (docs/isolation.rst): by guest MAC; over a limit a new TCP connection gets RST "
+        "at once and a new UDP flow evicts that guest's oldest; 0 means no limit"
+    )
+    g.add_argument(
+        "--guest-max-tcp",
+        type=int,
+        default=GUEST_MAX_TCP,
+        metavar="N",
+        help=f"TCP connections one guest may hold (default {GUEST_MAX_TCP})",
+    )
+    g.add_argument(
+        "--guest-max-pending",
+        type=int,
+        default=GUEST_MAX_PENDING,
+        metavar="N",
+        help=f"of those, still connecting to their host (default {GUEST_MAX_PENDING})",
+    )
+    g.add_argument(
+        "--guest-max-udp",
+        type=int,
+        default=GUEST_MAX_UDP,
+        metavar="N",
+        help=f"UDP flows one guest may hold, and as many ping flows (default {GUEST_MAX_UDP})",
+    )
+    g.add_argument(
+        "--guest-new-flows",
+        type=int,
+        default=GUEST_NEW_FLOWS,
+        metavar="PER_SECOND",
+        help=f"new TCP connections and UDP flows per second of one guest, in bursts of twice as "
+        f"many (default {GUEST_NEW_FLOWS})",
+    )
     r = p.add_argument_group(
         "outbound policy (see docs/policy.rst): each new flow's route -- direct, forward, local or refuse"
     )
@@ -401,6 +442,10 @@ def config_from(args: argparse.Namespace) -> NetConfig:
         udp_idle_timeout=args.udp_timeout,
         max_udp_flows=args.max_udp_flows,
         max_tcp_flows=args.max_tcp_flows,
+        guest_max_tcp=args.guest_max_tcp,
+        guest_max_pending=args.guest_max_pending,
+        guest_max_udp=args.guest_max_udp,
+        guest_new_flows=args.guest_new_flows,
     )
 
 

@@ -223,10 +223,8 @@ def test_connections_per_guest_are_capped() -> None:
 
 def test_new_flows_per_second_per_guest() -> None:
     stack, a, b = two_guests()
-    stack.config.guest_new_flows = 10
-    for g in stack.guard.guests.values():
-        g.tokens = 10.0
-    for sport in range(40000, 40015):
+    stack.config.guest_new_flows = 10  # bursts of 20
+    for sport in range(40000, 40025):
         syn(stack, 1, GUEST_MAC, a, sport, 0.0)
     assert stack.counters.get("tcp-refused-guest-rate") == 5
     syn(stack, 2, GUEST2_MAC, b, 40000, 0.0)  # B has its own bucket
@@ -269,7 +267,7 @@ def test_half_open_connects_end_with_rst_and_abort_within_the_timeout() -> None:
 
 def test_over_the_budget_a_guest_within_its_share_takes_a_socket_from_the_heaviest() -> None:
     stack, a, b = two_guests()
-    stack.guard.fd_budget = 10
+    stack.guard.set_budget(10)
     for sport in range(40000, 40020):
         syn(stack, 1, GUEST_MAC, a, sport)
     ops = take_ops(stack)
@@ -289,7 +287,7 @@ def test_over_the_budget_a_guest_within_its_share_takes_a_socket_from_the_heavie
 
 def test_emfile_from_the_kernel_frees_a_socket_of_the_heaviest_and_retries() -> None:
     stack, a, b = two_guests()
-    for sport in range(40000, 40010):
+    for sport in range(40000, 40030):
         syn(stack, 1, GUEST_MAC, a, sport)
     first = take_ops(stack)[0].flow
     syn(stack, 2, GUEST2_MAC, b, 40000)
@@ -302,6 +300,12 @@ def test_emfile_from_the_kernel_frees_a_socket_of_the_heaviest_and_retries() -> 
     stack.tcp.host_refused(first + 1, errno.EMFILE, 0.2)
     assert take_ops(stack) == [] and stack.counters.get("tcp-connect-failed") == 1
     assert stack.counters.get("tcp-connect-no-fds") == 2
+    # the budget now holds at what the flows held: A's next connect is refused by it, not by the kernel
+    assert stack.guard.sockets == 29 and stack.guard.fd_budget == 29
+    syn(stack, 1, GUEST_MAC, a, 40100, 1.0)
+    assert rsts(take(stack, 1)) >= 1 and stack.counters.get("tcp-refused-no-fds") == 1
+    syn(stack, 1, GUEST_MAC, a, 40101, 40.0)  # BUDGET_HOLD later the configured budget is back
+    assert [op.kind for op in take_ops(stack)][-1] == A.OP_TCP_CONNECT
 
 
 # ---- a guest that goes away -----------------------------------------------------------------

@@ -200,7 +200,12 @@ def test_qmp_client_commands(tmp_path: Path) -> None:
         assert await client.execute("query-leases") == []
         assert await client.execute("query-connections") == []
         stats = await client.execute("query-stats")
-        assert stats == {"counters": {}, "guests": 0, "tcp-connections": 0}
+        assert {k: stats[k] for k in ("counters", "guests", "tcp-connections", "host-sockets")} == {
+            "counters": {},
+            "guests": 0,
+            "tcp-connections": 0,
+            "host-sockets": 0,
+        }
 
     run(tmp_path, test)
 
@@ -248,10 +253,8 @@ def test_ten_megabyte_line_is_refused_and_the_server_goes_on(tmp_path: Path) -> 
         error = await raw.recv()
         assert error["error"]["class"] == "GenericError"
         assert "longer than" in error["error"]["desc"]
-        assert await raw.cmd({"execute": "query-stats", "id": "after"}) == {
-            "return": {"counters": {}, "guests": 0, "tcp-connections": 0},
-            "id": "after",
-        }
+        after = await raw.cmd({"execute": "query-stats", "id": "after"})
+        assert after["id"] == "after" and after["return"]["counters"] == {} and after["return"]["guests"] == 0
         assert await other.execute("query-version") == GREETING["QMP"]["version"]
 
     run(tmp_path, test)

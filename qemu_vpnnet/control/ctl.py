@@ -175,6 +175,17 @@ def format_leases(leases: list[dict[str, object]]) -> str:
 
 def format_stats(stats: dict[str, object]) -> str:
     lines = [f"guests: {stats.get('guests', 0)}", f"tcp-connections: {stats.get('tcp-connections', 0)}"]
+    if "host-sockets" in stats:
+        lines.append(f"host-sockets: {stats['host-sockets']} (budget {stats.get('host-socket-budget')})")
+    usage = stats.get("guest-usage")
+    if isinstance(usage, list) and usage:
+        lines.append("per guest:")
+        for u in usage:
+            if isinstance(u, dict):
+                lines.append(
+                    f"  {u.get('mac')}  tcp {u.get('tcp')} (connecting {u.get('pending')})  "
+                    f"datagram flows {u.get('datagram-flows')}"
+                )
     counters = stats.get("counters")
     if isinstance(counters, dict) and counters:
         width = max(len(str(name)) for name in counters)

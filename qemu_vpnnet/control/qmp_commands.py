@@ -243,6 +243,9 @@ async def cmd_query_stats(ctx: Context, args: dict[str, object]) -> object:
         "counters": stack.counters.snapshot() | stack.fwd.counters(),
         "guests": len(ctx.shell.ports),
         "tcp-connections": len(stack.tcp.flows),
+        "host-sockets": stack.guard.sockets,  # held by flows, against the budget (docs/isolation.rst)
+        "host-socket-budget": stack.guard.fd_budget,
+        "guest-usage": stack.guard.describe(),
     }
 
 

@@ -12,7 +12,7 @@ Theory of operation.
 * Per-guest limits, by the guest's MAC address (the identity of the switch and of DHCP; a
   flood with random source addresses still comes from one MAC): TCP connections it opened,
   those of them still connecting (SYN received, host connect pending), UDP and ping flows,
-  and new flows per second (a token bucket holding one second's worth). The engines ask
+  and new flows per second (a token bucket holding two seconds' worth). The engines ask
   before they open a host socket; over a limit a TCP SYN is answered with RST at once and a
   new UDP flow evicts that guest's oldest.
 * The host-socket budget. The shell sets `fd_budget` from RLIMIT_NOFILE less a reserve (for
@@ -21,7 +21,8 @@ Theory of operation.
   pending connect first, then its oldest UDP flow, then its oldest connection), never from a
   guest holding fewer than the one asking; when the asking guest is itself the heaviest, its
   flow is refused. EMFILE/ENFILE from the kernel (descriptors held elsewhere) is handled the
-  same way, once more per connect.
+  same way, once more per connect, and lowers the budget to the sockets held then (for
+  BUDGET_HOLD seconds), so that the next flows are decided by the budget, not by the kernel.
 
 Each refusal is counted, and announced (event GUEST_LIMIT, which the shell logs) at most once
 per LOG_INTERVAL per reason.
@@ -35,8 +36,17 @@ from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.packets import mac_str
 
 LOG_INTERVAL: Final = 10.0  # seconds between two GUEST_LIMIT events of one reason
+BUDGET_HOLD: Final = 30.0  # seconds a budget lowered by EMFILE holds before the configured one is back
 MAX_GUESTS: Final = 4096  # usage records kept (those holding nothing are dropped first)
 NO_BUDGET: Final = 1 << 40
+# RSTs for refused SYNs per second and guest: a flood past its limits gets this many answers,
+# the rest are dropped unanswered (counted tcp-refused-quietly), so that refusing costs less
+# than accepting and the flooding guest's own QEMU carries no RST storm
+REFUSAL_RSTS: Final = 1000.0
+# A connect the host refused (or that timed out) costs its guest this many more new-flow
+# tokens: a flood toward closed ports churns a socket per SYN, and is slowed to a fifth of the
+# rate of connects that succeed (an nmap -sT scan of closed ports: 1,000 ports/s by default)
+FAILED_CONNECT_TOKENS: Final = 4.0
 
 
 @final
@@ -50,6 +60,8 @@ class GuestUsage:
         self.datagram = 0  # UDP and ping flows
         self.tokens = tokens
         self.refilled = now
+        self.rst_tokens = REFUSAL_RSTS
+        self.rst_refilled = now
 
     def load(self) -> int:
         """Host sockets it holds."""
@@ -69,7 +81,10 @@ class Guard:
         self.guests: dict[bytes, GuestUsage] = {}
         self.sockets = 0  # host sockets the flows hold (TCP, UDP, ping)
         self.fd_budget = NO_BUDGET
+        self.fd_budget_set = NO_BUDGET  # what the shell set; fd_budget is lower for a while after EMFILE
+        self.budget_restore_at = 0.0
         self.logged: dict[str, float] = {}
+        self.batch_refusals = 0  # refusals since the shell last looked (it does after each read)
         # frees one host socket of the guest with this MAC (Stack sets it); True when it did
         self.reclaim: Callable[[bytes, float], bool] = no_reclaim
 
@@ -90,18 +105,19 @@ class Guard:
                 idle = [m for m, u in guests.items() if not u.tcp and not u.datagram]
                 for old in idle[: max(1, len(idle) // 2)]:
                     del guests[old]
-            usage = GuestUsage(mac, float(self.config.guest_new_flows), now)
+            usage = GuestUsage(mac, 2.0 * self.config.guest_new_flows, now)
             guests[mac] = usage
         return usage
 
     def allow_new_flow(self, usage: GuestUsage, now: float) -> bool:
-        """Take one token of the guest's new-flow bucket (rate guest_new_flows per second)."""
+        """Take one token of the guest's new-flow bucket (rate guest_new_flows per second, bursts
+        of twice that)."""
         rate = float(self.config.guest_new_flows)
         if rate <= 0.0:
             return True
         tokens = usage.tokens + (now - usage.refilled) * rate
-        if tokens > rate:
-            tokens = rate
+        if tokens > 2.0 * rate:
+            tokens = 2.0 * rate
         usage.refilled = now
         if tokens < 1.0:
             usage.tokens = tokens
@@ -109,12 +125,45 @@ class Guard:
         usage.tokens = tokens - 1.0
         return True
 
+    def failed_connect(self, usage: GuestUsage) -> None:
+        """One of the guest's connects failed: charge its new-flow bucket (FAILED_CONNECT_TOKENS)."""
+        rate = float(self.config.guest_new_flows)
+        if rate > 0.0:
+            tokens = usage.tokens - FAILED_CONNECT_TOKENS
+            usage.tokens = tokens if tokens > -rate else -rate
+
+    def allow_refusal_rst(self, usage: GuestUsage, now: float) -> bool:
+        """Whether a refused SYN of this guest gets its RST (REFUSAL_RSTS per second)."""
+        tokens = usage.rst_tokens + (now - usage.rst_refilled) * REFUSAL_RSTS
+        if tokens > REFUSAL_RSTS:
+            tokens = REFUSAL_RSTS
+        usage.rst_refilled = now
+        if tokens < 1.0:
+            usage.rst_tokens = tokens
+            return False
+        usage.rst_tokens = tokens - 1.0
+        return True
+
     def need_socket(self, usage: GuestUsage, now: float) -> bool:
         """Room for one more host socket for this guest: within the budget, or taken from a
         guest that holds more. False when this guest is the one holding the most."""
         if self.sockets < self.fd_budget:
             return True
+        if self.fd_budget < self.fd_budget_set and now >= self.budget_restore_at:
+            self.fd_budget = self.fd_budget_set
+            if self.sockets < self.fd_budget:
+                return True
         return self.take_from_heaviest(usage, now)
+
+    def set_budget(self, budget: int) -> None:
+        """The shell's budget: host sockets the flows may hold (from RLIMIT_NOFILE)."""
+        self.fd_budget = self.fd_budget_set = budget
+
+    def out_of_descriptors(self, now: float) -> None:
+        """The kernel said EMFILE/ENFILE: hold the budget at what the flows hold now for a while."""
+        if self.sockets - 1 < self.fd_budget:
+            self.fd_budget = max(16, self.sockets - 1)
+        self.budget_restore_at = now + BUDGET_HOLD
 
     def take_from_heaviest(self, usage: GuestUsage, now: float) -> bool:
         victim = self.heaviest(usage)
@@ -156,6 +205,7 @@ class Guard:
     def refuse(self, reason: str, mac: bytes, now: float) -> None:
         """Count a refusal (counter REASON) and announce it at most once per LOG_INTERVAL."""
         self.counters.add(reason)
+        self.batch_refusals += 1
         self.note(reason, mac, now)
 
     def note(self, reason: str, mac: bytes, now: float) -> None:

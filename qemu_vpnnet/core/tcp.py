@@ -577,6 +577,15 @@ class TcpEngine:
         now: float,
     ) -> None:
         cfg = self.config
+        guard = self.out.guard
+        usage = guard.usage(src_mac, now)
+        # the cheap per-guest limits first: a SYN flood is refused before it costs a route decision
+        if usage.pending >= cfg.guest_max_pending:
+            self.refuse_over_limit("tcp-refused-guest-pending", usage, src_mac, src, dst, sport, dport, seq, now)
+            return
+        if len(usage.tcp) >= cfg.guest_max_tcp:
+            self.refuse_over_limit("tcp-refused-guest-connections", usage, src_mac, src, dst, sport, dport, seq, now)
+            return
         route = self.out.fwd.route_from_guest(PROTO_TCP, dst, dport)
         kind = route.kind
         if kind == REFUSE:
@@ -594,20 +603,11 @@ class TcpEngine:
             self.counters.add("tcp-refused-flow-limit")
             self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
             return
-        guard = self.out.guard
-        usage = guard.usage(src_mac, now)
-        refusal = ""
-        if usage.pending >= cfg.guest_max_pending:
-            refusal = "tcp-refused-guest-pending"
-        elif len(usage.tcp) >= cfg.guest_max_tcp:
-            refusal = "tcp-refused-guest-connections"
-        elif not guard.allow_new_flow(usage, now):
-            refusal = "tcp-refused-guest-rate"
-        elif not guard.need_socket(usage, now):
-            refusal = "tcp-refused-no-fds"
-        if refusal:
-            guard.refuse(refusal, src_mac, now)
-            self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
+        if not guard.allow_new_flow(usage, now):
+            self.refuse_over_limit("tcp-refused-guest-rate", usage, src_mac, src, dst, sport, dport, seq, now)
+            return
+        if not guard.need_socket(usage, now):
+            self.refuse_over_limit("tcp-refused-no-fds", usage, src_mac, src, dst, sport, dport, seq, now)
             return
         try:
             mss, wscale, sack = parse_syn_options(frame[start + 20 : start + hlen])
@@ -636,6 +636,27 @@ class TcpEngine:
         self.counters.add("tcp-connects")
         self.set_deadline(conn, now + CONNECT_TIMEOUT)
         self.out.op(HostOp(OP_TCP_CONNECT, conn.flow, host_addr, host_port, b"", route))
+
+    def refuse_over_limit(
+        self,
+        reason: str,
+        usage: GuestUsage,
+        src_mac: bytes,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        seq: int,
+        now: float,
+    ) -> None:
+        """A SYN past one of its guest's limits (core/guard.py): RST at once, within the guest's
+        RST rate; past that the SYN is dropped unanswered (its retransmission may get one)."""
+        guard = self.out.guard
+        guard.refuse(reason, src_mac, now)
+        if guard.allow_refusal_rst(usage, now):
+            self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
+        else:
+            self.counters.add("tcp-refused-quietly")
 
     def refuse_syn(
         self,
@@ -1060,6 +1081,8 @@ class TcpEngine:
         if (err == errno.EMFILE or err == errno.ENFILE) and self.retry_connect(conn, now):
             return
         self.counters.add("tcp-connect-failed")
+        if conn.usage is not None:
+            self.out.guard.failed_connect(conn.usage)
         if err in (errno.ENETUNREACH, errno.EHOSTUNREACH) and conn.syn_quote:
             code = 0 if err == errno.ENETUNREACH else 1
             send_icmp_error(self.out, conn.guest_mac, conn.guest_ip, conn.remote_ip, 3, code, conn.syn_quote)
@@ -1071,6 +1094,7 @@ class TcpEngine:
         """The host connect failed for want of file descriptors: free one from the guest
         holding the most and connect again (FD_RETRIES times). False: refuse it."""
         self.counters.add("tcp-connect-no-fds")
+        self.out.guard.out_of_descriptors(now)
         usage = conn.usage
         if usage is None or conn.fd_retries >= FD_RETRIES:
             return False
@@ -1209,6 +1233,8 @@ class TcpEngine:
         state = conn.state
         if state == CONNECTING:
             self.counters.add("tcp-connect-timeout")
+            if conn.usage is not None:
+                self.out.guard.failed_connect(conn.usage)
             self.send_rst(conn)
             self.out.op(HostOp(OP_TCP_ABORT, conn.flow))
             self.remove(conn)

@@ -15,6 +15,13 @@ from qemu_vpnnet.io.framing import FramingError, frame_parts, split_frames
 log = logging.getLogger("qemu_vpnnet.qemu")
 
 READ_BUFFER: Final = 1 << 20
+# Fairness between guests: a read that brought more than MANY_FRAMES frames (a flood of small
+# ones) makes the port read at most SMALL_READ bytes at a time until its frames grow again, so
+# one callback of a flooding port costs about as much as one of a port moving bulk data, and the
+# other ports and host sockets get their turn in between (a 1 MiB read of 60-byte SYNs took
+# the core tens of milliseconds).
+MANY_FRAMES: Final = 512
+SMALL_READ: Final = 32 << 10
 WRITE_HIGH_WATER: Final = 4 << 20  # QEMU not reading: stop feeding this port new TCP data
 WRITE_LOW_WATER: Final = 1 << 20
 WRITE_HARD_LIMIT: Final = 32 << 20  # beyond this, frames for the port are dropped (counted)
@@ -64,6 +71,10 @@ class QemuPort:
     def close(self) -> None:
         raise NotImplementedError
 
+    def hold_reading(self, seconds: float) -> None:
+        """Read nothing from this QEMU for a while (its guest floods us); a no-op where the
+        transport is shared."""
+
 
 class StreamPort(asyncio.BufferedProtocol, QemuPort):
     """A stream connection from (or to) QEMU, read into one large buffer."""
@@ -78,6 +89,8 @@ class StreamPort(asyncio.BufferedProtocol, QemuPort):
         self.end = 0
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        self.small_reads = False
+        self.held = False  # reading paused for a while: its guest floods us (hold_reading)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -98,6 +111,8 @@ class StreamPort(asyncio.BufferedProtocol, QemuPort):
             remaining = self.end - self.start
             self.buf[0:remaining] = self.buf[self.start : self.end]
             self.start, self.end = 0, remaining
+        if self.small_reads:
+            return self.view[self.end : self.end + SMALL_READ]
         return self.view[self.end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -113,6 +128,7 @@ class StreamPort(asyncio.BufferedProtocol, QemuPort):
                 self.transport.abort()
             return
         if frames:
+            self.small_reads = len(frames) > (MANY_FRAMES // 4 if self.small_reads else MANY_FRAMES)
             self.sink.frames_received(self, frames)
 
     def eof_received(self) -> bool:
@@ -142,6 +158,20 @@ class StreamPort(asyncio.BufferedProtocol, QemuPort):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def hold_reading(self, seconds: float) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.held:
+            return
+        self.held = True
+        transport.pause_reading()
+        asyncio.get_running_loop().call_later(seconds, self.release_reading)
+
+    def release_reading(self) -> None:
+        self.held = False
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
 
 class DgramPeer(QemuPort):

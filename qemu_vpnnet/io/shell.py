@@ -27,6 +27,12 @@ log = logging.getLogger("qemu_vpnnet")
 EventListener = Callable[[str, dict[str, object]], None]
 OpPerformer = Callable[[HostOp], None]
 RECONNECT_DELAY: Final = 1.0
+# A guest whose frames of one read were refused (over its per-guest limits, core/guard.py) more
+# than FLOOD_REFUSALS times floods us: its QEMU is not read for FLOOD_HOLD seconds, so the frames
+# it keeps sending wait in its own QEMU (which then drops them) instead of taking our CPU from
+# the other guests.
+FLOOD_REFUSALS: Final = 128
+FLOOD_HOLD: Final = 0.05
 FD_RESERVE_MIN: Final = 64  # descriptors kept from the flows' budget: QEMU ports, listeners, DNS, QMP
 
 
@@ -110,7 +116,7 @@ class Shell:
         self.host_udp: HostUdp | None = None
         self.host_ping: HostPing | None = None
         self.dns_upstreams: DnsUpstreams | None = None
-        stack.guard.fd_budget = host_socket_budget()
+        stack.guard.set_budget(host_socket_budget())
         self.fd_warned = -1e9  # when running out of descriptors was last logged
 
     def now(self) -> float:
@@ -162,6 +168,12 @@ class Shell:
                 stack.frame_received(port_id, frame, now)
             except Exception:
                 self.internal_error(f"frame from port {port_id}")
+        guard = stack.guard
+        if guard.batch_refusals:
+            if guard.batch_refusals > FLOOD_REFUSALS:
+                stack.counters.add("port-flood-holds")
+                port.hold_reading(FLOOD_HOLD)
+            guard.batch_refusals = 0
         # at once, not on the next turn of the loop: a read from QEMU carries a whole batch of
         # frames already, and the turn saved is latency (measured: round trip 234 -> 181 us)
         self.flush()
