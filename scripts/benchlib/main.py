@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from integration.nsguest import NsGuest  # noqa: E402
 from scripts.benchlib.ceiling import HarnessCeiling  # noqa: E402
+from scripts.benchlib.flood import FloodPeers, flood_figures  # noqa: E402
 
 VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
 HERE = Path(__file__).resolve().parent
@@ -70,6 +71,9 @@ class Setup:
         self.process: subprocess.Popen[bytes] | None = None
         self.guest: NsGuest | None = None
         self.ceiling: HarnessCeiling | None = None
+        self.netdev = "user,net=10.0.2.0/24"  # slirp; a backend's stream socket otherwise
+        self.socket_path: Path | None = None
+        self.flooder: NsGuest | None = None  # --flood: a second guest on the same backend
 
     def start(self) -> None:
         log_dir = self.workdir / f"{self.backend}-{self.mtu}"
@@ -83,6 +87,7 @@ class Setup:
             self.guest = NsGuest(netdev="user,net=10.0.2.0/24", mtu=self.mtu, log_path=log_dir / "qemu.log")
         else:
             sock = log_dir / "net.sock"
+            self.socket_path = sock
             cmd = [
                 VENV_PYTHON,
                 "-m",
@@ -138,9 +143,22 @@ class Setup:
             raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr[-2000:]}")
         return result.stdout
 
+    def second_guest(self) -> NsGuest:
+        """Another guest of the same backend (for libslirp: of a second QEMU and slirp)."""
+        log = self.workdir / f"{self.backend}-{self.mtu}" / "qemu-flooder.log"
+        if self.socket_path is not None:
+            self.flooder = NsGuest(socket_path=self.socket_path, mtu=self.mtu, log_path=log)
+        else:
+            self.flooder = NsGuest(netdev=self.netdev, mtu=self.mtu, log_path=log)
+        self.flooder.start()
+        self.flooder.dhcp()
+        return self.flooder
+
     def stop(self) -> None:
         if self.ceiling is not None:
             self.ceiling.stop()
+        if self.flooder is not None:
+            self.flooder.close()
         if self.guest is not None:
             self.guest.close()
         if self.process is not None:
@@ -361,6 +379,13 @@ def idle_connections(setup: Setup, count: int) -> dict[str, float]:
     }
 
 
+def flood(setup: Setup, peers: FloodPeers) -> dict[str, float]:
+    assert setup.guest is not None
+    flooder = setup.second_guest()
+    pid = setup.process.pid if setup.process is not None else None
+    return flood_figures(setup.guest, flooder, peers, pid)
+
+
 def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
     t = args.seconds
     tests: list[Callable[[], dict[str, float]]] = []
@@ -382,6 +407,10 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
             tests.append(lambda: iperf_lossy(setup, min(t, 5), True, args.guest_cc, args.loss))
     if not args.quick and setup.backend != "harness":
         tests.append(lambda: iperf_udp(setup, 3))
+    if args.flood and setup.backend != "harness" and args.flood_peers is not None:
+        if args.flood_only:
+            tests = []
+        tests.append(lambda: flood(setup, args.flood_peers))
     results: dict[str, float] = {}
     for test in tests:
         try:
@@ -461,6 +490,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 2000 idle connections")
     parser.add_argument("--json", metavar="FILE", help="also write all samples as JSON")
     parser.add_argument(
+        "--flood",
+        action="store_true",
+        help="also time a guest's 20 MB download alone and while a second guest of the same backend "
+        "SYN- and UDP-floods it (hping3)",
+    )
+    parser.add_argument("--flood-only", action="store_true", help="only the --flood figures")
+    parser.add_argument(
         "--loss",
         type=int,
         default=10,
@@ -486,6 +522,8 @@ def main() -> int:
     raise_nofile()
     servers = HostServers()
     servers.start()
+    args.flood = args.flood or args.flood_only
+    args.flood_peers = FloodPeers() if args.flood else None
     results: dict[str, dict[str, list[float]]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="vpnnet-bench-"))
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -504,6 +542,8 @@ def main() -> int:
                         results.setdefault(f"{backend}@{mtu}", {}).setdefault(metric, []).append(value)
     finally:
         servers.stop()
+        if args.flood_peers is not None:
+            args.flood_peers.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     cpu = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
