@@ -131,11 +131,15 @@ class Stack:
             self.out.drop("bad-source-mac")
             return
         ethertype = (frame[12] << 8) | frame[13]
-        # a claim to an address that is not the sender's is neither learned nor switched
+        # A claim to an address that is not the sender's is neither learned nor switched. IPv4
+        # to the gateway is checked in ipv4_received, where the source address is at hand; here
+        # only what the switch passes to other guests (and broadcasts, checked twice).
         if ethertype == ETH_P_IP:
-            owner = self.owners.get(frame[26:30])  # the source address (short frames: no match)
-            if owner is not None and owner != src_mac and self.spoofed("ip", frame[26:30], src_mac, src_mac, now):
-                return
+            if dst_mac != self.config.gateway_mac:
+                src = frame[26:30]  # short frames: no match
+                owner = self.owners.get(src)
+                if owner is not None and owner != src_mac and self.spoofed("ip", src, src_mac, src_mac, now):
+                    return
         elif ethertype == ETH_P_ARP and len(frame) >= ETH_HLEN + 28:
             spa = frame[28:32]
             if spa in self.owners and self.spoofed("arp", spa, src_mac, frame[22:28], now):
@@ -225,6 +229,10 @@ class Stack:
             return
         cfg = self.config
         if src != b"\x00\x00\x00\x00" and cfg.contains(src):
+            # every protected address is one of the guest network (the lookup reuses src's hash)
+            owner = self.owners.get(src)
+            if owner is not None and owner != src_mac and self.spoofed("ip", src, src_mac, src_mac, now):
+                return
             self.out.remember_guest(src, src_mac)
         start = ETH_HLEN + ihl
         end = ETH_HLEN + total_len
