@@ -117,10 +117,11 @@ class Backend:
             cmd += ["--user", SANDBOX_USER, "--sandbox"]
         strace_dir = os.environ.get("VPNNET_TEST_STRACE")
         if strace_dir and self.module.split(".")[0] == "qemu_vpnnet":
-            # the system calls of every backend (and its children), unsandboxed, to re-derive the
-            # seccomp allow-list (docs/security.rst); the pid of such a backend is strace's
+            # every system call of every backend (and its children), unsandboxed, to re-derive the
+            # seccomp allow-list (docs/security.rst): a line per call as it is made (a summary, -c,
+            # is lost when the test kills strace); the pid of such a backend is strace's
             out = Path(strace_dir) / f"strace-{self.socket_path.name}-{os.getpid()}-{time.monotonic_ns()}.txt"
-            cmd = ["strace", "-f", "-qq", "-c", "-o", str(out), *cmd, "--no-sandbox"]
+            cmd = ["strace", "-f", "-qq", "-s", "0", "-o", str(out), *cmd, "--no-sandbox"]
         if self.netns is not None:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         return cmd

@@ -182,6 +182,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _sweep(include_own=True)
 
 
+@pytest.fixture(autouse=True)
+def vpnnet_sandbox_tmp(request: pytest.FixtureRequest) -> None:
+    """Under VPNNET_TEST_SANDBOX the backends run as nobody: the test's tmp_path (where tests put
+    zone, policy and state files) is made sticky and world-writable, and its parents (pytest
+    makes them 0700) traversable, as docs/security.rst asks of a deployment."""
+    if not sandboxed() or "tmp_path" not in request.fixturenames:
+        return
+    path: Path = request.getfixturevalue("tmp_path")
+    path.chmod(0o1777)
+    for parent in path.parents:
+        if parent == Path("/tmp") or parent == parent.parent:
+            break
+        parent.chmod(parent.stat().st_mode & 0o7777 | 0o111)
+
+
 @pytest.fixture(scope="session")
 def vpnnet_run_dir() -> Iterator[Path]:
     """A short-named folder for Unix sockets (at most 108 bytes a path)."""

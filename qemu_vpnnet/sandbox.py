@@ -14,7 +14,7 @@ The seccomp default action is ERRNO(EPERM), not KILL: a system call missing from
 like a refused permission (logged by the program that made it) instead of killing the backend
 with every guest's connections; with the log flag set the kernel also reports each one (``dmesg``
 or the audit log: ``type=1326 ... syscall=NNN``). The list was derived by running the integration
-tests under ``strace -f -c`` (``VPNNET_TEST_STRACE=DIR``, integration/backend.py) and adding what
+tests under ``strace -f`` (``VPNNET_TEST_STRACE=DIR``, integration/backend.py) and adding what
 error paths and children need.
 """
 
@@ -212,7 +212,7 @@ def apply_landlock(writable: list[str], abi: int) -> list[str]:
 
 # ---- seccomp -------------------------------------------------------------------------------
 
-# Every system call the backend's workload makes (strace -f -c over the integration tests: TCP,
+# Every system call the backend's workload makes (strace -f over the integration tests: TCP,
 # UDP, ping, DNS forward and host mode with getaddrinfo in threads, QMP, TCP/UDP forwards, gateway
 # services with cmd: children, capture, the policy and zone file watchers), plus what their error
 # paths and small child programs need. Not here, among others: ptrace, mount/umount2, pivot_root,
