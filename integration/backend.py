@@ -117,11 +117,14 @@ class Backend:
             cmd += ["--user", SANDBOX_USER, "--sandbox"]
         strace_dir = os.environ.get("VPNNET_TEST_STRACE")
         if strace_dir and self.module.split(".")[0] == "qemu_vpnnet":
+            cmd_backend = cmd
             # every system call of every backend (and its children), unsandboxed, to re-derive the
             # seccomp allow-list (docs/security.rst): a line per call as it is made (a summary, -c,
             # is lost when the test kills strace); the pid of such a backend is strace's
             out = Path(strace_dir) / f"strace-{self.socket_path.name}-{os.getpid()}-{time.monotonic_ns()}.txt"
-            cmd = ["strace", "-f", "-qq", "-s", "0", "-o", str(out), *cmd, "--no-sandbox"]
+            # (setpriv: the backend gets SIGTERM when strace, its parent, is killed by the test)
+            cmd = ["strace", "-f", "-qq", "-s", "0", "-o", str(out), "setpriv", "--pdeathsig", "TERM", "--"]
+            cmd += [*cmd_backend, "--no-sandbox"]
         if self.netns is not None:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         return cmd
