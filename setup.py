@@ -38,7 +38,7 @@ setup(
         "h11>=0.14",  # HTTP/1.1 parsing of the proxy (io/http_proxy.py)
         "pyseccomp>=0.1.2",  # ctypes bindings over Debian's libseccomp2: the --sandbox filter (sandbox.py)
     ],
-    extras_require={"test": ["pytest>=7", "mypy>=1.8", "ruff>=0.4"]},
+    extras_require={"test": ["pytest>=7", "mypy>=1.8", "ruff>=0.4", "hypothesis>=6"]},
     ext_modules=ext_modules,
     entry_points={"console_scripts": ["qemu-vpnnet = qemu_vpnnet.cli:main"]},
     zip_safe=False,

@@ -1,0 +1,421 @@
+"""A fuzz harness over the sans-IO core: a frame corpus built with dpkt, cheap byte mutations,
+and a Harness that plays every host socket the core asks for with random events.
+
+Shared by tests/test_fuzz.py (hypothesis, bounded, in CI) and scripts/fuzzlib/run.py (the long
+run of millions of frames). Invariants checked by Harness.check(): every table bounded and
+next_deadline() a float. An exception from the core is the failure itself.
+"""
+
+import random
+import socket
+import struct
+
+import dpkt
+
+from qemu_vpnnet.core import actions as A
+from qemu_vpnnet.core.checksum import checksum
+from qemu_vpnnet.core.config import NetConfig
+from qemu_vpnnet.core.dns import MODE_FORWARD, MODE_HOST
+from qemu_vpnnet.core.fragments import MAX_DATAGRAMS
+from qemu_vpnnet.core.stack import Stack
+from qemu_vpnnet.core.switch import MAX_MACS
+
+GW_MAC = bytes.fromhex("52550a000202")
+BCAST = b"\xff" * 6
+MACS = [bytes.fromhex(h) for h in ("525400123456", "525400abcdef", "525400777777", "020000000001")]
+PORTS = (1, 2, 3)
+GUEST_IPS = ["10.0.2.15", "10.0.2.16", "10.0.2.17", "0.0.0.0", "10.0.2.99"]
+DESTS = ["10.0.2.2", "10.0.2.3", "198.51.100.7", "203.0.113.9", "127.0.0.1", "224.0.0.251", "10.0.2.16"]
+NAMES = ["example.com", "host.internal", "gateway.internal", "a." * 60 + "x", "", "2.2.0.10.in-addr.arpa"]
+
+# Small limits so that eviction paths run within a short fuzz run; the bounds checked are these.
+MAX_UDP_FLOWS = 64
+MAX_TCP_FLOWS = 256
+MAX_PING_FLOWS = 1024  # core/icmp.py's own constant (checked below against the module)
+MAX_COUNTERS = 2000  # distinct counter names: drop reasons and event kinds are a closed set
+MAX_DNS_PENDING = 4096
+MAX_TIMERS = 16 * MAX_TCP_FLOWS + 4096
+
+
+def _ip(text: str) -> bytes:
+    return socket.inet_aton(text)
+
+
+def _eth(dst: bytes, src: bytes, etype: int, payload: bytes) -> bytes:
+    return bytes(dpkt.ethernet.Ethernet(dst=dst, src=src, type=etype, data=payload))
+
+
+def _ipv4(mac: bytes, src: str, dst: str, proto: int, l4: bytes, dst_mac: bytes = GW_MAC, off: int = 0) -> bytes:
+    pkt = dpkt.ip.IP(src=_ip(src), dst=_ip(dst), p=proto, ttl=64, data=l4)
+    pkt.len = 20 + len(l4)
+    if off:  # flags and fragment offset, patched in: dpkt's own setter splits them
+        raw = bytearray(bytes(pkt))
+        raw[6:8] = struct.pack("!H", off)
+        raw[10:12] = b"\x00\x00"
+        raw[10:12] = struct.pack("!H", checksum(bytes(raw[:20])))
+        return _eth(dst_mac, mac, dpkt.ethernet.ETH_TYPE_IP, bytes(raw))
+    return _eth(dst_mac, mac, dpkt.ethernet.ETH_TYPE_IP, bytes(pkt))
+
+
+def _udp(mac: bytes, src: str, dst: str, sport: int, dport: int, data: bytes, dst_mac: bytes = GW_MAC) -> bytes:
+    seg = dpkt.udp.UDP(sport=sport, dport=dport, data=data)
+    seg.ulen = 8 + len(data)
+    pkt = dpkt.ip.IP(src=_ip(src), dst=_ip(dst), p=dpkt.ip.IP_PROTO_UDP, ttl=64, data=seg)
+    pkt.len = 20 + len(bytes(seg))
+    return _eth(dst_mac, mac, dpkt.ethernet.ETH_TYPE_IP, bytes(pkt))
+
+
+def _tcp(mac: bytes, src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int, data: bytes = b"",
+         opts: bytes = b"") -> bytes:  # fmt: skip
+    seg = dpkt.tcp.TCP(sport=sport, dport=dport, seq=seq & 0xFFFFFFFF, ack=ack & 0xFFFFFFFF, flags=flags,
+                       win=65535, opts=opts, data=data)  # fmt: skip
+    seg.off = (20 + len(opts)) // 4
+    pkt = dpkt.ip.IP(src=_ip(src), dst=_ip(dst), p=dpkt.ip.IP_PROTO_TCP, ttl=64, data=seg)
+    pkt.len = 20 + len(bytes(seg))
+    return _eth(GW_MAC, mac, dpkt.ethernet.ETH_TYPE_IP, bytes(pkt))
+
+
+def dns_query(name: str, qtype: int = 1, qid: int = 0x4242) -> bytes:
+    msg = dpkt.dns.DNS(id=qid, qd=[dpkt.dns.DNS.Q(name=name, type=qtype)])
+    return bytes(msg)
+
+
+def dns_response(qid: int, name: str = "example.com") -> bytes:
+    msg = dpkt.dns.DNS(id=qid, op=dpkt.dns.DNS_RA | 0x8000, qd=[dpkt.dns.DNS.Q(name=name, type=1)])
+    msg.an = [dpkt.dns.DNS.RR(name=name, type=1, ip=_ip("192.0.2.1"), ttl=60)]
+    return bytes(msg)
+
+
+def dhcp(mac: bytes, mtype: int, requested: str | None = None, server_id: str | None = None,
+         ciaddr: str = "0.0.0.0") -> bytes:  # fmt: skip
+    opts = [(dpkt.dhcp.DHCP_OPT_MSGTYPE, bytes((mtype,)))]
+    if requested:
+        opts.append((dpkt.dhcp.DHCP_OPT_REQ_IP, _ip(requested)))
+    if server_id:
+        opts.append((dpkt.dhcp.DHCP_OPT_SERVER_ID, _ip(server_id)))
+    opts.append((dpkt.dhcp.DHCP_OPT_PARAM_REQ, bytes(range(1, 60))))
+    msg = dpkt.dhcp.DHCP(chaddr=mac + b"\x00" * 10, xid=0x1234, opts=opts, ciaddr=int.from_bytes(_ip(ciaddr), "big"))
+    return _udp(mac, ciaddr, "255.255.255.255", 68, 67, bytes(msg), dst_mac=BCAST)
+
+
+def arp(mac: bytes, op: int, spa: str, tpa: str, dst: bytes = BCAST) -> bytes:
+    packet = dpkt.arp.ARP(op=op, sha=mac, spa=_ip(spa), tha=b"\x00" * 6, tpa=_ip(tpa))
+    return _eth(dst, mac, dpkt.ethernet.ETH_TYPE_ARP, bytes(packet))
+
+
+def icmp(mac: bytes, src: str, dst: str, itype: int = 8, ident: int = 7, data: bytes = b"ping") -> bytes:
+    msg = dpkt.icmp.ICMP(type=itype, code=0, data=dpkt.icmp.ICMP.Echo(id=ident, seq=1, data=data))
+    return _ipv4(mac, src, dst, dpkt.ip.IP_PROTO_ICMP, bytes(msg))
+
+
+def fragments(mac: bytes, src: str, dst: str, payload: bytes, size: int = 24) -> list[bytes]:
+    """A UDP datagram to dst split into IP fragments of size bytes (a multiple of 8)."""
+    seg = dpkt.udp.UDP(sport=4000, dport=53, data=payload)
+    seg.ulen = 8 + len(payload)
+    whole = bytes(seg)
+    out = []
+    for start in range(0, len(whole), size):
+        more = start + size < len(whole)
+        out.append(_ipv4(mac, src, dst, dpkt.ip.IP_PROTO_UDP, whole[start : start + size],
+                         off=(start // 8) | (dpkt.ip.IP_MF if more else 0)))  # fmt: skip
+    return out
+
+
+def corpus() -> list[bytes]:
+    """Well-formed frames of every kind a guest sends, for several guests (about 400)."""
+    frames: list[bytes] = []
+    for mac in MACS:
+        for mtype in (dpkt.dhcp.DHCPDISCOVER, dpkt.dhcp.DHCPREQUEST, dpkt.dhcp.DHCPRELEASE, dpkt.dhcp.DHCPINFORM,
+                      dpkt.dhcp.DHCPDECLINE):  # fmt: skip
+            frames.append(dhcp(mac, mtype))
+        frames.append(dhcp(mac, dpkt.dhcp.DHCPREQUEST, requested="10.0.2.15", server_id="10.0.2.2"))
+        frames.append(dhcp(mac, dpkt.dhcp.DHCPREQUEST, requested="10.0.2.16", server_id="10.0.2.2"))
+        frames.append(dhcp(mac, dpkt.dhcp.DHCPREQUEST, requested="10.0.2.15", ciaddr="10.0.2.15"))
+        for src in GUEST_IPS[:3]:
+            frames.append(arp(mac, 1, src, "10.0.2.2"))
+            frames.append(arp(mac, 2, src, src))
+            frames.append(arp(mac, 1, "0.0.0.0", src))
+            for dst in DESTS:
+                frames.append(icmp(mac, src, dst))
+                frames.append(_udp(mac, src, dst, 5000, 123, b"ntp?"))
+                frames.append(_tcp(mac, src, dst, 40000, 80, 1000, 0, dpkt.tcp.TH_SYN,
+                                   opts=b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07"))  # fmt: skip
+                frames.append(_tcp(mac, src, dst, 40000, 80, 1001, 1, dpkt.tcp.TH_ACK, data=b"GET / HTTP/1.0\r\n\r\n"))
+                frames.append(_tcp(mac, src, dst, 40000, 80, 1001, 1, dpkt.tcp.TH_RST))
+                frames.append(_tcp(mac, src, dst, 40000, 80, 1001, 1, dpkt.tcp.TH_FIN | dpkt.tcp.TH_ACK))
+            for name in NAMES:
+                for qtype in (1, 28, 12, 16):
+                    frames.append(_udp(mac, src, "10.0.2.3", 5353, 53, dns_query(name, qtype)))
+            frames.append(_tcp(mac, src, "10.0.2.3", 40001, 53, 5, 0, dpkt.tcp.TH_SYN))
+            frames.extend(fragments(mac, src, "198.51.100.7", b"y" * 60))
+            frames.extend(fragments(mac, src, "10.0.2.3", dns_query("example.com")))
+        frames.append(_eth(BCAST, mac, dpkt.ethernet.ETH_TYPE_IP6, b"\x60" + b"\x00" * 39))
+        frames.append(_eth(MACS[1], mac, 0x88B5, b"local experimental"))
+        frames.append(_udp(mac, "10.0.2.15", "10.0.2.16", 9, 9, b"to a neighbour", dst_mac=MACS[1]))
+        frames.append(_udp(mac, "10.0.2.15", "10.0.2.255", 137, 137, b"bcast", dst_mac=BCAST))
+    return frames
+
+
+def fix_checksums(frame: bytearray) -> None:
+    """Recompute the IPv4 header and TCP/UDP/ICMP checksums of a mutated frame (when its header
+    is long enough to have them), so that mutations get past the checksum checks."""
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return
+    ihl = (frame[14] & 0x0F) * 4
+    if ihl < 20 or len(frame) < 14 + ihl:
+        return
+    frame[24:26] = b"\x00\x00"
+    frame[24:26] = struct.pack("!H", checksum(bytes(frame[14 : 14 + ihl])))
+    total = min(struct.unpack_from("!H", frame, 16)[0], len(frame) - 14)
+    start = 14 + ihl
+    end = 14 + max(total, ihl)
+    proto = frame[23]
+    if frame[20] & 0x3F or frame[21]:  # a fragment: its L4 header is not here
+        return
+    at = {6: 16, 17: 6, 1: 2}.get(proto)
+    if at is None or end - start < at + 2:
+        return
+    frame[start + at : start + at + 2] = b"\x00\x00"
+    body = bytes(frame[start:end])
+    if proto == 1:
+        value = checksum(body)
+    else:
+        pseudo = bytes(frame[26:34]) + struct.pack("!BBH", 0, proto, len(body))
+        value = checksum(pseudo + body)
+        if proto == 17 and value == 0:
+            value = 0xFFFF
+    frame[start + at : start + at + 2] = struct.pack("!H", value)
+
+
+def mutate(rnd: random.Random, frame: bytes) -> bytes:
+    """One cheap random mutation of frame: flipped/set bytes, truncation, extension, a splice."""
+    data = bytearray(frame)
+    choice = rnd.randrange(10)
+    if choice < 4 and data:
+        for _ in range(rnd.randint(1, 4)):
+            data[rnd.randrange(len(data))] = rnd.randrange(256)
+    elif choice == 4 and data:
+        # the interesting fields: lengths, flags, ports, header lengths, option bytes
+        at = rnd.choice((14, 16, 17, 20, 21, 23, 34, 36, 38, 39, 46, 47, 42, 43, 54, 282))
+        if at < len(data):
+            data[at] = rnd.choice((0, 1, 0x0F, 0x45, 0x7F, 0x80, 0xFF, rnd.randrange(256)))
+    elif choice == 5:
+        del data[rnd.randrange(len(data) + 1) :]
+    elif choice == 6:
+        data += rnd.randbytes(rnd.choice((1, 8, 64, 600)))
+    elif choice == 7 and len(data) > 20:
+        at = rnd.randrange(len(data))
+        data[at:at] = rnd.randbytes(rnd.randint(1, 16))
+    elif choice == 8:
+        del data[rnd.randrange(len(data) + 1) : rnd.randrange(len(data) + 1) + 8]
+    if rnd.random() < 0.8:
+        fix_checksums(data)
+    return bytes(data)
+
+
+class Harness:
+    """A Stack on three ports, its clock, and the host side: every socket it asks to open is
+    answered later by random events (including ones for flows it closed already)."""
+
+    def __init__(self, seed: int = 0, dns_mode: str = MODE_HOST) -> None:
+        self.rnd = random.Random(seed)
+        self.stack = Stack(NetConfig(max_udp_flows=MAX_UDP_FLOWS, max_tcp_flows=MAX_TCP_FLOWS, udp_idle_timeout=5.0))
+        if dns_mode == MODE_FORWARD:
+            self.stack.dns.set_mode(MODE_FORWARD)
+        for port in PORTS:
+            self.stack.attach_port(port)
+        self.now = 0.0
+        self.tcp: list[int] = []  # flows the core opened (some closed since): the host may still speak
+        self.udp: dict[int, tuple[str, int]] = {}  # flow -> last destination
+        self.ping: dict[int, tuple[str, bytes]] = {}  # flow -> (addr, request)
+        self.dns_query: dict[int, bytes] = {}  # query -> the query sent upstream
+        self.dns_resolve: list[int] = []
+        self.replies: list[bytes] = []  # guest frames that answer what the core sent (TCP acks)
+        self.events = 0
+
+    # ---- input -----------------------------------------------------------------------------
+    def frame(self, port: int, frame: bytes) -> None:
+        self.stack.frame_received(port, frame, self.now)
+        self.after()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        if self.now >= self.stack.next_deadline():
+            self.stack.timer(self.now)
+            self.after()
+
+    def host_event(self) -> None:
+        """One random host-side event for a flow the core asked for."""
+        rnd = self.rnd
+        stack = self.stack
+        now = self.now
+        self.events += 1
+        kind = rnd.randrange(5)
+        if kind == 0 and self.tcp:
+            flow = rnd.choice(self.tcp)
+            what = rnd.randrange(7)
+            if what == 0:
+                stack.tcp.host_connected(flow, now)
+            elif what == 1:
+                stack.tcp.host_refused(flow, rnd.choice((111, 113, 110, 24, 0)), now)
+            elif what in (2, 3):
+                stack.tcp.host_data(flow, rnd.randbytes(rnd.choice((1, 100, 1460, 5000))), now)
+            elif what == 4:
+                stack.tcp.host_eof(flow, now)
+            elif what == 5:
+                stack.tcp.host_reset(flow, now)
+            else:
+                stack.tcp.host_write_paused(flow)
+                stack.tcp.host_write_resumed(flow)
+        elif kind == 1 and self.udp:
+            flow = rnd.choice(list(self.udp))
+            addr, port = self.udp[flow]
+            what = rnd.randrange(4)
+            if what < 2:
+                stack.udp.host_datagram(flow, rnd.randbytes(rnd.choice((0, 10, 1400))), addr, port, now)
+            elif what == 2:
+                stack.udp.host_error(flow, addr, port, 3, rnd.choice((1, 3, 4)), 1400, now)
+            else:
+                stack.udp.host_failed(flow, now)
+        elif kind == 2 and self.ping:
+            flow = rnd.choice(list(self.ping))
+            addr, request = self.ping[flow]
+            if rnd.random() < 0.7:
+                reply = bytes((0,)) + request[1:] if request else b""
+                if rnd.random() < 0.3:
+                    reply = mutate(rnd, reply)
+                stack.icmp.host_reply(flow, reply, addr, now)
+            else:
+                stack.icmp.host_error(flow, addr, 3, 1, 0, request, now)
+        elif kind == 3 and self.dns_query:
+            query = rnd.choice(list(self.dns_query))
+            sent = self.dns_query.pop(query)
+            what = rnd.randrange(3)
+            if what == 0:
+                stack.dns.failed(query, now)
+            else:
+                answer = dns_response(int.from_bytes(sent[:2].ljust(2, b"\0"), "big"))
+                stack.dns.answer(query, answer if what == 1 else mutate(rnd, answer), now)
+        elif kind == 4 and self.dns_resolve:
+            query = self.dns_resolve.pop(rnd.randrange(len(self.dns_resolve)))
+            status = rnd.randrange(-1, 6)
+            addresses = [rnd.randbytes(rnd.choice((4, 16, 3))) for _ in range(rnd.randrange(4))]
+            stack.dns.resolved(query, status, addresses, now)
+        else:
+            self.events -= 1
+            return
+        self.after()
+
+    def reply_frame(self) -> bytes | None:
+        """A guest segment answering one the core sent (right seq and ack), or None."""
+        if not self.replies:
+            return None
+        return self.replies.pop(self.rnd.randrange(len(self.replies)))
+
+    # ---- output, as the shell drains it --------------------------------------------------------
+    def after(self) -> None:
+        stack = self.stack
+        stack.flush(self.now)
+        ops = stack.out.ops
+        for op in ops:
+            kind = op.kind
+            if kind == A.OP_TCP_CONNECT or kind == A.OP_TCP_ACCEPTED:
+                self.tcp.append(op.flow)
+                if len(self.tcp) > 64:
+                    del self.tcp[0]
+            elif kind == A.OP_UDP_OPEN:
+                self.udp[op.flow] = ("198.51.100.7", 123)
+            elif kind == A.OP_UDP_SEND:
+                self.udp[op.flow] = (op.addr, op.port)
+            elif kind == A.OP_UDP_CLOSE:
+                if self.rnd.random() < 0.9:
+                    self.udp.pop(op.flow, None)
+            elif kind == A.OP_PING_SEND:
+                self.ping[op.flow] = (op.addr, op.data)
+            elif kind == A.OP_PING_CLOSE:
+                if self.rnd.random() < 0.9:
+                    self.ping.pop(op.flow, None)
+            elif kind == A.OP_DNS_QUERY:
+                self.dns_query[op.flow] = op.data
+            elif kind == A.OP_DNS_RESOLVE:
+                self.dns_resolve.append(op.flow)
+        ops.clear()
+        stack.out.events.clear()
+        for port, frames in stack.switch.out.items():
+            if frames:
+                for frame in frames[-4:]:
+                    self.learn(port, frame)
+                frames.clear()
+        for table in (self.udp, self.ping, self.dns_query):
+            while len(table) > 256:
+                del table[next(iter(table))]
+        if len(self.dns_resolve) > 256:
+            del self.dns_resolve[:128]
+
+    def learn(self, port: int, frame: bytes) -> None:
+        """Keep a guest answer to a TCP segment the core sent toward the guest."""
+        if len(frame) < 54 or frame[6:12] != GW_MAC or frame[23] != 6 or self.rnd.random() < 0.5:
+            return  # only the core's own segments (other frames are guests' ones, switched)
+        ihl = (frame[14] & 0x0F) * 4
+        total = struct.unpack_from("!H", frame, 16)[0]
+        t = 14 + ihl
+        sport, dport, seq, ack = struct.unpack_from("!HHII", frame, t)
+        flags = frame[t + 13]
+        length = total - ihl - (frame[t + 12] >> 4) * 4 + (1 if flags & 0x03 else 0)
+        src = socket.inet_ntoa(frame[30:34])
+        dst = socket.inet_ntoa(frame[26:30])
+        mac = frame[0:6]
+        rnd = self.rnd
+        reply_flags = rnd.choice((0x10, 0x10, 0x18, 0x11, 0x04, 0x14))
+        data = rnd.randbytes(rnd.choice((0, 0, 10, 1400))) if reply_flags & 0x08 else b""
+        if flags & 0x04:
+            return
+        self.replies.append(_tcp(mac, src, dst, dport, sport, ack, seq + length, reply_flags, data))
+        if len(self.replies) > 64:
+            del self.replies[:32]
+        _ = port
+
+    # ---- invariants ----------------------------------------------------------------------------
+    def sizes(self) -> dict[str, int]:
+        s = self.stack
+        return {
+            "tcp.flows": len(s.tcp.flows),
+            "tcp.by_key": len(s.tcp.by_key),
+            "tcp.timers": len(s.tcp.timers),
+            "udp": len(s.udp.table.by_id),
+            "icmp": len(s.icmp.table.by_id),
+            "dns.pending": len(s.dns.pending),
+            "dns.waiting": len(s.dns.waiting),
+            "fragments": len(s.fragments.pending),
+            "mac_table": len(s.switch.mac_table),
+            "guest_macs": len(s.out.guest_macs),
+            "owners": len(s.owners),
+            "guard.guests": len(s.guard.guests),
+            "dhcp.leases": len(s.dhcp.by_mac),
+            "udp_forwards": len(s.udp_forwards.by_flow),
+            "counters": len(s.counters.values),
+        }
+
+    def check(self) -> None:
+        deadline = self.stack.next_deadline()
+        assert isinstance(deadline, float), deadline
+        sizes = self.sizes()
+        limits = {
+            "tcp.flows": MAX_TCP_FLOWS,
+            "tcp.by_key": MAX_TCP_FLOWS,
+            "tcp.timers": MAX_TIMERS,
+            "udp": MAX_UDP_FLOWS,
+            "icmp": MAX_PING_FLOWS,
+            "dns.pending": MAX_DNS_PENDING,
+            "dns.waiting": MAX_DNS_PENDING,
+            "fragments": MAX_DATAGRAMS,
+            "mac_table": MAX_MACS,
+            "guest_macs": 4096,
+            "owners": 8192,
+            "guard.guests": 4096,
+            "dhcp.leases": 4096,
+            "udp_forwards": 4096,
+            "counters": MAX_COUNTERS,
+        }
+        for name, size in sizes.items():
+            assert size <= limits[name], f"{name} holds {size} > {limits[name]}"
