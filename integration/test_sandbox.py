@@ -15,6 +15,8 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,7 +67,10 @@ def wait_sandboxed(backend: Backend) -> dict[str, str]:
 
 
 def test_dropped_to_nobody_every_feature_still_works(
-    start_backend: StartBackend, ns_guest: NsGuestFactory, web: int, shared_dir: Path  # noqa: F811
+    start_backend: StartBackend,
+    ns_guest: NsGuestFactory,
+    web: int,
+    shared_dir: Path,  # noqa: F811
 ) -> None:
     qmp_path = shared_dir / "qmp.sock"
     state = shared_dir / "state.json"
@@ -140,7 +145,7 @@ def test_sandbox_is_on_by_default_and_off_with_no_sandbox(start_backend: StartBa
 
 PERSONALITY_PROBE = (
     "python3 -c 'import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
-    "r = libc.syscall(135, 0xFFFFFFFF); print(r, os.strerror(ctypes.get_errno()) if r < 0 else \"allowed\")'"
+    'r = libc.syscall(135, 0xFFFFFFFF); print(r, os.strerror(ctypes.get_errno()) if r < 0 else "allowed")\''
 )
 
 
@@ -159,3 +164,36 @@ def test_a_refused_system_call_fails_with_eperm_and_the_backend_goes_on(
     )
     assert probe.stdout.strip() == "-1 Operation not permitted", probe.stdout + probe.stderr
     assert backend.is_running()
+
+
+def test_backend_as_nobody_still_dies_with_what_started_it(shared_dir: Path) -> None:
+    """setuid clears the parent-death signal (setpriv --pdeathsig, which the harness uses): the
+    backend sets it again after the drop, so it does not outlive a supervisor that was killed."""
+    from integration.common import pid_alive, wait_until
+
+    sock = shared_dir / "pd.sock"
+    script = (
+        "import os, subprocess, sys, time\n"
+        "p = subprocess.Popen(['setpriv', '--pdeathsig', 'KILL', '--', sys.executable, '-m', 'qemu_vpnnet',\n"
+        f"    '--socket', {str(sock)!r}, '--dns-upstream', '127.0.0.1:9', '--user', 'nobody'],\n"
+        "    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    env = dict(os.environ)
+    if os.environ.get("VPNNET_TEST_INSTALLED", "") in ("", "0"):
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    supervisor = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env, cwd="/")
+    try:
+        assert supervisor.stdout is not None
+        backend = int(supervisor.stdout.readline())
+        assert wait_until(sock.is_socket, 15)
+        assert wait_until(lambda: status(backend).get("Uid", "").split()[:1] == ["65534"], 5)
+        supervisor.kill()
+        supervisor.wait(5)
+        assert wait_until(lambda: not pid_alive(backend), 5), "the backend outlived its supervisor"
+    finally:
+        supervisor.kill()
+        supervisor.wait(5)
+        if "backend" in locals() and pid_alive(backend):
+            os.kill(backend, 9)

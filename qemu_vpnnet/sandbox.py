@@ -33,6 +33,8 @@ from typing import Final
 log = logging.getLogger("qemu_vpnnet.sandbox")
 
 PR_SET_NO_NEW_PRIVS: Final = 38
+PR_SET_PDEATHSIG: Final = 1
+PR_GET_PDEATHSIG: Final = 2
 
 # ---- the user ------------------------------------------------------------------------------
 
@@ -78,9 +80,15 @@ def parse_user(text: str) -> TargetUser:
 def drop_privileges(user: TargetUser) -> None:
     """Become user: no supplementary groups, then real, effective and saved gid and uid. Raises
     OSError when the kernel refuses, RuntimeError when root could be regained."""
+    death_signal = parent_death_signal()  # the kernel clears it when the credentials change
+    parent = os.getppid()
     os.setgroups([])
     os.setresgid(user.gid, user.gid, user.gid)
     os.setresuid(user.uid, user.uid, user.uid)
+    if death_signal:
+        set_parent_death_signal(death_signal)
+        if os.getppid() != parent:  # the parent died in between: the signal would never come
+            os.kill(os.getpid(), death_signal)
     if os.getresuid() != (user.uid,) * 3 or os.getresgid() != (user.gid,) * 3 or os.getgroups():
         raise RuntimeError(f"dropping to {user.describe()} did not take")
     try:
@@ -88,6 +96,22 @@ def drop_privileges(user: TargetUser) -> None:
     except PermissionError:
         return
     raise RuntimeError("root could be regained after dropping privileges")
+
+
+def parent_death_signal() -> int:
+    """The signal this process gets when its parent dies (prctl PR_GET_PDEATHSIG; 0: none)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    value = ctypes.c_int(0)
+    if libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(value), 0, 0, 0) != 0:
+        return 0
+    return value.value
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Keep a supervisor's parent-death signal (setpriv --pdeathsig, a test harness) across the
+    drop of privileges, which clears it: a backend must not outlive what started it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 def hand_over(paths: list[str], user: TargetUser) -> None:
