@@ -16,6 +16,7 @@ import logging
 from typing import Any, Final
 
 from qemu_vpnnet.core.dns import ROUTE_HOST, ROUTE_SPLIT, servfail_for
+from qemu_vpnnet.io import ratelog
 from qemu_vpnnet.io.dns_upstream import DnsUpstreams, UpstreamError
 from qemu_vpnnet.io.host_tcp import HostConnection
 
@@ -127,7 +128,7 @@ class DnsTcpSession(asyncio.Transport):
             self.shutdown(None)
 
     def fail(self, reason: str) -> None:
-        log.info("DNS over TCP from a guest: %s; closing that connection", reason)
+        ratelog.info(log, "dns-tcp-malformed", "DNS over TCP from a guest: %s; closing that connection", reason)
         self.shell.stack.counters.add("dns-tcp-malformed")
         self.shutdown(ConnectionResetError(reason))
 

@@ -25,6 +25,7 @@ from typing import Any, Final, cast
 from qemu_vpnnet.core.actions import OP_UDP_FWD_CLOSE, OP_UDP_FWD_REPLY, HostOp
 from qemu_vpnnet.core.config import ip_bytes, ip_str
 from qemu_vpnnet.hostfwd import ForwardSpec, HostFwdSyntaxError, check_guest_addr, check_host_addr, check_protocol
+from qemu_vpnnet.io import ratelog
 from qemu_vpnnet.io.host_tcp import HostConnection, HostTcp
 from qemu_vpnnet.io.shell import Shell
 
@@ -231,7 +232,8 @@ class Forwarder:
         guest = self.guest_for(forward.spec)
         if guest is None:
             forward.refused += 1
-            log.info("forward %s: no guest has a lease yet; connection refused", forward.spec.rule())
+            rule = forward.spec.rule()
+            ratelog.info(log, f"no-lease {rule}", "forward %s: no guest has a lease yet; connection refused", rule)
             conn.abort_with_rst()
             return
         mac, addr = guest
@@ -247,7 +249,8 @@ class Forwarder:
                 break
         if flow < 0:
             forward.refused += 1
-            log.warning("forward %s: no connection slot free; refused", forward.spec.rule())
+            rule = forward.spec.rule()
+            ratelog.warning(log, f"no-slot {rule}", "forward %s: no connection slot free; refused", rule)
             conn.abort_with_rst()
             return
         forward.accepted += 1

@@ -10,6 +10,7 @@ import logging
 import socket
 from typing import Final, Protocol, cast
 
+from qemu_vpnnet.io import ratelog
 from qemu_vpnnet.io.framing import FramingError, frame_parts, split_frames
 
 log = logging.getLogger("qemu_vpnnet.qemu")
@@ -191,7 +192,7 @@ class DgramPeer(QemuPort):
             try:
                 transport.sendto(frame, self.address)
             except OSError as exc:
-                log.warning("dgram send to %s failed: %s", self.address, exc)
+                ratelog.warning(log, f"dgram-send {self.address}", "dgram send to %s failed: %s", self.address, exc)
                 return len(frames) - i
         return 0
 
@@ -231,14 +232,16 @@ class DgramEndpoint(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: object) -> None:
         if not isinstance(addr, str) or not addr:
             if self.fixed_peer is None:
-                log.warning("dgram frame from an unbound socket ignored (QEMU must bind local.path)")
+                ratelog.warning(
+                    log, "dgram-unbound", "dgram frame from an unbound socket ignored (QEMU must bind local.path)"
+                )
                 return
             addr = self.fixed_peer
         assert isinstance(addr, str)
         self.sink.frames_received(self._peer(addr), [data])
 
     def error_received(self, exc: Exception) -> None:
-        log.warning("dgram socket error: %s", exc)
+        ratelog.warning(log, "dgram-error", "dgram socket error: %s", exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for peer in list(self.peers.values()):
