@@ -15,7 +15,7 @@ import dpkt
 from qemu_vpnnet.core import actions as A
 from qemu_vpnnet.core.checksum import checksum
 from qemu_vpnnet.core.config import NetConfig
-from qemu_vpnnet.core.dns import MODE_FORWARD, MODE_HOST
+from qemu_vpnnet.core.dns import MODE_FORWARD, MODE_HOST, question_end
 from qemu_vpnnet.core.fragments import MAX_DATAGRAMS
 from qemu_vpnnet.core.stack import Stack
 from qemu_vpnnet.core.switch import MAX_MACS
@@ -84,6 +84,15 @@ def dns_response(qid: int, name: str = "example.com") -> bytes:
     msg = dpkt.dns.DNS(id=qid, op=dpkt.dns.DNS_RA | 0x8000, qd=[dpkt.dns.DNS.Q(name=name, type=1)])
     msg.an = [dpkt.dns.DNS.RR(name=name, type=1, ip=_ip("192.0.2.1"), ttl=60)]
     return bytes(msg)
+
+
+def answer_to(query: bytes) -> bytes:
+    """An upstream answer to query (its question repeated, one A record), else a bare one."""
+    end = question_end(query, 12) if len(query) >= 12 else -1
+    if end < 0:
+        return dns_response(int.from_bytes(query[:2].ljust(2, b"\0"), "big"))
+    rr = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + _ip("192.0.2.1")
+    return query[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + query[12:end] + rr
 
 
 def dhcp(mac: bytes, mtype: int, requested: str | None = None, server_id: str | None = None,
@@ -294,7 +303,7 @@ class Harness:
             if what == 0:
                 stack.dns.failed(query, now)
             else:
-                answer = dns_response(int.from_bytes(sent[:2].ljust(2, b"\0"), "big"))
+                answer = answer_to(sent)
                 stack.dns.answer(query, answer if what == 1 else mutate(rnd, answer), now)
         elif kind == 4 and self.dns_resolve:
             query = self.dns_resolve.pop(rnd.randrange(len(self.dns_resolve)))

@@ -199,3 +199,29 @@ def test_random_garbage_never_raises() -> None:
             stack.dns.answer(op.flow, bytes(rng.randrange(256) for _ in range(rng.randint(0, 40))), 0.0)
         take_answers(stack)
     assert stack.counters.get("internal-errors") == 0
+
+
+def test_an_upstream_answer_to_another_question_or_garbage_is_servfail() -> None:
+    stack = make_stack()
+    q = query("a.test", qid=9)
+    for qid, answer in (
+        (9, upstream_answer(query("other.test"))),  # the id matches, the question does not
+        (10, q[:4] + b"\x00\x05\x00\x07\x00\x00\x00\x00\xc0\x0c"),  # counts that lie, a pointer loop
+        (11, q[:2] + b"\x81\x80" + b"\x00" * 8),  # no question, no error: not an answer
+    ):
+        stack.frame_received(1, dns_frame(query("a.test", qid=qid)), 0.0)
+        (op,) = take_ops(stack)
+        stack.dns.answer(op.flow, answer, 0.1)
+        (got,) = take_answers(stack)
+        msg = dpkt.dns.DNS(got)
+        assert (msg.id, msg.rcode, msg.qd[0].name) == (qid, dpkt.dns.DNS_RCODE_SERVFAIL, "a.test")
+    assert stack.counters.get("dns-bad-answer") == 3
+    # the same question in other letter case is an answer; so is an error without a question
+    stack.frame_received(1, dns_frame(query("a.test", qid=12)), 0.0)
+    (op,) = take_ops(stack)
+    stack.dns.answer(op.flow, upstream_answer(query("A.TEST")), 0.2)
+    assert dpkt.dns.DNS(take_answers(stack)[0]).rcode == dpkt.dns.DNS_RCODE_NOERR
+    stack.frame_received(1, dns_frame(query("a.test", qid=13)), 0.0)
+    (op,) = take_ops(stack)
+    stack.dns.answer(op.flow, q[:2] + b"\x81\x85" + b"\x00" * 8, 0.2)  # REFUSED, no question
+    assert dpkt.dns.DNS(take_answers(stack)[0]).rcode == dpkt.dns.DNS_RCODE_REFUSED

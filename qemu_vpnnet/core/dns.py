@@ -106,6 +106,16 @@ def question_end(data: bytes, offset: int) -> int:
     return -1
 
 
+def answers_question(answer: bytes, question: bytes) -> bool:
+    """Whether an upstream answer (at least a header) repeats question, the query's one
+    (name, type, class; the name compared case-insensitively); an error answer may carry none."""
+    qdcount = (answer[4] << 8) | answer[5]
+    if qdcount == 0:
+        return answer[3] & 0x0F != 0
+    end = HEADER_LEN + len(question)
+    return qdcount == 1 and len(answer) >= end and answer[HEADER_LEN:end].lower() == question.lower()
+
+
 def question_name(data: bytes, offset: int) -> str:
     """The (well-formed) question name at offset, lower case, dotted, no trailing dot."""
     labels: list[str] = []
@@ -417,6 +427,10 @@ class DnsServer:
             self.out.counters.add("dns-late-answer")
             return
         if len(data) < HEADER_LEN:
+            self.servfail(pending)
+            return
+        if not answers_question(data, pending.question):
+            self.out.counters.add("dns-bad-answer")  # not an answer to this question (RFC 5452 9.1)
             self.servfail(pending)
             return
         gid = pending.guest_id
