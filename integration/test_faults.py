@@ -302,3 +302,22 @@ def test_qmp_clients_that_never_negotiate_or_flood_leave_other_clients_and_guest
     assert wait_until(lambda: "return" in qmp_ok(path), 5)
     assert backend.is_running
     assert rss_kib(backend.pid) - rss_before < 64 * 1024
+
+
+def test_a_dozen_connections_to_a_forward_without_a_lease_log_one_line(start_backend: StartBackend) -> None:
+    """A booting VM's ssh retries: each connection is reset, the log says so once per 10 s."""
+    port = free_port()
+    backend = start_backend("--hostfwd", f"tcp:127.0.0.1:{port}-:22")
+    backend.wait_for_log("forward added")
+    resets = 0
+    for _ in range(12):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.recv(1)
+        except ConnectionResetError:
+            resets += 1
+    assert resets == 12
+    assert wait_until(lambda: "no guest has a lease yet" in backend.log_text(), 5)
+    time.sleep(0.3)
+    assert backend.log_text().count("no guest has a lease yet") == 1
+    assert backend.is_running
