@@ -69,8 +69,8 @@ def wait_sandboxed(backend: Backend) -> dict[str, str]:
 def test_dropped_to_nobody_every_feature_still_works(
     start_backend: StartBackend,
     ns_guest: NsGuestFactory,
-    web: int,
-    shared_dir: Path,  # noqa: F811
+    web: int,  # noqa: F811
+    shared_dir: Path,
 ) -> None:
     qmp_path = shared_dir / "qmp.sock"
     state = shared_dir / "state.json"
