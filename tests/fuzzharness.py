@@ -148,10 +148,10 @@ def corpus() -> list[bytes]:
                 frames.append(icmp(mac, src, dst))
                 frames.append(_udp(mac, src, dst, 5000, 123, b"ntp?"))
                 frames.append(_tcp(mac, src, dst, 40000, 80, 1000, 0, dpkt.tcp.TH_SYN,
-                                   opts=b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07"))  # fmt: skip
+                                   opts=b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07\x01\x01"))  # fmt: skip
                 frames.append(_tcp(mac, src, dst, 40000, 80, 1001, 1, dpkt.tcp.TH_ACK, data=b"GET / HTTP/1.0\r\n\r\n"))
-                frames.append(_tcp(mac, src, dst, 40000, 80, 1001, 1, dpkt.tcp.TH_RST))
-                frames.append(_tcp(mac, src, dst, 40000, 80, 1001, 1, dpkt.tcp.TH_FIN | dpkt.tcp.TH_ACK))
+                frames.append(_tcp(mac, src, dst, 40000, 80, 9001, 1, dpkt.tcp.TH_RST))  # out of window
+                frames.append(_tcp(mac, src, dst, 40000, 80, 9001, 1, dpkt.tcp.TH_FIN | dpkt.tcp.TH_ACK))
             for name in NAMES:
                 for qtype in (1, 28, 12, 16):
                     frames.append(_udp(mac, src, "10.0.2.3", 5353, 53, dns_query(name, qtype)))
@@ -241,6 +241,7 @@ class Harness:
         self.dns_resolve: list[int] = []
         self.replies: list[bytes] = []  # guest frames that answer what the core sent (TCP acks)
         self.events = 0
+        self.last_connect = -1  # the flow of the latest OP_TCP_CONNECT
 
     # ---- input -----------------------------------------------------------------------------
     def frame(self, port: int, frame: bytes) -> None:
@@ -315,6 +316,36 @@ class Harness:
             return
         self.after()
 
+    def tcp_session(self) -> None:
+        """A guest connection that gets far: SYN, the host side connects at once, then rounds of
+        guest segments answering the core's (ACKs, data, FIN, RST) and host data, EOF or reset."""
+        rnd = self.rnd
+        which = rnd.randrange(3)
+        mac, src, port = MACS[which], GUEST_IPS[which], PORTS[which]
+        dst = rnd.choice(("198.51.100.7", "203.0.113.9", "10.0.2.2"))
+        opts = rnd.choice((b"", b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07\x01\x01", b"\x02\x04\x00\x10"))
+        self.last_connect = -1
+        self.frame(port, _tcp(mac, src, dst, rnd.randrange(1024, 65536), 80, rnd.randrange(1 << 32), 0, 0x02,
+                              opts=opts))  # fmt: skip
+        flow = self.last_connect
+        if flow < 0:
+            return  # refused (limits, virtual address)
+        self.stack.tcp.host_connected(flow, self.now)
+        self.after()
+        for _ in range(rnd.randint(1, 12)):
+            for _ in range(min(len(self.replies), rnd.randint(1, 4))):
+                self.frame(port, self.replies.pop(rnd.randrange(max(0, len(self.replies) - 4), len(self.replies))))
+            what = rnd.randrange(8)
+            if what < 4:
+                self.stack.tcp.host_data(flow, rnd.randbytes(rnd.choice((10, 1460, 9000, 70000))), self.now)
+            elif what == 4:
+                self.stack.tcp.host_eof(flow, self.now)
+            elif what == 5 and rnd.random() < 0.3:
+                self.stack.tcp.host_reset(flow, self.now)
+            elif what == 6:
+                self.advance(rnd.choice((0.001, 0.05, 0.3, 1.5)))
+            self.after()
+
     def reply_frame(self) -> bytes | None:
         """A guest segment answering one the core sent (right seq and ack), or None."""
         if not self.replies:
@@ -329,6 +360,7 @@ class Harness:
         for op in ops:
             kind = op.kind
             if kind == A.OP_TCP_CONNECT or kind == A.OP_TCP_ACCEPTED:
+                self.last_connect = op.flow
                 self.tcp.append(op.flow)
                 if len(self.tcp) > 64:
                     del self.tcp[0]
@@ -363,8 +395,10 @@ class Harness:
 
     def learn(self, port: int, frame: bytes) -> None:
         """Keep a guest answer to a TCP segment the core sent toward the guest."""
-        if len(frame) < 54 or frame[6:12] != GW_MAC or frame[23] != 6 or self.rnd.random() < 0.5:
+        if len(frame) < 54 or frame[6:12] != GW_MAC or frame[23] != 6:
             return  # only the core's own segments (other frames are guests' ones, switched)
+        if not frame[14 + (frame[14] & 0x0F) * 4 + 13] & 0x02 and self.rnd.random() < 0.5:
+            return  # every SYN-ACK, half of the rest
         ihl = (frame[14] & 0x0F) * 4
         total = struct.unpack_from("!H", frame, 16)[0]
         t = 14 + ihl
@@ -375,11 +409,16 @@ class Harness:
         dst = socket.inet_ntoa(frame[26:30])
         mac = frame[0:6]
         rnd = self.rnd
-        reply_flags = rnd.choice((0x10, 0x10, 0x18, 0x11, 0x04, 0x14))
+        reply_flags = rnd.choice((0x04, 0x14)) if rnd.random() < 0.03 else rnd.choice((0x10, 0x10, 0x18, 0x11))
         data = rnd.randbytes(rnd.choice((0, 0, 10, 1400))) if reply_flags & 0x08 else b""
         if flags & 0x04:
             return
         self.replies.append(_tcp(mac, src, dst, dport, sport, ack, seq + length, reply_flags, data))
+        if flags & 0x02 or rnd.random() < 0.3:  # and the guest's data, then maybe its FIN, after the handshake
+            data = rnd.randbytes(rnd.choice((1, 100, 1400)))
+            self.replies.append(_tcp(mac, src, dst, dport, sport, ack, seq + length, 0x18, data))
+            if rnd.random() < 0.3:
+                self.replies.append(_tcp(mac, src, dst, dport, sport, ack + len(data), seq + length, 0x11))
         if len(self.replies) > 64:
             del self.replies[:32]
         _ = port

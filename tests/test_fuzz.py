@@ -41,6 +41,7 @@ STEP = st.one_of(
     st.tuples(st.just("raw"), st.sampled_from(PORTS), st.binary(max_size=200)),
     st.tuples(st.just("host"), st.just(0), st.just(b"")),
     st.tuples(st.just("reply"), st.sampled_from(PORTS), st.just(b"")),
+    st.tuples(st.just("session"), st.just(0), st.just(b"")),
     st.tuples(st.just("time"), st.sampled_from((0, 1, 5, 40, 700)), st.just(b"")),
 )
 
@@ -56,6 +57,8 @@ def test_no_exception_escapes_and_tables_stay_bounded(steps: list[tuple[str, int
             harness.frame(arg, data)
         elif kind == "host":
             harness.host_event()
+        elif kind == "session":
+            harness.tcp_session()
         elif kind == "reply":
             reply = harness.reply_frame()
             if reply is not None:
@@ -77,6 +80,8 @@ def test_a_longer_mixed_run_with_every_host_event_kind() -> None:
             harness.frame(PORTS[number % 3], frame)
             if r < 0.25:
                 harness.host_event()
+            elif r > 0.995:
+                harness.tcp_session()
             if number % 32 == 0:
                 harness.advance(rnd.choice((0.01, 0.5, 5.0)))
         harness.check()
@@ -84,6 +89,7 @@ def test_a_longer_mixed_run_with_every_host_event_kind() -> None:
         assert counters["rx-frames"] >= 40_000
         assert harness.events > 1000
         assert len(harness.stack.dhcp.by_mac) >= len(MACS) - 1  # the well-formed frames did their work
+        assert counters["tcp-established"] > 50 and counters["dns-queries"] > 100
 
 
 CRASHES = sorted(CORPUS_DIR.glob("*.bin"))

@@ -80,6 +80,9 @@ def main() -> int:
             if r < 0.2:
                 frame = b""  # a host event: nothing to save but the seed
                 harness.host_event()
+            elif r > 0.995:
+                frame = b""
+                harness.tcp_session()
             if number & 31 == 0:
                 harness.advance(rnd.choice((0.001, 0.01, 0.2, 1.0, 5.0)) if number & 0xFFF else 60.0)
             if number % args.report_every == 0:
