@@ -68,6 +68,16 @@ def fd_count(pid: int) -> int:
         return -1
 
 
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return -1.0
+
+
 def flood_figures(guest: NsGuest, flooder: NsGuest, peers: FloodPeers, backend_pid: int | None) -> dict[str, float]:
     """Median download times alone and under each flood, and the slowdowns."""
     if not shutil.which("hping3"):
@@ -85,10 +95,13 @@ def flood_figures(guest: NsGuest, flooder: NsGuest, peers: FloodPeers, backend_p
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        before_fds = fd_count(backend_pid) if backend_pid is not None else -1
+        before_rss = rss_mb(backend_pid) if backend_pid is not None else -1.0
         try:
             time.sleep(1.0)
             during = statistics.median(download(guest, peers.source) for _ in range(DOWNLOADS))
             fds = fd_count(backend_pid) if backend_pid is not None else -1
+            rss = rss_mb(backend_pid) if backend_pid is not None else -1.0
         finally:
             flood.terminate()  # timeout passes SIGTERM on to hping3
             try:
@@ -98,7 +111,12 @@ def flood_figures(guest: NsGuest, flooder: NsGuest, peers: FloodPeers, backend_p
                 flood.wait()
         figures[f"download 20 MB, other guest {name} flood s"] = during
         figures[f"download 20 MB, other guest {name} flood / alone"] = during / alone
-        if fds >= 0:
-            figures[f"backend fds during {name} flood"] = float(fds)
         time.sleep(1.0)
+        if fds >= 0 and backend_pid is not None:
+            figures[f"backend fds before {name} flood"] = float(before_fds)
+            figures[f"backend fds during {name} flood"] = float(fds)
+            figures[f"backend fds 1 s after {name} flood"] = float(fd_count(backend_pid))
+            figures[f"backend RSS MB before {name} flood"] = before_rss
+            figures[f"backend RSS MB during {name} flood"] = rss
+            figures[f"backend RSS MB 1 s after {name} flood"] = rss_mb(backend_pid)
     return figures
