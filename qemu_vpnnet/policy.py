@@ -32,10 +32,12 @@ from dataclasses import dataclass
 from qemu_vpnnet.core.fwd import (
     DIRECT,
     FORWARD,
+    KIND_NAMES,
     LOCAL,
     LOCAL_SERVICES,
     PROTO_ANY,
     PROTO_ICMP,
+    PROTO_NAMES,
     PROTO_TCP,
     PROTO_UDP,
     REFUSE,
@@ -66,10 +68,6 @@ def is_ip_address(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def canonical_action(action: int) -> str:
-    return ("direct", "forward", "local", "refuse")[action]
 
 
 def parse_port_range(text: str, what: str) -> tuple[int, int]:
@@ -227,8 +225,7 @@ def rule_text(rule: Rule) -> str:
     if rule.port_lo != 0 or rule.port_hi != 65535:
         ports = str(rule.port_lo) if rule.port_lo == rule.port_hi else f"{rule.port_lo}-{rule.port_hi}"
         dest = f"[{dest}]:{ports}" if rule.family == 6 else f"{dest}:{ports}"
-    proto = {PROTO_ANY: "any", PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}[rule.proto]
-    parts = [canonical_action(route.kind), proto, dest]
+    parts = [KIND_NAMES[route.kind], PROTO_NAMES[rule.proto], dest]
     if route.kind == FORWARD:
         parts.append(shlex.quote(route.target_text()))
     elif route.kind == LOCAL:

@@ -48,6 +48,19 @@ COMMAND_GRACE: Final = 5.0  # seconds a command may run on after its connection 
 MAX_COMMANDS: Final = 128  # cmd: forward processes at once: a guest must not fork without bound
 
 
+def tune_stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """A host stream socket as every splice wants it: bounded write buffer, no Nagle delay."""
+    stream = cast(asyncio.Transport, transport)
+    stream.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # a Unix socket (unix: and cmd: targets) has no Nagle
+    return stream
+
+
 class HostConnection(asyncio.Protocol):
     """The host socket of one spliced flow."""
 
@@ -59,14 +72,7 @@ class HostConnection(asyncio.Protocol):
         self.on_made = on_made  # for accepted (forwarded) connections: the forwarder picks the flow
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        self.transport = tune_stream(transport)
         if self.on_made is not None:
             self.on_made(self)
 

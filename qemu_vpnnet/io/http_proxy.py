@@ -48,12 +48,13 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 import h11
 
 from qemu_vpnnet.core.config import ip_bytes
 from qemu_vpnnet.core.fwd import DIRECT, KIND_NAMES, LOCAL, PROTO_TCP, PROXY, Route, RouteTable, Rule, addr_value
+from qemu_vpnnet.io.host_tcp import tune_stream
 from qemu_vpnnet.io.proxy_config import ProxyConfigError, ProxySettings, ProxyUrl, split_host_port
 from qemu_vpnnet.io.tls_sni import FOUND, MAX_HELLO, NEED_MORE, parse_client_hello
 
@@ -66,8 +67,6 @@ log = logging.getLogger("qemu_vpnnet.proxy")
 MAX_HEAD: Final = 65536  # bytes of a request or response head
 MAX_PENDING: Final = 256 * 1024  # guest bytes held while the upstream is not ready
 HELLO_TIMEOUT: Final = 5.0  # seconds for the guest's ClientHello
-WRITE_HIGH_WATER: Final = 256 * 1024
-WRITE_LOW_WATER: Final = 64 * 1024
 WARN_INTERVAL: Final = 10.0  # seconds between two log lines about the same upstream failure
 MAX_WARNED: Final = 256
 
@@ -197,14 +196,7 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        self.transport = tune_stream(transport)
         if self.session.reading_paused:
             self.transport.pause_reading()
 
