@@ -75,7 +75,10 @@ def checksum(data: bytes) -> int:
 
 
 def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Partial sum of the IPv4 pseudo-header used by TCP and UDP."""
+    """Partial sum of the IPv4 (4-byte addresses) or IPv6 (16-byte, RFC 8200 8.1) pseudo-header
+    used by TCP, UDP and ICMPv6."""
+    if len(src) == 16:
+        return sum16(src, sum16(dst, proto + (length >> 16) + (length & 0xFFFF)))
     return (
         ((src[0] << 8) | src[1])
         + ((src[2] << 8) | src[3])

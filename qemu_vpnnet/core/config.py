@@ -5,6 +5,7 @@ import socket
 from typing import Final, final
 
 DEFAULT_NET: Final = "10.0.2.0/24"
+DEFAULT_PREFIX6: Final = "fec0::/64"  # QEMU's -netdev user ipv6-prefix
 DEFAULT_MTU: Final = 1500
 MIN_MTU: Final = 576
 MAX_MTU: Final = 65520
@@ -19,13 +20,31 @@ GUEST_MAX_UDP: Final = 1024
 GUEST_NEW_FLOWS: Final = 5000
 
 
+ROUTER_LL: Final = b"\xfe\x80" + bytes(13) + b"\x02"  # fe80::2, the gateway's link-local address (as libslirp's)
+IP6_LOOPBACK: Final = bytes(15) + b"\x01"
+V4_MAPPED: Final = bytes(10) + b"\xff\xff"
+
+
 def ip_bytes(text: str) -> bytes:
     """4 bytes of a dotted IPv4 address; ValueError when malformed."""
     return socket.inet_aton(str(ipaddress.IPv4Address(text)))
 
 
 def ip_str(addr: bytes) -> str:
+    """Dotted IPv4 or compressed IPv6 text of a 4- or 16-byte address."""
+    if len(addr) == 16:
+        return socket.inet_ntop(socket.AF_INET6, addr)
     return socket.inet_ntoa(addr)
+
+
+def ip6_bytes(text: str) -> bytes:
+    """16 bytes of an IPv6 address (brackets allowed); ValueError when malformed."""
+    return ipaddress.IPv6Address(text.strip("[]")).packed
+
+
+def any_ip_bytes(text: str) -> bytes:
+    """4 or 16 bytes of an IPv4 or IPv6 address (brackets allowed); ValueError when malformed."""
+    return ipaddress.ip_address(text.strip("[]")).packed
 
 
 def ip_int(addr: bytes) -> int:
@@ -60,6 +79,11 @@ class NetConfig:
         guest_max_pending: int = GUEST_MAX_PENDING,
         guest_max_udp: int = GUEST_MAX_UDP,
         guest_new_flows: int = GUEST_NEW_FLOWS,
+        ipv6: bool = True,
+        prefix6: str = DEFAULT_PREFIX6,
+        host6: str | None = None,
+        dns6: str | None = None,
+        dhcpv6: bool = False,
     ) -> None:
         try:
             network = ipaddress.IPv4Network(net, strict=False)
@@ -112,11 +136,49 @@ class NetConfig:
         self.guest_max_udp: int = guest_max_udp if guest_max_udp else 1 << 40
         self.guest_new_flows: int = guest_new_flows  # new flows per second; 0: no limit
 
+        self.ipv6: bool = ipv6
+        self.dhcpv6: bool = dhcpv6
+        try:
+            network6 = ipaddress.IPv6Network(prefix6, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"--ipv6-prefix {prefix6!r} is not an IPv6 network (ADDRESS/PREFIX): {exc}") from exc
+        if network6.prefixlen != 64:
+            raise ValueError(f"--ipv6-prefix {prefix6}: must be a /64 (SLAAC needs 64 bits for the interface)")
+        if network6.is_multicast or network6.is_link_local or network6.is_loopback:
+            raise ValueError(f"--ipv6-prefix {prefix6}: not a unicast prefix a guest can use")
+        self.network6: ipaddress.IPv6Network = network6
+        self.prefix6: bytes = network6.network_address.packed[:8]  # the upper 64 bits
+        self.prefix6_len: int = 64
+        self.host_ip6: bytes = self._inside6(host6, 2, "host6")
+        self.dns_ip6: bytes = self._inside6(dns6, 3, "dns6")
+        self.router_ll: bytes = ROUTER_LL
+
+    def _inside6(self, text: str | None, default: int, what: str) -> bytes:
+        if text is None:
+            return self.prefix6 + default.to_bytes(8, "big")
+        try:
+            addr = ip6_bytes(text)
+        except ValueError as exc:
+            raise ValueError(f"--{what} {text!r} is not an IPv6 address") from exc
+        if addr[:8] != self.prefix6 or addr[8:] == bytes(8):
+            raise ValueError(f"--{what} {text} is not a host address of {self.network6}")
+        return addr
+
+    def contains6(self, addr: bytes) -> bool:
+        """Whether a 16-byte address is inside the guests' IPv6 prefix."""
+        return addr[:8] == self.prefix6
+
     def host_side_address(self, dst: bytes) -> str:
         """Where a guest packet to dst goes on the host: the gateway address means loopback.
 
         Returns "" when dst is a virtual address that has no host-side counterpart.
         """
+        if len(dst) == 16:
+            if dst == self.host_ip6:
+                return "::1" if self.host_loopback else ""
+            if dst[:8] == self.prefix6:
+                return ""
+            return socket.inet_ntop(socket.AF_INET6, dst)
         if dst == self.host_ip:
             return "127.0.0.1" if self.host_loopback else ""
         if self.contains(dst):

@@ -6,7 +6,7 @@ from qemu_vpnnet.core.actions import Counters, HostOp
 from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.fwd import RouteTable
 from qemu_vpnnet.core.guard import Guard
-from qemu_vpnnet.core.packets import IPPROTO_UDP, build_ipv4_frame, udp_segment
+from qemu_vpnnet.core.packets import IPPROTO_UDP, build_ipv4_frame, build_ipv6_frame, udp_segment
 from qemu_vpnnet.core.switch import Switch
 
 MAX_GUEST_HOSTS: Final = 4096
@@ -24,7 +24,7 @@ class Output:
         self.events: list[tuple[str, dict[str, object]]] = []
         self.guard = Guard(config, self.counters, self.events)  # address owners, per-guest limits
         self.fwd = RouteTable(config, self.guard.owners)  # the route of every new guest flow (core/fwd.py)
-        self.guest_macs: dict[bytes, bytes] = {}  # guest IPv4 address -> MAC, learned from traffic
+        self.guest_macs: dict[bytes, bytes] = {}  # guest IPv4 or IPv6 address -> MAC, learned from traffic
         self.ip_ident = 0
 
     def next_ident(self) -> int:
@@ -38,8 +38,17 @@ class Output:
         self.switch.send(dst_mac, frame)
 
     def send_ip(self, dst_mac: bytes, src: bytes, dst: bytes, proto: int, l4: bytes) -> None:
-        """An IPv4 packet from a virtual or remote address (src) to a guest (dst at dst_mac)."""
-        frame = build_ipv4_frame(dst_mac, self.config.gateway_mac, src, dst, proto, l4, self.next_ident())
+        """An IP packet from a virtual or remote address (src) to a guest (dst at dst_mac):
+        IPv4 for 4-byte addresses, IPv6 (hop limit 64) for 16-byte ones."""
+        if len(dst) == 16:
+            frame = build_ipv6_frame(dst_mac, self.config.gateway_mac, src, dst, proto, l4)
+        else:
+            frame = build_ipv4_frame(dst_mac, self.config.gateway_mac, src, dst, proto, l4, self.next_ident())
+        self.send_frame(dst_mac, frame)
+
+    def send_ip6(self, dst_mac: bytes, src: bytes, dst: bytes, next_header: int, l4: bytes, hop_limit: int) -> None:
+        """An IPv6 packet with a given hop limit (255 for Neighbor Discovery, RFC 4861)."""
+        frame = build_ipv6_frame(dst_mac, self.config.gateway_mac, src, dst, next_header, l4, hop_limit)
         self.send_frame(dst_mac, frame)
 
     def send_udp(self, dst_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> None:

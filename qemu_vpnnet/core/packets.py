@@ -18,8 +18,18 @@ BROADCAST_MAC: Final = b"\xff\xff\xff\xff\xff\xff"
 IPPROTO_ICMP: Final = 1
 IPPROTO_TCP: Final = 6
 IPPROTO_UDP: Final = 17
+IPPROTO_ICMPV6: Final = 58
+# IPv6 extension headers (RFC 8200 4)
+IPPROTO_HOPOPTS: Final = 0
+IPPROTO_ROUTING: Final = 43
+IPPROTO_FRAGMENT: Final = 44
+IPPROTO_ESP: Final = 50
+IPPROTO_AH: Final = 51
+IPPROTO_NONE: Final = 59
+IPPROTO_DSTOPTS: Final = 60
 
 IP_HLEN: Final = 20
+IP6_HLEN: Final = 40
 UDP_HLEN: Final = 8
 TCP_HLEN: Final = 20
 
@@ -31,6 +41,7 @@ TCP_ACK: Final = 0x10
 
 _ETH: Final = struct.Struct("!6s6sH")
 _IP: Final = struct.Struct("!BBHHHBBH4s4s")
+_IP6: Final = struct.Struct("!IHBB16s16s")
 _UDP: Final = struct.Struct("!HHHH")
 _TCP: Final = struct.Struct("!HHIIBBHHH")
 _ARP: Final = struct.Struct("!HHBBH6s4s6s4s")
@@ -65,6 +76,60 @@ def build_ipv4_frame(
     dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, proto: int, l4: bytes, ident: int
 ) -> bytes:
     return _ETH.pack(dst_mac, src_mac, ETH_P_IP) + ipv4_header(src, dst, proto, len(l4), ident) + l4
+
+
+def ipv6_header(src: bytes, dst: bytes, next_header: int, payload_len: int, hop_limit: int = 64) -> bytes:
+    """A 40-byte IPv6 header (traffic class and flow label 0)."""
+    return _IP6.pack(0x60000000, payload_len, next_header, hop_limit, src, dst)
+
+
+def build_ipv6_frame(
+    dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, next_header: int, l4: bytes, hop_limit: int = 64
+) -> bytes:
+    header = _IP6.pack(0x60000000, len(l4), next_header, hop_limit, src, dst)
+    return _ETH.pack(dst_mac, src_mac, ETH_P_IPV6) + header + l4
+
+
+def unpack_ipv6(data: bytes, offset: int) -> tuple[int, int, int, int, bytes, bytes]:
+    """(version/class/flow word, payload length, next header, hop limit, source, destination)."""
+    return _IP6.unpack_from(data, offset)
+
+
+def icmpv6_message(src: bytes, dst: bytes, icmp_type: int, code: int, rest: bytes) -> bytes:
+    """An ICMPv6 message (RFC 4443), checksum over the IPv6 pseudo-header filled in."""
+    body = bytes((icmp_type, code, 0, 0)) + rest
+    csum = finish(sum16(body, pseudo_header_sum(src, dst, IPPROTO_ICMPV6, len(body))))
+    return body[:2] + bytes(((csum >> 8) & 0xFF, csum & 0xFF)) + body[4:]
+
+
+def ipv6_fragments(
+    dst_mac: bytes,
+    src_mac: bytes,
+    src: bytes,
+    dst: bytes,
+    next_header: int,
+    l4: bytes,
+    ident: int,
+    mtu: int,
+) -> list[bytes]:
+    """Whole Ethernet frames carrying l4 in IPv6 fragments (RFC 8200 4.5) of at most mtu bytes.
+
+    For a packet larger than the guest's MTU (a big UDP reply or echo reply); mtu is at least
+    1280, so every fragment carries 8-byte multiples of at least 1232 bytes.
+    """
+    step = ((mtu - IP6_HLEN - 8) // 8) * 8
+    eth = _ETH.pack(dst_mac, src_mac, ETH_P_IPV6)
+    frames: list[bytes] = []
+    offset = 0
+    total = len(l4)
+    ident &= 0xFFFFFFFF
+    while offset < total:
+        chunk = l4[offset : offset + step]
+        more = 1 if offset + len(chunk) < total else 0
+        frag = struct.pack("!BBHI", next_header, 0, offset | more, ident)
+        frames.append(eth + _IP6.pack(0x60000000, 8 + len(chunk), IPPROTO_FRAGMENT, 64, src, dst) + frag + chunk)
+        offset += len(chunk)
+    return frames
 
 
 def udp_segment(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
@@ -132,13 +197,26 @@ def ipv4_fragments(
     return frames
 
 
+def ip_quote(src: bytes, dst: bytes, proto: int, payload_len: int) -> bytes:
+    """The IP header (IPv4 or IPv6 by the addresses' length) of a packet, for an ICMP error's quote."""
+    if len(src) == 16:
+        return ipv6_header(src, dst, proto, payload_len)
+    return ipv4_header(src, dst, proto, payload_len, 0)
+
+
 def udp_quote(src: bytes, dst: bytes, sport: int, dport: int, payload_len: int) -> bytes:
-    """The IPv4 + UDP header of a datagram as an ICMP error quotes it (UDP checksum left 0)."""
+    """The IP + UDP header of a datagram as an ICMP error quotes it (UDP checksum left 0)."""
     length = UDP_HLEN + payload_len
-    return ipv4_header(src, dst, IPPROTO_UDP, length, 0) + _UDP.pack(sport, dport, length, 0)
+    return ip_quote(src, dst, IPPROTO_UDP, length) + _UDP.pack(sport, dport, length, 0)
 
 
 def is_unicast_outside(addr: bytes) -> bool:
-    """False for addresses no packet may be sent to from outside: 0/8, 127/8, multicast, class E."""
+    """False for addresses no packet may be sent to from outside: 0/8, 127/8, multicast, class E;
+    for IPv6 (16 bytes) ::/8 (unspecified, loopback, v4-compatible), v4-mapped, link-local and
+    multicast."""
     first = addr[0]
+    if len(addr) == 16:
+        if first == 0xFF or first == 0 or (first == 0xFE and addr[1] & 0xC0 == 0x80):
+            return False
+        return True
     return first != 0 and first != 127 and first < 224
