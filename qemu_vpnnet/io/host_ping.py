@@ -1,10 +1,16 @@
 """Host ping sockets of the ICMP echo proxy: performs OP_PING_SEND/OP_PING_CLOSE.
 
-Unprivileged ping sockets (`socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)`) need the process's
-group inside net.ipv4.ping_group_range (a per-network-namespace sysctl; "1 0", no group, is
-the kernel default). When the kernel refuses them this is logged once, with the fix, and the
-core stops trying for a while (echo to the gateway and DNS addresses still works: the core
-answers those itself).
+Unprivileged ping sockets (`socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)`, and for an op.addr with
+a ":" `socket(AF_INET6, SOCK_DGRAM, IPPROTO_ICMPV6)`, opened on a flow's first echo) need the
+process's group inside net.ipv4.ping_group_range (a per-network-namespace sysctl that gates
+both families; "1 0", no group, is the kernel default). An IPv6 flow sends and reads ICMPv6
+echo messages (types 128 and 129) unchanged; its errors reach the core as ICMPv4 types and
+codes (host_udp.icmp6_as_icmp4), as the UDP NAT's do.
+
+When the kernel refuses ping sockets this is logged once, with the fix, and the core stops
+trying for a while (echo to the gateway and DNS addresses still works: the core answers those
+itself). A send refused at once for want of a route (ENETUNREACH, EHOSTUNREACH) is reported to
+the core as network or host unreachable.
 """
 
 import errno
@@ -13,7 +19,14 @@ import os
 import socket
 
 from qemu_vpnnet.core.actions import OP_PING_CLOSE, OP_PING_SEND, HostOp
-from qemu_vpnnet.io.host_udp import READS_PER_WAKEUP, open_recverr_socket, read_error_queue
+from qemu_vpnnet.io.host_udp import (
+    ICMP_DEST_UNREACH,
+    READS_PER_WAKEUP,
+    UNREACH_ERRNOS,
+    open_recverr_socket,
+    peer_text,
+    read_error_queue,
+)
 from qemu_vpnnet.io.shell import Shell
 
 log = logging.getLogger("qemu_vpnnet.ping")
@@ -44,10 +57,13 @@ class HostPing:
         self.shell.op_performers[OP_PING_SEND] = self.send
         self.shell.op_performers[OP_PING_CLOSE] = self.close
 
-    def open(self, flow: int) -> socket.socket | None:
+    def open(self, flow: int, ipv6: bool = False) -> socket.socket | None:
         icmp = self.shell.stack.icmp
         try:
-            sock = open_recverr_socket(socket.IPPROTO_ICMP)
+            if ipv6:
+                sock = open_recverr_socket(socket.IPPROTO_ICMPV6, socket.AF_INET6)
+            else:
+                sock = open_recverr_socket(socket.IPPROTO_ICMP)
         except OSError as exc:
             if exc.errno in REFUSED_ERRNOS:
                 if not self.refused_logged:
@@ -55,7 +71,7 @@ class HostPing:
                     log.warning(
                         "ping to the outside is off: the kernel refuses unprivileged ICMP sockets (%s; "
                         "net.ipv4.ping_group_range is %r, group ids %s). Guests can still ping the gateway. "
-                        "To allow it: sysctl -w net.ipv4.ping_group_range='0 2147483647'",
+                        "To allow it (for IPv4 and IPv6): sysctl -w net.ipv4.ping_group_range='0 2147483647'",
                         exc.strerror,
                         ping_group_range(),
                         sorted({os.getegid(), *os.getgroups()}),
@@ -78,7 +94,7 @@ class HostPing:
     def send(self, op: HostOp) -> None:
         sock = self.sockets.get(op.flow)
         if sock is None:
-            sock = self.open(op.flow)
+            sock = self.open(op.flow, ":" in op.addr)
             if sock is None:
                 return
         for _attempt in range(2):
@@ -90,6 +106,13 @@ class HostPing:
             except OSError as exc:
                 if self.report_errors(op.flow, sock):
                     continue
+                unreach = UNREACH_ERRNOS.get(exc.errno or 0)
+                if unreach is not None:  # no route there: the guest hears it now
+                    self.shell.stack.icmp.host_error(
+                        op.flow, op.addr, ICMP_DEST_UNREACH, unreach, 0, op.data, self.loop.time()
+                    )
+                    self.shell.schedule_flush()
+                    return
                 log.debug("ping flow %d: send to %s failed: %s", op.flow, op.addr, exc)
                 break
         self.shell.stack.counters.add("icmp-host-send-errors")
@@ -114,7 +137,7 @@ class HostPing:
                 failed = True
                 continue
             received += 1
-            icmp.host_reply(flow, data, address[0], now)
+            icmp.host_reply(flow, data, peer_text(address)[0], now)
         if not received or failed:
             self.report_errors(flow, sock)
         self.shell.schedule_flush()

@@ -1,10 +1,17 @@
 """Host UDP sockets of the UDP NAT: performs OP_UDP_OPEN/SEND/CLOSE, feeds replies to the core.
 
-One non-blocking socket per flow, bound to 0.0.0.0 on an ephemeral port, connected to nothing
-(so replies from any peer are accepted) and read with loop.add_reader. IP_RECVERR is set so
+One non-blocking socket per flow, bound to an ephemeral port of 0.0.0.0 (an IPv4 flow, op.addr
+"") or of :: with IPV6_V6ONLY (an IPv6 flow, op.addr "::"), connected to nothing (so replies
+from any peer are accepted) and read with loop.add_reader. IP_RECVERR (IPV6_RECVERR) is set so
 that the kernel reports ICMP errors (port unreachable, ...) on an unconnected socket: reading
 then fails with ECONNREFUSED (or another errno) and the details -- which destination, which
 ICMP type and code -- wait on the socket's error queue, read with MSG_ERRQUEUE.
+
+The core speaks ICMPv4 to the shell for both families: an ICMPv6 error is handed over as the
+ICMPv4 type and code that mean the same (icmp6_as_icmp4), and the core translates back toward
+an IPv6 guest. A send that fails at once for want of a route (ENETUNREACH, EHOSTUNREACH: a host
+without IPv6 connectivity) is reported as network or host unreachable, so that the guest learns
+it at once instead of waiting for a reply.
 """
 
 import errno
@@ -21,17 +28,68 @@ log = logging.getLogger("qemu_vpnnet.udp")
 SOL_IP: Final = 0
 IP_RECVERR: Final = 11  # linux/in.h; not exported by Python's socket module
 SO_EE_ORIGIN_ICMP: Final = 2
+SOL_IPV6: Final = 41
+IPV6_RECVERR: Final = 25  # linux/in6.h
+SO_EE_ORIGIN_ICMP6: Final = 3
 MSG_ERRQUEUE: Final = 0x2000
 EXTENDED_ERR: Final = struct.Struct("=IBBBBII")  # struct sock_extended_err
 READS_PER_WAKEUP: Final = 64
 ERRORS_PER_WAKEUP: Final = 16
 
+# ICMPv4 as the core takes it (RFC 792)
+ICMP_DEST_UNREACH: Final = 3
+ICMP_TIME_EXCEEDED: Final = 11
+ICMP_PARAMETER_PROBLEM: Final = 12
+UNREACH_NET: Final = 0
+UNREACH_HOST: Final = 1
+UNREACH_PORT: Final = 3
+UNREACH_FRAG_NEEDED: Final = 4
+UNREACH_ADMIN: Final = 13
+# ICMPv6 destination unreachable codes (RFC 4443 3.1) and their ICMPv4 meaning; the other codes
+# (beyond scope, failed ingress policy, reject route) are "host unreachable"
+ICMP6_UNREACH_CODES: Final = {0: UNREACH_NET, 1: UNREACH_ADMIN, 3: UNREACH_HOST, 4: UNREACH_PORT}
+# a send refused by the routing table at once: what the guest is told
+UNREACH_ERRNOS: Final = {errno.ENETUNREACH: UNREACH_NET, errno.EHOSTUNREACH: UNREACH_HOST}
 
-def open_recverr_socket(proto: int) -> socket.socket:
-    """A non-blocking AF_INET datagram socket (UDP, or ICMP for ping) with IP_RECVERR on."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, proto)
+HostError = tuple[str, int, int, int, int, bytes]  # address, port, ICMPv4 type, code, info, original payload
+
+
+def icmp6_as_icmp4(icmp_type: int, code: int) -> tuple[int, int]:
+    """The ICMPv4 (type, code) meaning the same as an ICMPv6 error (RFC 4443).
+
+    Destination unreachable keeps its sense (no route: net; administratively prohibited: admin;
+    address: host; port: port); packet too big is "fragmentation needed" (the MTU stays in the
+    error's info); time exceeded keeps its code (hop limit, reassembly); parameter problem is
+    ICMPv4's pointer-indicates-the-error. Anything else reads as host unreachable.
+    """
+    if icmp_type == 1:
+        return ICMP_DEST_UNREACH, ICMP6_UNREACH_CODES.get(code, UNREACH_HOST)
+    if icmp_type == 2:
+        return ICMP_DEST_UNREACH, UNREACH_FRAG_NEEDED
+    if icmp_type == 3:
+        return ICMP_TIME_EXCEEDED, code
+    if icmp_type == 4:
+        return ICMP_PARAMETER_PROBLEM, 0
+    return ICMP_DEST_UNREACH, UNREACH_HOST
+
+
+def peer_text(address: object) -> tuple[str, int]:
+    """(address, port) of a socket address of either family: an IPv6 one without its %scope."""
+    if not isinstance(address, tuple) or len(address) < 2:
+        return "", 0
+    return str(address[0]).partition("%")[0], int(address[1])
+
+
+def open_recverr_socket(proto: int, family: int = socket.AF_INET) -> socket.socket:
+    """A non-blocking datagram socket (UDP, or ICMP/ICMPv6 for ping) with IP(V6)_RECVERR on; an
+    AF_INET6 one is IPv6 only."""
+    sock = socket.socket(family, socket.SOCK_DGRAM, proto)
     try:
-        sock.setsockopt(SOL_IP, IP_RECVERR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(SOL_IP, IP_RECVERR, 1)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -39,24 +97,31 @@ def open_recverr_socket(proto: int) -> socket.socket:
     return sock
 
 
-def read_error_queue(sock: socket.socket) -> list[tuple[str, int, int, int, int, bytes]]:
+def read_error_queue(sock: socket.socket) -> list[HostError]:
     """Drain (some of) the socket's error queue.
 
     Returns (destination address, destination port, ICMP type, ICMP code, info, original
-    payload) for each ICMP error; local errors are skipped.
+    payload) for each ICMP or ICMPv6 error, the latter as ICMPv4 (icmp6_as_icmp4); local errors
+    are skipped.
     """
-    errors: list[tuple[str, int, int, int, int, bytes]] = []
+    errors: list[HostError] = []
     for _ in range(ERRORS_PER_WAKEUP):
         try:
             data, ancdata, _flags, address = sock.recvmsg(2048, 512, MSG_ERRQUEUE)
         except OSError:
             break
+        addr, port = peer_text(address)
+        if not addr:
+            continue
         for level, kind, raw in ancdata:
-            if level != SOL_IP or kind != IP_RECVERR or len(raw) < EXTENDED_ERR.size:
+            if len(raw) < EXTENDED_ERR.size:
                 continue
             _errno, origin, icmp_type, code, _pad, info, _data = EXTENDED_ERR.unpack_from(raw)
-            if origin == SO_EE_ORIGIN_ICMP and isinstance(address, tuple):
-                errors.append((str(address[0]), int(address[1]), icmp_type, code, info, data))
+            if level == SOL_IP and kind == IP_RECVERR and origin == SO_EE_ORIGIN_ICMP:
+                errors.append((addr, port, icmp_type, code, info, data))
+            elif level == SOL_IPV6 and kind == IPV6_RECVERR and origin == SO_EE_ORIGIN_ICMP6:
+                icmp_type, code = icmp6_as_icmp4(icmp_type, code)
+                errors.append((addr, port, icmp_type, code, info, data))
     return errors
 
 
@@ -75,10 +140,11 @@ class HostUdp:
         self.shell.op_performers[OP_UDP_CLOSE] = self.close
 
     def open(self, op: HostOp) -> None:
+        ipv6 = op.addr == "::"
         try:
-            sock = open_recverr_socket(socket.IPPROTO_UDP)
+            sock = open_recverr_socket(socket.IPPROTO_UDP, socket.AF_INET6 if ipv6 else socket.AF_INET)
             try:
-                sock.bind(("0.0.0.0", 0))
+                sock.bind(("::" if ipv6 else "0.0.0.0", 0))
             except OSError:
                 sock.close()
                 raise
@@ -116,6 +182,14 @@ class HostUdp:
                     reported = True
                 if reported:
                     continue
+                unreach = UNREACH_ERRNOS.get(exc.errno or 0)
+                if unreach is not None:  # no route there: the guest hears it now, not after a timeout
+                    counters.add("udp-host-unreachable")
+                    self.shell.stack.udp.host_error(
+                        op.flow, op.addr, op.port, ICMP_DEST_UNREACH, unreach, 0, self.loop.time()
+                    )
+                    self.shell.schedule_flush()
+                    return
                 counters.add("udp-host-send-errors")
                 log.debug("UDP flow %d: send to %s:%d failed: %s", op.flow, op.addr, op.port, exc)
                 return
@@ -142,7 +216,8 @@ class HostUdp:
             except OSError:
                 continue
             received += 1
-            udp.host_datagram(flow, data, address[0], address[1], now)
+            addr, port = peer_text(address)
+            udp.host_datagram(flow, data, addr, port, now)
         if not received or refused:
             if not self.report_errors(flow, sock) and refused:
                 udp.host_refused(flow, now)

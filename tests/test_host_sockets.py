@@ -1,0 +1,340 @@
+"""The host-side sockets of the UDP NAT, the ping proxy and the TCP connector, on real sockets over
+loopback (127.0.0.1 and ::1) with a recording stand-in for the core: what the core is told about
+replies and ICMP/ICMPv6 errors, for both families.
+
+Ping sockets and "no route" failures need a network namespace of our own (the ping sysctl is per
+namespace, and this host may have IPv6 routes): those checks run in `unshare -n` when the kernel
+lets us, and are skipped otherwise.
+"""
+
+import asyncio
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from qemu_vpnnet.core.actions import OP_PING_SEND, OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
+from qemu_vpnnet.io.host_ping import HostPing
+from qemu_vpnnet.io.host_tcp import HostTcp
+from qemu_vpnnet.io.host_udp import HostUdp, icmp6_as_icmp4
+from qemu_vpnnet.io.shell import Shell
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 5.0
+Call = tuple[Any, ...]
+
+
+class Recorder:
+    """Any core method: records (name, *args) and wakes whoever waits for calls."""
+
+    def __init__(self, log: list[Call], event: asyncio.Event) -> None:
+        self._log = log
+        self._event = event
+        self.flows: dict[int, object] = {}  # TcpEngine.flows: HostTcp.opened() checks membership
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        def record(*args: Any) -> None:
+            if args and isinstance(args[-1], float):
+                args = args[:-1]  # now
+            self._log.append((name, *args))
+            self._event.set()
+
+        return record
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+
+    def add(self, name: str, amount: int = 1) -> None:
+        self.values[name] = self.values.get(name, 0) + amount
+
+
+class FakeStack:
+    def __init__(self, log: list[Call], event: asyncio.Event) -> None:
+        self.udp = Recorder(log, event)
+        self.icmp = Recorder(log, event)
+        self.tcp = Recorder(log, event)
+        self.counters = Counters()
+
+
+class FakeShell:
+    """What the host-side handlers use of a Shell."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.calls: list[Call] = []
+        self.called = asyncio.Event()
+        self.stack = FakeStack(self.calls, self.called)
+        self.op_performers: dict[int, Callable[[HostOp], None]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.dns_upstreams = None
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def schedule_flush(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def out_of_descriptors(self, what: str, exc: OSError) -> None:
+        raise AssertionError(f"out of descriptors: {what}: {exc}")
+
+    async def call(self, name: str) -> Call:
+        """The first recorded call to core method name (waiting for it)."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                for call in self.calls:
+                    if call[0] == name:
+                        return call
+                self.called.clear()
+                await self.called.wait()
+
+
+def run(test: Callable[[FakeShell], Awaitable[None]]) -> None:
+    async def main() -> None:
+        await test(FakeShell())
+
+    asyncio.run(main())
+
+
+def have_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+
+
+def as_shell(shell: FakeShell) -> Shell:
+    return cast(Shell, shell)
+
+
+# ---- the ICMPv6 -> ICMPv4 table ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("icmp6", "icmp4"),
+    [
+        ((1, 0), (3, 0)),  # no route to destination -> network unreachable
+        ((1, 1), (3, 13)),  # administratively prohibited
+        ((1, 2), (3, 1)),  # beyond scope -> host unreachable
+        ((1, 3), (3, 1)),  # address unreachable -> host unreachable
+        ((1, 4), (3, 3)),  # port unreachable
+        ((1, 5), (3, 1)),
+        ((1, 6), (3, 1)),
+        ((2, 0), (3, 4)),  # packet too big -> fragmentation needed
+        ((3, 0), (11, 0)),  # hop limit exceeded
+        ((3, 1), (11, 1)),  # reassembly time exceeded
+        ((4, 1), (12, 0)),  # parameter problem
+    ],
+)
+def test_icmp6_errors_read_as_their_icmp4_meaning(icmp6: tuple[int, int], icmp4: tuple[int, int]) -> None:
+    assert icmp6_as_icmp4(*icmp6) == icmp4
+
+
+# ---- UDP NAT ----------------------------------------------------------------------------------
+
+
+def echo_server(family: int, host: str) -> socket.socket:
+    server = socket.socket(family, socket.SOCK_DGRAM)
+    server.bind((host, 0))
+    server.setblocking(False)
+    return server
+
+
+async def udp_roundtrip(shell: FakeShell, family: int, host: str, open_addr: str) -> None:
+    host_udp = HostUdp(as_shell(shell))
+    host_udp.install()
+    server = echo_server(family, host)
+    port = server.getsockname()[1]
+    try:
+        shell.op_performers[OP_UDP_OPEN](HostOp(OP_UDP_OPEN, 7, addr=open_addr))
+        sock = host_udp.sockets[7]
+        assert sock.family == family
+        shell.op_performers[OP_UDP_SEND](HostOp(OP_UDP_SEND, 7, addr=host, port=port, data=b"ping"))
+        data, peer = await shell.loop.sock_recvfrom(server, 100)
+        assert data == b"ping"
+        await shell.loop.sock_sendto(server, b"pong", peer)
+        call = await shell.call("host_datagram")
+        assert call == ("host_datagram", 7, b"pong", host, port)
+        shell.op_performers[OP_UDP_CLOSE](HostOp(OP_UDP_CLOSE, 7))
+        assert not host_udp.sockets
+    finally:
+        server.close()
+        host_udp.close_all()
+
+
+def test_ipv4_flow_gets_an_ipv4_socket_and_its_replies() -> None:
+    run(lambda shell: udp_roundtrip(shell, socket.AF_INET, "127.0.0.1", ""))
+
+
+@needs_ipv6
+def test_ipv6_flow_gets_a_v6only_socket_and_its_replies() -> None:
+    async def test(shell: FakeShell) -> None:
+        await udp_roundtrip(shell, socket.AF_INET6, "::1", "::")
+
+    run(test)
+
+
+@needs_ipv6
+def test_ipv6_socket_is_bound_to_any_and_v6_only() -> None:
+    async def test(shell: FakeShell) -> None:
+        host_udp = HostUdp(as_shell(shell))
+        host_udp.open(HostOp(OP_UDP_OPEN, 1, addr="::"))
+        sock = host_udp.sockets[1]
+        assert sock.getsockname()[0] == "::" and sock.getsockname()[1] > 0
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        assert sock.getsockopt(41, 25) == 1  # IPV6_RECVERR
+        host_udp.close_all()
+
+    run(test)
+
+
+def closed_port(family: int, host: str) -> int:
+    probe = socket.socket(family, socket.SOCK_DGRAM)
+    probe.bind((host, 0))
+    port = int(probe.getsockname()[1])
+    probe.close()
+    return port
+
+
+async def port_unreachable(shell: FakeShell, family: int, host: str, open_addr: str) -> None:
+    host_udp = HostUdp(as_shell(shell))
+    host_udp.install()
+    port = closed_port(family, host)
+    try:
+        shell.op_performers[OP_UDP_OPEN](HostOp(OP_UDP_OPEN, 3, addr=open_addr))
+        shell.op_performers[OP_UDP_SEND](HostOp(OP_UDP_SEND, 3, addr=host, port=port, data=b"x"))
+        call = await shell.call("host_error")
+        assert call == ("host_error", 3, host, port, 3, 3, 0)  # ICMPv4 port unreachable, either family
+        assert not [c for c in shell.calls if c[0] == "host_refused"]
+    finally:
+        host_udp.close_all()
+
+
+def test_ipv4_port_unreachable_reaches_the_core_with_its_destination() -> None:
+    run(lambda shell: port_unreachable(shell, socket.AF_INET, "127.0.0.1", ""))
+
+
+@needs_ipv6
+def test_icmpv6_port_unreachable_reaches_the_core_as_icmpv4() -> None:
+    run(lambda shell: port_unreachable(shell, socket.AF_INET6, "::1", "::"))
+
+
+# ---- TCP connector ----------------------------------------------------------------------------
+
+
+@needs_ipv6
+def test_tcp_connect_to_an_ipv6_address() -> None:
+    async def test(shell: FakeShell) -> None:
+        server = await asyncio.start_server(lambda r, w: w.close(), "::1", 0)
+        port = server.sockets[0].getsockname()[1]
+        host_tcp = HostTcp(as_shell(shell))
+        shell.stack.tcp.flows[5] = object()
+        try:
+            await host_tcp.connect(5, "::1", port)
+            assert shell.calls[0] == ("host_connected", 5)
+            assert 5 in host_tcp.conns
+        finally:
+            host_tcp.close_all()
+            server.close()
+
+    run(test)
+
+
+@needs_ipv6
+def test_tcp_connect_to_a_closed_ipv6_port_is_refused() -> None:
+    async def test(shell: FakeShell) -> None:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        host_tcp = HostTcp(as_shell(shell))
+        await host_tcp.connect(5, "::1", port)
+        assert shell.calls == [("host_refused", 5, errno.ECONNREFUSED)]
+
+    run(test)
+
+
+# ---- in a network namespace of our own: ping sockets, and no IPv6 route at all ------------------
+
+
+def in_namespace() -> None:
+    """Run inside `unshare -n` (lo brought up, ping sockets allowed): prints what failed, if anything."""
+    import uvloop
+
+    async def checks(shell: FakeShell) -> None:
+        # a ping socket per family: the echo reply (type 0 / 129) reaches the core as the kernel gives it
+        host_ping = HostPing(as_shell(shell))
+        host_ping.install()
+        echo4 = bytes((8, 0, 0, 0, 0, 0, 0, 1)) + b"abc"
+        echo6 = bytes((128, 0, 0, 0, 0, 0, 0, 1)) + b"abc"
+        shell.op_performers[OP_PING_SEND](HostOp(OP_PING_SEND, 1, addr="127.0.0.1", data=echo4))
+        shell.op_performers[OP_PING_SEND](HostOp(OP_PING_SEND, 2, addr="::1", data=echo6))
+        assert host_ping.sockets[1].family == socket.AF_INET
+        assert host_ping.sockets[2].family == socket.AF_INET6
+        async with asyncio.timeout(TIMEOUT):
+            while len([c for c in shell.calls if c[0] == "host_reply"]) < 2:
+                shell.called.clear()
+                await shell.called.wait()
+        replies = {c[1]: c for c in shell.calls if c[0] == "host_reply"}
+        assert replies[1][2][0] == 0 and replies[1][3] == "127.0.0.1", replies
+        assert replies[2][2][0] == 129 and replies[2][2][8:] == b"abc" and replies[2][3] == "::1", replies
+        # no IPv6 route: ping, UDP and TCP fail at once, as network unreachable
+        shell.calls.clear()
+        shell.op_performers[OP_PING_SEND](HostOp(OP_PING_SEND, 3, addr="2001:db8::1", data=echo6))
+        assert shell.calls == [("host_error", 3, "2001:db8::1", 3, 0, 0, echo6)], shell.calls
+        host_ping.close_all()
+        shell.calls.clear()
+        host_udp = HostUdp(as_shell(shell))
+        host_udp.install()
+        shell.op_performers[OP_UDP_OPEN](HostOp(OP_UDP_OPEN, 4, addr="::"))
+        shell.op_performers[OP_UDP_SEND](HostOp(OP_UDP_SEND, 4, addr="2001:db8::1", port=53, data=b"q"))
+        assert shell.calls == [("host_error", 4, "2001:db8::1", 53, 3, 0, 0)], shell.calls
+        host_udp.close_all()
+        shell.calls.clear()
+        host_tcp = HostTcp(as_shell(shell))
+        started = shell.loop.time()
+        host_tcp.op_connect(HostOp(1, 5, addr="2001:db8::1", port=443))
+        await shell.call("host_refused")
+        assert shell.calls == [("host_refused", 5, errno.ENETUNREACH)], shell.calls
+        assert shell.loop.time() - started < 1.0
+
+    async def main() -> None:
+        await checks(FakeShell())
+
+    asyncio.run(main())
+    uvloop.run(main())  # the backend's loop: its create_connection must keep the errno too
+    print("namespace checks passed")
+
+
+def test_ping_sockets_and_no_route_in_a_namespace_of_our_own() -> None:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs unshare(1) and ip(8)")
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot create a network namespace here")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    script = (
+        "ip link set lo up && echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range && "
+        f"exec {sys.executable} -c 'from tests.test_host_sockets import in_namespace; in_namespace()'"
+    )
+    result = subprocess.run(
+        ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=60, env=env, cwd=REPO
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "namespace checks passed" in result.stdout
