@@ -12,14 +12,25 @@ GUEST_MAC = bytes.fromhex("525400123456")
 GW_MAC = bytes.fromhex("525400123502")
 REMOTE = bytes([10, 0, 2, 2])
 GUEST = bytes([10, 0, 2, 15])
+REMOTE6 = bytes.fromhex("20010db8000100000000000000000001")  # 2001:db8:1::1
+GUEST6 = bytes.fromhex("fec000000000000050540000fe123456")
 SPORT, DPORT = 5201, 40000
 
 
 def build(
-    segments: object, payload: bytes, off: int, end: int, psh_end: int, mss: int, seq: int, ident: int
+    segments: object,
+    payload: bytes,
+    off: int,
+    end: int,
+    psh_end: int,
+    mss: int,
+    seq: int,
+    ident: int,
+    remote: bytes = REMOTE,
+    guest: bytes = GUEST,
 ) -> list[bytes]:
-    header = tcp_wire.header_template(GUEST_MAC, GW_MAC, REMOTE, GUEST, SPORT, DPORT)
-    ip_base, tcp_base = tcp_wire.address_sums(REMOTE, GUEST, SPORT, DPORT)
+    header = tcp_wire.header_template(GUEST_MAC, GW_MAC, remote, guest, SPORT, DPORT)
+    ip_base, tcp_base = tcp_wire.address_sums(remote, guest, SPORT, DPORT)
     frames: list[bytes] = []
     count = segments(  # type: ignore[operator]
         frames, header, bytearray(payload), off, end, psh_end, mss, seq, 0xFEDCBA98, 4321, ident, ip_base, tcp_base
@@ -68,12 +79,53 @@ def test_python_segments_are_valid_tcp(
     assert pos == end
 
 
-@pytest.mark.skipif(not tcp_wire.HAVE_C_SEGMENTS, reason="the C extension is not built (plain sources)")
 @pytest.mark.parametrize("length,off,end,psh_end,mss,seq,ident", CASES)
-def test_c_segments_equal_python(length: int, off: int, end: int, psh_end: int, mss: int, seq: int, ident: int) -> None:
+def test_python_segments_are_valid_tcp_over_ipv6(
+    length: int, off: int, end: int, psh_end: int, mss: int, seq: int, ident: int
+) -> None:
     payload = os.urandom(length)
-    want = build(tcp_wire.tcp_segments_py, payload, off, end, psh_end, mss, seq, ident)
-    got = build(tcp_wire.c_tcp_segments, payload, off, end, psh_end, mss, seq, ident)
+    mss = min(mss, 65535 - 20 - 40)
+    frames = build(tcp_wire.tcp_segments_py, payload, off, end, psh_end, mss, seq, ident, REMOTE6, GUEST6)
+    pos = off
+    for frame in frames:
+        eth = dpkt.ethernet.Ethernet(frame)
+        ip6 = eth.data
+        assert isinstance(ip6, dpkt.ip6.IP6), "an IPv6 packet"
+        assert (ip6.src, ip6.dst, ip6.nxt, ip6.hlim) == (REMOTE6, GUEST6, 6, 64)
+        assert ip6.plen == len(frame) - 54
+        segment = frame[54:]
+        total = sum16(segment, pseudo_header_sum(REMOTE6, GUEST6, 6, len(segment)))
+        assert finish(total) == 0, "TCP checksum over the IPv6 pseudo-header"
+        tcp = dpkt.tcp.TCP(segment)
+        n = min(mss, end - pos)
+        assert tcp.data == payload[pos : pos + n]
+        assert tcp.seq == (seq + pos - off) & 0xFFFFFFFF and tcp.ack == 0xFEDCBA98 and tcp.win == 4321
+        assert tcp.flags == dpkt.tcp.TH_ACK | (dpkt.tcp.TH_PUSH if pos + n == psh_end else 0)
+        pos += n
+    assert pos == end
+
+
+def test_single_ipv6_frame_matches_the_segment_loop() -> None:
+    """build_tcp_frame (ACKs, SYNs) and the data loop build the same IPv6 bytes."""
+    payload = os.urandom(1000)
+    (looped,) = build(tcp_wire.tcp_segments_py, payload, 0, 1000, 0, 1440, 77, 0, REMOTE6, GUEST6)
+    single = tcp_wire.build_tcp_frame(
+        GUEST_MAC, GW_MAC, REMOTE6, GUEST6, SPORT, DPORT, 77, 0xFEDCBA98, 0x10, 4321, b"", payload, 0
+    )
+    assert single == looped
+
+
+@pytest.mark.skipif(not tcp_wire.HAVE_C_SEGMENTS, reason="the C extension is not built (plain sources)")
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("length,off,end,psh_end,mss,seq,ident", CASES)
+def test_c_segments_equal_python(
+    family: int, length: int, off: int, end: int, psh_end: int, mss: int, seq: int, ident: int
+) -> None:
+    payload = os.urandom(length)
+    addrs = (REMOTE, GUEST) if family == 4 else (REMOTE6, GUEST6)
+    mss = min(mss, 65535 - 60)
+    want = build(tcp_wire.tcp_segments_py, payload, off, end, psh_end, mss, seq, ident, *addrs)
+    got = build(tcp_wire.c_tcp_segments, payload, off, end, psh_end, mss, seq, ident, *addrs)
     assert got == want
 
 

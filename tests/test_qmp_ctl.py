@@ -268,7 +268,7 @@ def test_policy_and_guestfwd_commands(backend: BackendThread, capsys: pytest.Cap
     assert lines[0] == "restrict: off, allow-metadata: off"
     assert lines[1].split() == ["ID", "ORIGIN", "HITS", "RULE"]
     ids = [line.split()[0] for line in lines[2:]]
-    assert ids[:3] == ["metadata", "noping", "ssh"] and ids[3].startswith("qmp") and len(ids) == 4
+    assert ids[:4] == ["metadata", "metadata6", "noping", "ssh"] and ids[4].startswith("qmp") and len(ids) == 5
     assert run_ctl(backend, "policy", "remove", "ssh") == 0
     assert capsys.readouterr().out == "removed refuse tcp 192.0.2.0/24:22 id=ssh\n"
     assert run_ctl(backend, "policy", "remove", "ssh") == 1

@@ -33,7 +33,7 @@ def test_rules_added_and_removed_change_new_decisions(tmp_path: Path) -> None:
         assert table.route_from_guest(F.PROTO_TCP, ip("192.0.2.1"), 80).kind == F.DIRECT  # first match wins
         policy = await execute(client, "query-policy")
         ids = [rule["id"] for rule in policy["rules"]]
-        assert ids == ["metadata", first["id"], "web"]
+        assert ids == ["metadata", "metadata6", first["id"], "web"]
         assert policy["counters"]["refused-by-rule-web"] == 1
         stats = await execute(client, "query-stats")
         assert stats["counters"]["route-refuse"] == 1
@@ -65,7 +65,7 @@ def test_bad_rules_are_qmp_errors_and_change_nothing(tmp_path: Path) -> None:
         assert desc == "no rule with id 'nope'"
         _cls, desc = await error_of(client, "policy-rule-remove", {"id": "metadata"})
         assert "built in" in desc
-        assert [rule["id"] for rule in (await execute(client, "query-policy"))["rules"]] == ["metadata", "a"]
+        assert [rule["id"] for rule in (await execute(client, "query-policy"))["rules"]] == ["metadata", "metadata6", "a"]
 
     run(tmp_path, test)
 
@@ -151,6 +151,6 @@ def test_state_file_keeps_gateway_services_and_runtime_rules(tmp_path: Path) -> 
         env.server.policy.restore(saved, [])
         client = await env.client()
         rules = (await execute(client, "query-policy"))["rules"]
-        assert [r["id"] for r in rules] == ["guestfwd-tcp-10.0.2.100:23", "metadata", "nodns"]
+        assert [r["id"] for r in rules] == ["guestfwd-tcp-10.0.2.100:23", "metadata", "metadata6", "nodns"]
 
     run(tmp_path, again)

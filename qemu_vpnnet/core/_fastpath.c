@@ -16,13 +16,17 @@
  *     segment that ends at psh_end), window and both checksums set. ip_base and tcp_base are the
  *     partial sums of the constant fields (core/tcp_wire.py address_sums). Returns the number of
  *     frames appended. One allocation and one copy of the payload per segment.
+ *     A 74-byte template is Ethernet, IPv6 and TCP: then the payload length is set instead of
+ *     total length, ident and the IP checksum (IPv6 has none), and tcp_base covers the IPv6
+ *     pseudo-header's addresses; ip_base and ident are ignored.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 
-#define HEADER_LEN 54 /* Ethernet 14 + IPv4 20 + TCP 20 */
+#define HEADER_LEN 54  /* Ethernet 14 + IPv4 20 + TCP 20 */
+#define HEADER6_LEN 74 /* Ethernet 14 + IPv6 40 + TCP 20 */
 #define TCP_ACK 0x10
 #define TCP_PSH 0x08
 
@@ -123,10 +127,14 @@ static PyObject *fp_tcp_segments(PyObject *self, PyObject *const *args, Py_ssize
         return NULL;
     }
     PyObject *frames = args[0];
-    if (!PyList_Check(frames) || !PyBytes_Check(args[1]) || PyBytes_GET_SIZE(args[1]) != HEADER_LEN) {
-        PyErr_SetString(PyExc_TypeError, "tcp_segments: frames must be a list, header 54 bytes");
+    if (!PyList_Check(frames) || !PyBytes_Check(args[1])
+        || (PyBytes_GET_SIZE(args[1]) != HEADER_LEN && PyBytes_GET_SIZE(args[1]) != HEADER6_LEN)) {
+        PyErr_SetString(PyExc_TypeError, "tcp_segments: frames must be a list, header 54 or 74 bytes");
         return NULL;
     }
+    const Py_ssize_t hlen = PyBytes_GET_SIZE(args[1]);
+    const int v6 = hlen == HEADER6_LEN;
+    const Py_ssize_t t = v6 ? 54 : 34; /* where the TCP header starts */
     for (int i = 0; i < 10; i++) {
         v[i] = arg_int(args[3 + i], names[i]);
         if (v[i] < 0)
@@ -154,27 +162,31 @@ static PyObject *fp_tcp_segments(PyObject *self, PyObject *const *args, Py_ssize
     long count = 0;
     while (off < end) {
         long long n = end - off < mss ? end - off : mss;
-        PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_LEN + n);
+        PyObject *frame = PyBytes_FromStringAndSize(NULL, hlen + n);
         if (frame == NULL)
             goto fail;
         unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
-        memcpy(p, header, HEADER_LEN);
-        memcpy(p + HEADER_LEN, buf + off, (size_t)n);
+        memcpy(p, header, (size_t)hlen);
+        memcpy(p + hlen, buf + off, (size_t)n);
         uint64_t tcp_len = 20 + (uint64_t)n;
-        uint64_t id = ident & 0xFFFF;
         uint64_t s = seq & 0xFFFFFFFF;
         uint64_t off_flags = (5u << 12) | TCP_ACK | (off + n == psh_end ? TCP_PSH : 0);
-        put16(p + 16, 20 + tcp_len);
-        put16(p + 18, id);
-        put16(p + 24, ~fold(ip_base + 20 + tcp_len + id) & 0xFFFF);
-        put32(p + 38, s);
-        put32(p + 42, ack);
-        put16(p + 46, off_flags);
-        put16(p + 48, window);
+        if (v6) {
+            put16(p + 18, tcp_len);
+        } else {
+            uint64_t id = ident & 0xFFFF;
+            put16(p + 16, 20 + tcp_len);
+            put16(p + 18, id);
+            put16(p + 24, ~fold(ip_base + 20 + tcp_len + id) & 0xFFFF);
+        }
+        put32(p + t + 4, s);
+        put32(p + t + 8, ack);
+        put16(p + t + 12, off_flags);
+        put16(p + t + 14, window);
         uint64_t total = tcp_base + tcp_len + (s >> 16) + (s & 0xFFFF) + ack_sum + off_flags + window
             + sum_be(buf + off, (Py_ssize_t)n);
-        put16(p + 50, ~fold(total) & 0xFFFF);
-        put16(p + 52, 0);
+        put16(p + t + 16, ~fold(total) & 0xFFFF);
+        put16(p + t + 18, 0);
         int rc = PyList_Append(frames, frame);
         Py_DECREF(frame);
         if (rc < 0)

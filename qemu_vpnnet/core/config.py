@@ -22,7 +22,6 @@ GUEST_NEW_FLOWS: Final = 5000
 
 ROUTER_LL: Final = b"\xfe\x80" + bytes(13) + b"\x02"  # fe80::2, the gateway's link-local address (as libslirp's)
 IP6_LOOPBACK: Final = bytes(15) + b"\x01"
-V4_MAPPED: Final = bytes(10) + b"\xff\xff"
 
 
 def ip_bytes(text: str) -> bytes:

@@ -15,6 +15,7 @@ The order of the decision:
 2. The virtual DNS address, TCP port 53: LOCAL dns (UDP port 53 is answered before routing).
 3. Addresses nothing may reach: other virtual addresses of the guest network, 0/8, 127/8,
    multicast and class E, the gateway when host loopback is off. REFUSE (rule "virtual").
+   For IPv6 likewise: the rest of the guests' prefix, ::/8, link-local, multicast.
 4. The rules, first match wins: the built-in metadata rule (169.254.169.254, unless
    allow_metadata), then the rules added at run time (QMP), then those of the command line,
    then those of the policy file. A rule matches protocol, destination network and port
@@ -31,9 +32,11 @@ it as a table.
 """
 
 import ipaddress
+import socket
 from typing import Final, final
 
-from qemu_vpnnet.core.config import NetConfig
+from qemu_vpnnet.core.config import IP6_LOOPBACK, NetConfig
+from qemu_vpnnet.core.packets import is_unicast_outside
 
 # route kinds
 DIRECT: Final = 0
@@ -67,6 +70,7 @@ PROTO_NAMES: Final = {PROTO_ANY: "any", PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PR
 
 LOCAL_SERVICES: Final = ("dns", "http-proxy")  # what a LOCAL route may name
 METADATA_ADDR: Final = b"\xa9\xfe\xa9\xfe"  # 169.254.169.254, cloud instance metadata
+METADATA_ADDR6: Final = b"\xfd\x00\x0e\xc2" + bytes(10) + b"\x02\x54"  # fd00:ec2::254, its IPv6 address (AWS)
 MAX_RULES: Final = 4096  # rules of one origin (run time, command line, file)
 MAX_GUESTFWDS: Final = 1024
 
@@ -202,15 +206,27 @@ class Rule:
         return str(ipaddress.IPv6Network((self.net, self.prefix)))
 
 
-def metadata_rule() -> Rule:
-    return Rule(
-        "metadata",
-        Route(REFUSE, "metadata"),
-        net=addr_value(METADATA_ADDR),
-        prefix=32,
-        text="refuse any 169.254.169.254",
-        origin="builtin",
-    )
+def metadata_rules() -> list[Rule]:
+    route = Route(REFUSE, "metadata")
+    return [
+        Rule(
+            "metadata",
+            route,
+            net=addr_value(METADATA_ADDR),
+            prefix=32,
+            text="refuse any 169.254.169.254",
+            origin="builtin",
+        ),
+        Rule(
+            "metadata6",
+            route,
+            family=6,
+            net=addr_value(METADATA_ADDR6),
+            prefix=128,
+            text="refuse any fd00:ec2::254",
+            origin="builtin",
+        ),
+    ]
 
 
 @final
@@ -222,7 +238,7 @@ class RouteTable:
         # address -> the only MAC that may send from it (core/guard.py): gateway services' are ours
         self.owners: dict[bytes, bytes] = owners if owners is not None else {}
         self.restrict = False
-        self.builtin: list[Rule] = [metadata_rule()]
+        self.builtin: list[Rule] = metadata_rules()
         self.runtime: list[Rule] = []  # QMP
         self.cli: list[Rule] = []
         self.file: list[Rule] = []
@@ -238,7 +254,7 @@ class RouteTable:
 
     # ---- the table ---------------------------------------------------------------------
     def set_allow_metadata(self, allow: bool) -> None:
-        self.builtin = [] if allow else [metadata_rule()]
+        self.builtin = [] if allow else metadata_rules()
         self.rebuild()
 
     def set_rules(self, origin: str, rules: list[Rule]) -> None:
@@ -312,7 +328,7 @@ class RouteTable:
 
     # ---- the decision ------------------------------------------------------------------
     def route_from_guest(self, proto: int, dst: bytes, dport: int) -> Route:
-        """The route of a new guest flow of proto (PROTO_TCP/UDP/ICMP) to dst:dport (IPv4).
+        """The route of a new guest flow of proto (PROTO_TCP/UDP/ICMP) to dst:dport (4 or 16 bytes).
 
         dport is 0 for ICMP. Counts the decision (per kind) and the matching rule's hits.
         """
@@ -325,6 +341,8 @@ class RouteTable:
         return route
 
     def decide(self, proto: int, dst: bytes, dport: int) -> Route:
+        if len(dst) == 16:
+            return self.decide6(proto, dst, dport)
         cfg = self.config
         if self.guestfwds:
             service = self.guestfwds.get(self.service_key(proto, dst, dport))
@@ -356,6 +374,64 @@ class RouteTable:
             if dport in self.proxy_https_ports:
                 return PROXY_HTTPS_ROUTE
         return route
+
+    def decide6(self, proto: int, dst: bytes, dport: int) -> Route:
+        """decide() for an IPv6 destination: the same order, with fec0::3 the DNS address,
+        fec0::2 the host's ::1, and ::/8, link-local, multicast and the rest of the guests'
+        prefix unreachable."""
+        cfg = self.config
+        if dst == cfg.dns_ip6:
+            return DNS_ROUTE if proto == PROTO_TCP and dport == 53 else VIRTUAL_ROUTE
+        if not is_unicast_outside(dst):
+            return VIRTUAL_ROUTE
+        value = int.from_bytes(dst, "big")
+        host_value = value
+        if dst[:8] == cfg.prefix6:
+            if dst != cfg.host_ip6 or not cfg.host_loopback:
+                return VIRTUAL_ROUTE
+            host_value = 1  # the gateway is the host's ::1
+        route = RESTRICT_ROUTE if self.restrict else DIRECT_ROUTE
+        for rule in self.rules:
+            if rule.matches(proto, 6, value, dport) or (
+                host_value != value and rule.matches(proto, 6, host_value, dport)
+            ):
+                rule.hits += 1
+                route = rule.route
+                break
+        if route.kind == DIRECT and proto == PROTO_TCP and host_value == value:
+            if dport in self.proxy_http_ports:
+                return PROXY_HTTP_ROUTE
+            if dport in self.proxy_https_ports:
+                return PROXY_HTTPS_ROUTE
+        return route
+
+    def guest_visible_source(self, addr: str) -> bytes:
+        """The address a packet from host-side addr appears to come from to guests; b"" to drop it.
+
+        The inverse of NetConfig.host_side_address: 127.0.0.1 (::1) is the gateway when host
+        loopback is on; other loopback, multicast, link-local and addresses inside the virtual
+        networks cannot be sources from the outside.
+        """
+        cfg = self.config
+        if ":" in addr:
+            try:
+                raw = socket.inet_pton(socket.AF_INET6, addr.partition("%")[0])
+            except OSError:
+                return b""
+            if raw == IP6_LOOPBACK:
+                return cfg.host_ip6 if cfg.host_loopback else b""
+            if not is_unicast_outside(raw) or raw[:8] == cfg.prefix6:
+                return b""
+            return raw
+        if addr == "127.0.0.1":
+            return cfg.host_ip if cfg.host_loopback else b""
+        try:
+            raw = socket.inet_aton(addr)
+        except OSError:
+            return b""
+        if not is_unicast_outside(raw) or cfg.contains(raw):
+            return b""
+        return raw
 
     def counters(self) -> dict[str, int]:
         """Decisions per route kind, and the hits of every refusing rule, for query-stats."""

@@ -12,31 +12,30 @@ When the host refuses ping sockets (net.ipv4.ping_group_range), the shell calls 
 echo requests to the outside are then dropped (counted) for PING_RETRY seconds, after which
 the next request tries again.
 
-Also home of the helpers that send IP packets and ICMP errors to guests, shared by udp, dns and
-tcp: send_ip_fragmented() and send_icmp_error().
+IPv6 works the same way: an ICMPv6 echo request (type 128) of an IPv6 guest goes out through an
+IPv6 ping socket (`socket(AF_INET6, SOCK_DGRAM, IPPROTO_ICMPV6)`; the shell opens it for a
+flow whose host address is IPv6), its reply (type 129) comes back with the checksum over the
+IPv6 pseudo-header redone. The flows of both families share one table; their keys differ.
 """
 
-import socket
 from typing import Final, cast, final
 
 from qemu_vpnnet.core.actions import OP_PING_CLOSE, OP_PING_SEND, HostOp
-from qemu_vpnnet.core.checksum import checksum
-from qemu_vpnnet.core.config import ip_int, ip_str
+from qemu_vpnnet.core.checksum import checksum, finish, pseudo_header_sum, sum16
+from qemu_vpnnet.core.config import ip_str
 from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows
 from qemu_vpnnet.core.fwd import DIRECT, PROTO_ICMP, REFUSE, REPLY_DROP
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import (
-    IP_HLEN,
     IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
     icmp_message,
-    ipv4_fragments,
-    ipv4_header,
-    is_unicast_outside,
+    icmpv6_message,
+    ip_quote,
 )
 
 MAX_PING_FLOWS: Final = 1024
 PING_RETRY: Final = 60.0  # seconds without trying ping sockets after the host refused them
-MAX_QUOTE: Final = 548  # 576 - IP header - ICMP header (RFC 1812 4.3.2.3)
 
 ICMP_ECHO_REPLY: Final = 0
 ICMP_DEST_UNREACH: Final = 3
@@ -45,56 +44,20 @@ ICMP_TIME_EXCEEDED: Final = 11
 ICMP_PARAMETER_PROBLEM: Final = 12
 UNREACH_FRAG_NEEDED: Final = 4
 UNREACH_ADMIN: Final = 13  # communication administratively prohibited (RFC 1812)
+ICMP6_ECHO_REQUEST: Final = 128
+ICMP6_ECHO_REPLY: Final = 129
+KEY_V6: Final = 1 << 160  # set in the flow keys of IPv6 guests (address << 16 | identifier)
 
 
-def send_ip_fragmented(out: Output, dst_mac: bytes, src: bytes, dst: bytes, proto: int, l4: bytes) -> None:
-    """Send an IPv4 packet to a guest, as fragments when it does not fit the guest's MTU."""
-    mtu = out.config.mtu
-    if IP_HLEN + len(l4) <= mtu:
-        out.send_ip(dst_mac, src, dst, proto, l4)
-        return
-    out.counters.add("tx-fragmented")
-    for frame in ipv4_fragments(dst_mac, out.config.gateway_mac, src, dst, proto, l4, out.next_ident(), mtu):
-        out.send_frame(dst_mac, frame)
+def flow_key(addr: bytes, ident: int) -> int:
+    """One table key per (guest address, identifier or port), apart for the two families."""
+    key = (int.from_bytes(addr, "big") << 16) | ident
+    return key | KEY_V6 if len(addr) == 16 else key
 
 
-def send_icmp_error(
-    out: Output,
-    guest_mac: bytes,
-    guest_ip: bytes,
-    src: bytes,
-    icmp_type: int,
-    code: int,
-    quoted: bytes,
-    mtu: int = 0,
-) -> None:
-    """Send an ICMP error (destination unreachable, time exceeded, ...) from src to a guest.
-
-    quoted is the start of the guest's offending packet: its IP header and at least 8 bytes
-    after it (more is kept up to 548 bytes). mtu is the next-hop MTU for "fragmentation
-    needed" (type 3 code 4), else 0.
-    """
-    rest = bytes((0, 0, (mtu >> 8) & 0xFF, mtu & 0xFF)) + quoted[:MAX_QUOTE]
-    out.counters.add("icmp-errors-sent")
-    out.send_ip(guest_mac, src, guest_ip, IPPROTO_ICMP, icmp_message(icmp_type, code, rest))
-
-
-def guest_visible_source(out: Output, addr: str) -> bytes:
-    """The address a packet from host-side addr appears to come from to guests; b"" to drop it.
-
-    127.0.0.1 is the gateway when host loopback is on; other loopback, multicast and addresses
-    inside the virtual network itself cannot be sources from the outside.
-    """
-    cfg = out.config
-    if addr == "127.0.0.1":
-        return cfg.host_ip if cfg.host_loopback else b""
-    try:
-        raw = socket.inet_aton(addr)
-    except OSError:
-        return b""
-    if not is_unicast_outside(raw) or cfg.contains(raw):
-        return b""
-    return raw
+def icmp6_valid(src: bytes, dst: bytes, message: bytes) -> bool:
+    """Whether an ICMPv6 message's checksum (over the IPv6 pseudo-header) is right."""
+    return finish(sum16(message, pseudo_header_sum(src, dst, IPPROTO_ICMPV6, len(message)))) == 0
 
 
 @final
@@ -116,7 +79,7 @@ class PingFlow(IdleFlow):
 class IcmpProxy:
     def __init__(self, out: Output) -> None:
         self.out = out
-        # keyed by (address << 16 | echo identifier)
+        # keyed by flow_key(address, echo identifier)
         self.table = IdleFlows(out, OP_PING_CLOSE, "icmp", MAX_PING_FLOWS, out.config.guest_max_udp)
         self.unavailable_until = -1.0
 
@@ -124,18 +87,22 @@ class IcmpProxy:
     def from_guest(self, src_mac: bytes, src: bytes, dst: bytes, message: bytes, now: float) -> None:
         """An ICMP message from a guest to an address that is not virtual."""
         out = self.out
-        if message[0] != ICMP_ECHO_REQUEST:
-            out.drop("icmp-type")
-            return
-        if checksum(message) != 0:
-            out.drop("bad-icmp-checksum")
-            return
         cfg = out.config
-        if not cfg.contains(src) or src == cfg.net_addr or src == cfg.broadcast:
-            out.drop("icmp-bad-source")
-            return
+        if len(src) == 16:  # the Stack checked type 128 and the checksum, and that src is in the prefix
+            v6 = True
+        else:
+            v6 = False
+            if message[0] != ICMP_ECHO_REQUEST:
+                out.drop("icmp-type")
+                return
+            if checksum(message) != 0:
+                out.drop("bad-icmp-checksum")
+                return
+            if not cfg.contains(src) or src == cfg.net_addr or src == cfg.broadcast:
+                out.drop("icmp-bad-source")
+                return
         ident = (message[4] << 8) | message[5]
-        key = (ip_int(src) << 16) | ident
+        key = flow_key(src, ident)
         known = self.table.by_key.get(key)
         if known is None or cast(PingFlow, known).last_dst != dst:  # a new flow or destination: route it
             route = out.fwd.route_from_guest(PROTO_ICMP, dst, 0)
@@ -145,8 +112,8 @@ class IcmpProxy:
                     return
                 out.counters.add("icmp-refused-policy")
                 if route.reply != REPLY_DROP:
-                    quote = ipv4_header(src, dst, IPPROTO_ICMP, len(message), 0) + message[:8]
-                    send_icmp_error(out, src_mac, src, dst, ICMP_DEST_UNREACH, UNREACH_ADMIN, quote)
+                    quote = ip_quote(src, dst, IPPROTO_ICMPV6 if v6 else IPPROTO_ICMP, len(message)) + message[:8]
+                    out.send_icmp_error(src_mac, src, dst, ICMP_DEST_UNREACH, UNREACH_ADMIN, quote)
                 return
         addr = cfg.host_side_address(dst)
         if now < self.unavailable_until:
@@ -177,18 +144,24 @@ class IcmpProxy:
         if flow is None:
             out.counters.add("icmp-late-reply")
             return
-        if len(data) < 8 or data[0] != ICMP_ECHO_REPLY:
+        v6 = len(flow.guest_ip) == 16
+        if len(data) < 8 or data[0] != (ICMP6_ECHO_REPLY if v6 else ICMP_ECHO_REPLY):
             out.counters.add("icmp-reply-ignored")
             return
-        src = flow.last_dst if addr == flow.last_addr else guest_visible_source(out, addr)
-        if not src:
+        src = flow.last_dst if addr == flow.last_addr else out.fwd.guest_visible_source(addr)
+        if not src or len(src) != len(flow.guest_ip):
             out.counters.add("icmp-reply-ignored")
             return
         self.table.touch(flow, now)
         flow.replies += 1
         ident = flow.ident
-        message = icmp_message(ICMP_ECHO_REPLY, data[1], bytes(((ident >> 8) & 0xFF, ident & 0xFF)) + data[6:])
-        send_ip_fragmented(out, flow.guest_mac, src, flow.guest_ip, IPPROTO_ICMP, message)
+        rest = bytes(((ident >> 8) & 0xFF, ident & 0xFF)) + data[6:]
+        if v6:
+            message = icmpv6_message(src, flow.guest_ip, ICMP6_ECHO_REPLY, data[1], rest)
+            out.send_ip_fragmented(flow.guest_mac, src, flow.guest_ip, IPPROTO_ICMPV6, message)
+        else:
+            message = icmp_message(ICMP_ECHO_REPLY, data[1], rest)
+            out.send_ip_fragmented(flow.guest_mac, src, flow.guest_ip, IPPROTO_ICMP, message)
 
     def host_error(
         self, flow_id: int, addr: str, icmp_type: int, code: int, info: int, original: bytes, now: float
@@ -201,16 +174,17 @@ class IcmpProxy:
         flow = self.flow_by_id(flow_id)
         if flow is None:
             return
-        dst = flow.last_dst if addr == flow.last_addr else guest_visible_source(self.out, addr)
-        if not dst:
+        dst = flow.last_dst if addr == flow.last_addr else self.out.fwd.guest_visible_source(addr)
+        if not dst or len(dst) != len(flow.guest_ip):
             return
+        v6 = len(dst) == 16
         if len(original) < 8:
-            original = bytes((ICMP_ECHO_REQUEST, 0, 0, 0, 0, 0, 0, 0))
+            original = bytes((ICMP6_ECHO_REQUEST if v6 else ICMP_ECHO_REQUEST, 0, 0, 0, 0, 0, 0, 0))
         ident = flow.ident
         echo = original[:4] + bytes(((ident >> 8) & 0xFF, ident & 0xFF)) + original[6:8]
-        quoted = ipv4_header(flow.guest_ip, dst, IPPROTO_ICMP, len(original), 0) + echo
+        quoted = ip_quote(flow.guest_ip, dst, IPPROTO_ICMPV6 if v6 else IPPROTO_ICMP, len(original)) + echo
         mtu = info if icmp_type == ICMP_DEST_UNREACH and code == UNREACH_FRAG_NEEDED else 0
-        send_icmp_error(self.out, flow.guest_mac, flow.guest_ip, dst, icmp_type, code, quoted, mtu)
+        self.out.send_icmp_error(flow.guest_mac, flow.guest_ip, dst, icmp_type, code, quoted, mtu)
 
     def host_failed(self, flow_id: int, now: float) -> None:
         """The shell could not open a ping socket for the flow (out of descriptors, ...)."""

@@ -168,7 +168,7 @@ class Stack:
         return True
 
     def spoof_reason(self, addr: bytes, mac: bytes, now: float) -> str:
-        """"" when mac may use addr; else why not: gateway, dns, service (the backend's own
+        """ "" when mac may use addr; else why not: gateway, dns, service (the backend's own
         addresses) or lease (a live DHCP lease of another MAC). Forgets expired leases."""
         owners = self.owners
         owner = owners.get(addr)

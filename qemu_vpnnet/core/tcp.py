@@ -33,11 +33,9 @@ from qemu_vpnnet.core.actions import (
 from qemu_vpnnet.core.config import ip_str
 from qemu_vpnnet.core.fwd import DIRECT, DIRECT_ROUTE, FORWARD, PROTO_TCP, PROXY, REFUSE, REPLY_DROP, REPLY_ICMP, Route
 from qemu_vpnnet.core.guard import GuestUsage
-from qemu_vpnnet.core.icmp import send_icmp_error
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 from qemu_vpnnet.core.tcp_wire import (
-    HEADER_LEN,
     MAX_SACK_BLOCKS,
     OPT_SACK,
     address_sums,
@@ -140,6 +138,19 @@ def trim_ranges(ranges: list[tuple[int, int]], edge: int) -> None:
         del ranges[0]
     if ranges and ranges[0][0] < edge:
         ranges[0] = (edge, ranges[0][1])
+
+
+def mss_limit(mtu: int, addr: bytes) -> int:
+    """The largest segment a guest link of this MTU carries: less 40 header bytes for IPv4,
+    60 for IPv6 (4- or 16-byte addr)."""
+    return mtu - 60 if len(addr) == 16 else mtu - 40
+
+
+def endpoint_text(addr: bytes, port: int) -> str:
+    """10.0.2.15:80, or [fec0::15]:80."""
+    if len(addr) == 16:
+        return f"[{ip_str(addr)}]:{port}"
+    return f"{ip_str(addr)}:{port}"
 
 
 def lost_rexmit_wait(conn: "TcpConn") -> float:
@@ -441,7 +452,7 @@ class TcpEngine:
         out.ip_ident = (out.ip_ident + count) & 0xFFFF
         if queue is not None:
             out.counters.tx_frames += count
-            out.counters.tx_bytes += count * HEADER_LEN + (limit - start)
+            out.counters.tx_bytes += count * len(conn.header) + (limit - start)
         else:
             for frame in frames:
                 out.send_frame(conn.guest_mac, frame)
@@ -511,7 +522,10 @@ class TcpEngine:
         if sport == 0 or dport == 0 or (flags & TCP_SYN and flags & (TCP_FIN | TCP_RST)):
             self.out.drop("bad-tcp-flags")
             return
-        key = frame[ETH_HLEN + 12 : ETH_HLEN + 20] + frame[start : start + 4]  # addresses, then ports
+        if len(src) == 4:
+            key = frame[ETH_HLEN + 12 : ETH_HLEN + 20] + frame[start : start + 4]  # addresses, then ports
+        else:
+            key = src + dst + frame[start : start + 4]
         conn = self.by_key.get(key)
         seg_len = end - start - hlen
         if conn is None or (conn.state == TIME_WAIT and flags & TCP_SYN and not flags & TCP_ACK):
@@ -626,7 +640,7 @@ class TcpEngine:
         conn.rcv_nxt = seq + 1
         conn.rcv_adv = conn.rcv_nxt
         conn.snd_wnd = window
-        conn.mss = max(64, min(mss, cfg.mtu - 40))
+        conn.mss = max(64, min(mss, mss_limit(cfg.mtu, src)))
         if wscale >= 0:
             conn.snd_wscale = wscale
             conn.rcv_wscale = RCV_WSCALE
@@ -677,12 +691,13 @@ class TcpEngine:
         else:
             counters.add("tcp-refused-policy")
         if route.reply == REPLY_ICMP:
-            send_icmp_error(self.out, src_mac, src, dst, 3, 13, frame[ETH_HLEN : start + 8])
+            self.out.send_icmp_error(src_mac, src, dst, 3, 13, frame[ETH_HLEN : start + 8])
         elif route.reply != REPLY_DROP:
             self.reset_unknown(src_mac, src, dst, sport, dport, seq, 0, TCP_SYN, 0)
 
     def send_syn_ack(self, conn: TcpConn) -> None:
-        opts = syn_options(self.config.mtu - 40, conn.rcv_wscale if conn.rcv_wscale else -1, conn.sack_ok)
+        mss = mss_limit(self.config.mtu, conn.guest_ip)
+        opts = syn_options(mss, conn.rcv_wscale if conn.rcv_wscale else -1, conn.sack_ok)
         self.emit(conn, conn.iss, TCP_SYN | TCP_ACK, b"", opts)
 
     def syn_sent_segment(
@@ -706,7 +721,7 @@ class TcpEngine:
             self.out.drop("bad-tcp-options")
             return
         conn.sack_ok = sack
-        conn.mss = max(64, min(mss, self.config.mtu - 40))
+        conn.mss = max(64, min(mss, mss_limit(self.config.mtu, conn.guest_ip)))
         if wscale >= 0:
             conn.snd_wscale = wscale
         else:
@@ -1085,7 +1100,7 @@ class TcpEngine:
             self.out.guard.failed_connect(conn.usage)
         if err in (errno.ENETUNREACH, errno.EHOSTUNREACH) and conn.syn_quote:
             code = 0 if err == errno.ENETUNREACH else 1
-            send_icmp_error(self.out, conn.guest_mac, conn.guest_ip, conn.remote_ip, 3, code, conn.syn_quote)
+            self.out.send_icmp_error(conn.guest_mac, conn.guest_ip, conn.remote_ip, 3, code, conn.syn_quote)
         else:
             self.send_rst(conn)
         self.remove(conn)
@@ -1178,7 +1193,8 @@ class TcpEngine:
         return conn.flow
 
     def send_syn(self, conn: TcpConn) -> None:
-        self.emit(conn, conn.iss, TCP_SYN, b"", syn_options(self.config.mtu - 40, RCV_WSCALE, True))
+        mss = mss_limit(self.config.mtu, conn.guest_ip)
+        self.emit(conn, conn.iss, TCP_SYN, b"", syn_options(mss, RCV_WSCALE, True))
 
     def close_flow(self, flow: int) -> None:
         """The shell's socket for flow is gone for good (e.g. a forward was removed): reset."""
@@ -1308,8 +1324,8 @@ class TcpEngine:
                     "protocol": "tcp",
                     "flow": conn.flow,
                     "direction": "outbound" if conn.outbound else "forwarded",
-                    "guest": f"{ip_str(conn.guest_ip)}:{conn.guest_port}",
-                    "remote": f"{ip_str(conn.remote_ip)}:{conn.remote_port}",
+                    "guest": endpoint_text(conn.guest_ip, conn.guest_port),
+                    "remote": endpoint_text(conn.remote_ip, conn.remote_port),
                     "state": STATE_NAMES[conn.state],
                     "route": conn.route.describe() if conn.outbound else "hostfwd",
                     "rule": conn.route.rule,

@@ -4,7 +4,7 @@ import struct
 from typing import Final
 
 from qemu_vpnnet.core.checksum import finish, sum16
-from qemu_vpnnet.core.packets import ETH_P_IP, IPPROTO_TCP, TCP_ACK, TCP_PSH
+from qemu_vpnnet.core.packets import ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_PSH
 
 try:  # the segment loop in C (core/_fastpath.c); optional
     from qemu_vpnnet.core._fastpath import tcp_segments as c_tcp_segments
@@ -17,7 +17,9 @@ _ETH: Final = struct.Struct("!6s6sH")
 _IP: Final = struct.Struct("!BBHHHBBH4s4s")
 _TCP: Final = struct.Struct("!HHIIBBHHH")
 _HEADERS: Final = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIHHHH")  # Ethernet + IPv4 + TCP without options
+_HEADERS6: Final = struct.Struct("!6s6sHIHBB16s16sHHIIHHHH")  # Ethernet + IPv6 + TCP without options
 HEADER_LEN: Final = 54  # Ethernet + IPv4 + TCP without options
+HEADER6_LEN: Final = 74  # Ethernet + IPv6 + TCP without options
 SEQ_MOD: Final = 1 << 32
 SEQ_HALF: Final = 1 << 31
 
@@ -34,8 +36,11 @@ def address_sums(src: bytes, dst: bytes, sport: int, dport: int) -> tuple[int, i
     """Partial checksums of what stays fixed for one connection's frames toward the guest.
 
     The first covers the IPv4 header's constant words (version, flags, TTL, protocol,
-    addresses), the second the TCP pseudo-header's addresses and protocol plus the ports.
+    addresses), the second the TCP pseudo-header's addresses and protocol plus the ports. For
+    16-byte (IPv6) addresses the first is 0: IPv6 has no header checksum.
     """
+    if len(src) == 16:
+        return 0, sum16(src, sum16(dst, IPPROTO_TCP + sport + dport))
     addr_words = (
         ((src[0] << 8) | src[1]) + ((src[2] << 8) | src[3]) + ((dst[0] << 8) | dst[1]) + ((dst[2] << 8) | dst[3])
     )
@@ -64,8 +69,13 @@ def build_tcp_frame_with(
     """An Ethernet frame carrying one TCP segment; ip_base and tcp_base from address_sums().
 
     The headers are packed once, their checksums summed from the fields rather than the bytes.
+    IPv6 when the addresses are 16 bytes (ident is then unused).
     """
     hlen = 20 + len(options)
+    if len(src) == 16:
+        return build_tcp6_frame_with(
+            dst_mac, src_mac, src, dst, sport, dport, seq, ack, flags, window, options, payload, tcp_base
+        )
     tcp_len = hlen + len(payload)
     ident &= 0xFFFF
     seq &= 0xFFFFFFFF
@@ -105,12 +115,67 @@ def build_tcp_frame_with(
     return header + payload
 
 
+def build_tcp6_frame_with(
+    dst_mac: bytes,
+    src_mac: bytes,
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    options: bytes,
+    payload: bytes,
+    tcp_base: int,
+) -> bytes:
+    """build_tcp_frame_with() for IPv6 (hop limit 64, traffic class and flow label 0)."""
+    hlen = 20 + len(options)
+    tcp_len = hlen + len(payload)
+    seq &= 0xFFFFFFFF
+    ack &= 0xFFFFFFFF
+    off_flags = ((hlen >> 2) << 12) | flags
+    total = tcp_base + tcp_len + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF) + off_flags + window
+    if options:
+        total = sum16(options, total)
+    if payload:
+        total = sum16(payload, total)
+    header = _HEADERS6.pack(
+        dst_mac,
+        src_mac,
+        ETH_P_IPV6,
+        0x60000000,
+        tcp_len,
+        IPPROTO_TCP,
+        64,
+        src,
+        dst,
+        sport,
+        dport,
+        seq,
+        ack,
+        off_flags,
+        window,
+        finish(total),
+        0,
+    )
+    if options:
+        return b"".join((header, options, payload))
+    return header + payload
+
+
 def header_template(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
-    """The 54 header bytes shared by a connection's data segments toward the guest.
+    """The 54 (IPv4) or 74 (IPv6) header bytes shared by a connection's data segments toward
+    the guest.
 
     Length, ident, sequence numbers, flags, window and checksums are left zero for
     tcp_segments() to fill in.
     """
+    if len(src) == 16:
+        return _HEADERS6.pack(
+            dst_mac, src_mac, ETH_P_IPV6, 0x60000000, 0, IPPROTO_TCP, 64, src, dst, sport, dport, 0, 0, 0, 0, 0, 0
+        )
     return _HEADERS.pack(
         dst_mac, src_mac, ETH_P_IP, 0x45, 0, 0, 0, 0x4000, 64, IPPROTO_TCP, 0, src, dst, sport, dport, 0, 0, 0, 0, 0, 0
     )
@@ -137,8 +202,13 @@ def tcp_segments_py(
     the segment ending at psh_end carries PSH. Returns the number of frames. The plain version
     of core/_fastpath.c's tcp_segments (the same bytes), one build_tcp_frame_with() each.
     """
-    dst_mac, src_mac, src, dst = header[0:6], header[6:12], header[26:30], header[30:34]
-    sport, dport = (header[34] << 8) | header[35], (header[36] << 8) | header[37]
+    if len(header) == HEADER6_LEN:
+        dst_mac, src_mac, src, dst = header[0:6], header[6:12], header[22:38], header[38:54]
+        t = 54
+    else:
+        dst_mac, src_mac, src, dst = header[0:6], header[6:12], header[26:30], header[30:34]
+        t = 34
+    sport, dport = (header[t] << 8) | header[t + 1], (header[t + 2] << 8) | header[t + 3]
     count = 0
     view = memoryview(buf)
     while off < end:

@@ -24,17 +24,10 @@ from collections.abc import Callable
 from typing import Final, cast, final
 
 from qemu_vpnnet.core.actions import OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
-from qemu_vpnnet.core.config import ip_int, ip_str
+from qemu_vpnnet.core.config import ip_str
 from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows
 from qemu_vpnnet.core.fwd import DIRECT, FORWARD, LOCAL, PROTO_UDP, REFUSE, REPLY_DROP, Route
-from qemu_vpnnet.core.icmp import (
-    ICMP_DEST_UNREACH,
-    UNREACH_ADMIN,
-    UNREACH_FRAG_NEEDED,
-    guest_visible_source,
-    send_icmp_error,
-    send_ip_fragmented,
-)
+from qemu_vpnnet.core.icmp import ICMP_DEST_UNREACH, UNREACH_ADMIN, UNREACH_FRAG_NEEDED, flow_key
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import IPPROTO_UDP, is_unicast_outside, udp_quote, udp_segment
 
@@ -47,7 +40,7 @@ LocalHandler = Callable[[bytes, bytes, bytes, int, bytes, float], None]
 
 def send_udp_to_guest(out: Output, dst_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int, data: bytes) -> None:
     """A UDP datagram to a guest, fragmented when it is larger than the guest's MTU."""
-    send_ip_fragmented(out, dst_mac, src, dst, IPPROTO_UDP, udp_segment(src, dst, sport, dport, data))
+    out.send_ip_fragmented(dst_mac, src, dst, IPPROTO_UDP, udp_segment(src, dst, sport, dport, data))
 
 
 @final
@@ -81,7 +74,7 @@ class UdpFlow(IdleFlow):
         self.bytes_in = 0  # host -> guest
         self.packets_out = 0
         self.packets_in = 0
-        self.destinations: dict[int, UdpDestination] = {}  # (dst << 16 | dport) -> destination
+        self.destinations: dict[int, UdpDestination] = {}  # flow_key(dst, dport) -> destination
         self.by_host: dict[tuple[str, int], UdpDestination] = {}  # (host addr, port) -> destination
         self.last_route: Route | None = None
 
@@ -100,7 +93,7 @@ class UdpFlow(IdleFlow):
 class UdpNat:
     def __init__(self, out: Output) -> None:
         self.out = out
-        # keyed by (address << 16 | port)
+        # keyed by flow_key(address, port)
         self.table = IdleFlows(out, OP_UDP_CLOSE, "udp", out.config.max_udp_flows, out.config.guest_max_udp)
         self.local_services: dict[str, LocalHandler] = {}  # LOCAL routes by service name (Stack sets "dns")
 
@@ -108,21 +101,31 @@ class UdpNat:
     def from_guest(
         self, src_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes, now: float
     ) -> None:
-        """A datagram from a guest to anything but the DHCP and DNS services."""
+        """A datagram from a guest to anything but the DHCP and DNS services.
+
+        IPv6 (16-byte addresses): the Stack checked that src is in the guests' prefix."""
         out = self.out
         cfg = out.config
-        if not cfg.contains(src) or src == cfg.net_addr or src == cfg.broadcast or sport == 0:
-            out.drop("udp-bad-source")
-            return
-        if dst == cfg.broadcast or not is_unicast_outside(dst):
-            out.drop("udp-broadcast")
-            return
+        if len(src) == 16:
+            if sport == 0:
+                out.drop("udp-bad-source")
+                return
+            if not is_unicast_outside(dst):
+                out.drop("udp-broadcast")
+                return
+        else:
+            if not cfg.contains(src) or src == cfg.net_addr or src == cfg.broadcast or sport == 0:
+                out.drop("udp-bad-source")
+                return
+            if dst == cfg.broadcast or not is_unicast_outside(dst):
+                out.drop("udp-broadcast")
+                return
         if dport == 0:
             out.drop("udp-port-zero")
             return
-        key = (ip_int(src) << 16) | sport
+        key = flow_key(src, sport)
         known = self.table.by_key.get(key)
-        dest_key = (ip_int(dst) << 16) | dport
+        dest_key = flow_key(dst, dport)
         if known is not None:
             flow = cast(UdpFlow, known)
             dest = flow.destinations.get(dest_key)
@@ -139,7 +142,7 @@ class UdpNat:
             flow = UdpFlow(self.table.new_id(), key, src_mac, src, sport, now)
             flow.remember(dest_key, dest)
             self.table.insert(flow)
-            out.op(HostOp(OP_UDP_OPEN, flow.id))
+            out.op(HostOp(OP_UDP_OPEN, flow.id, "::" if len(src) == 16 else ""))
         flow.guest_mac = src_mac
         flow.last_dst = dst
         flow.last_addr = dest.host_addr
@@ -189,7 +192,7 @@ class UdpNat:
             out.counters.add("udp-refused-policy")
             if route.reply != REPLY_DROP:
                 quote = udp_quote(src, dst, sport, dport, len(payload))
-                send_icmp_error(out, src_mac, src, dst, ICMP_DEST_UNREACH, UNREACH_ADMIN, quote)
+                out.send_icmp_error(src_mac, src, dst, ICMP_DEST_UNREACH, UNREACH_ADMIN, quote)
         return None
 
     def flow_by_id(self, flow_id: int) -> UdpFlow | None:
@@ -209,8 +212,8 @@ class UdpNat:
             src = dest.dst
             port = dest.dport
         else:  # a remote the flow never sent to (NAT traversal): only what the policy lets through
-            src = guest_visible_source(out, addr)
-            if not src:
+            src = out.fwd.guest_visible_source(addr)
+            if len(src) != len(flow.guest_ip):  # b"" (not a source from outside), or the other family
                 out.counters.add("udp-reply-bad-source")
                 return
             if out.fwd.decide(PROTO_UDP, src, port).kind != DIRECT:
@@ -241,14 +244,14 @@ class UdpNat:
             port = dest.dport
             length = 0
         else:
-            dst = guest_visible_source(self.out, addr)
+            dst = self.out.fwd.guest_visible_source(addr)
             length = 0
-            if not dst:
+            if len(dst) != len(flow.guest_ip):
                 return
         self.out.counters.add("udp-icmp-errors")
         quote = udp_quote(flow.guest_ip, dst, flow.guest_port, port, length)
         mtu = info if icmp_type == ICMP_DEST_UNREACH and code == UNREACH_FRAG_NEEDED else 0
-        send_icmp_error(self.out, flow.guest_mac, flow.guest_ip, dst, icmp_type, code, quote, mtu)
+        self.out.send_icmp_error(flow.guest_mac, flow.guest_ip, dst, icmp_type, code, quote, mtu)
 
     def host_refused(self, flow_id: int, now: float) -> None:
         """ECONNREFUSED on the flow's socket without details: port unreachable from its last peer."""
