@@ -1,9 +1,16 @@
-"""Port-forward rules in QEMU's own syntax: `[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport`."""
+"""Port-forward rules in QEMU's own syntax: `[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport`.
+
+Either address may be IPv6 in brackets, as on QEMU's command line: `tcp:[::1]:2222-:22` listens on
+the host's ::1 and goes to the guest's IPv4 address (an empty guest address always means IPv4, as
+in QEMU); `tcp:[::1]:2222-[fec0::5054:ff:fe12:3456]:22` goes to that guest address over IPv6, and
+the guest address `[::]` means the first guest's IPv6 address (GUEST_IPV6_ANY).
+"""
 
 import ipaddress
 from dataclasses import dataclass
 
 DEFAULT_HOST_ADDR = "127.0.0.1"
+GUEST_IPV6_ANY = "::"  # guest address [::]: the first guest's IPv6 address at each connection
 
 
 class HostFwdSyntaxError(ValueError):
@@ -12,7 +19,8 @@ class HostFwdSyntaxError(ValueError):
 
 @dataclass(frozen=True)
 class ForwardSpec:
-    """One forward: host_port 0 means an ephemeral port; guest_addr "" means the first leased guest."""
+    """One forward: host_port 0 means an ephemeral port; guest_addr "" means the first leased guest
+    (its IPv4 address), "::" the first guest's IPv6 address."""
 
     protocol: str
     host_addr: str
@@ -20,9 +28,15 @@ class ForwardSpec:
     guest_addr: str
     guest_port: int
 
-    def rule(self) -> str:
-        host = f"[{self.host_addr}]" if ":" in self.host_addr else self.host_addr
-        return f"{self.protocol}:{host}:{self.host_port}-{self.guest_addr}:{self.guest_port}"
+    def rule(self, host_port: int | None = None) -> str:
+        """The rule in QEMU's syntax (with host_port instead of the spec's, e.g. the bound one)."""
+        port = self.host_port if host_port is None else host_port
+        return f"{self.protocol}:{bracketed(self.host_addr)}:{port}-{bracketed(self.guest_addr)}:{self.guest_port}"
+
+
+def bracketed(addr: str) -> str:
+    """An address as it stands before ":PORT": IPv6 in brackets."""
+    return f"[{addr}]" if ":" in addr else addr
 
 
 def _split_addr_port(text: str, what: str) -> tuple[str, str]:
@@ -30,7 +44,7 @@ def _split_addr_port(text: str, what: str) -> tuple[str, str]:
     if text.startswith("["):
         close = text.find("]")
         if close < 0 or text[close + 1 : close + 2] != ":":
-            raise HostFwdSyntaxError(f"bad {what} address in {text!r}")
+            raise HostFwdSyntaxError(f"bad {what}address in {text!r}")
         return text[1:close], text[close + 2 :]
     addr, sep, port = text.rpartition(":")
     if not sep:
@@ -51,22 +65,29 @@ def check_protocol(protocol: str) -> str:
     return protocol
 
 
+def unbracketed(addr: str) -> str:
+    return addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
+
+
 def check_host_addr(addr: str) -> str:
+    """The host address in normal form (IPv6 brackets allowed); empty means 127.0.0.1."""
     if not addr:
         return DEFAULT_HOST_ADDR
     try:
-        return str(ipaddress.ip_address(addr))
+        return str(ipaddress.ip_address(unbracketed(addr)))
     except ValueError as exc:
         raise HostFwdSyntaxError(f"bad host address {addr!r}") from exc
 
 
 def check_guest_addr(addr: str) -> str:
+    """The guest address in normal form: empty (the first leased guest), IPv4, IPv6 (brackets
+    allowed) or "::" (the first guest's IPv6 address)."""
     if not addr:
         return ""
     try:
-        return str(ipaddress.IPv4Address(addr))
+        return str(ipaddress.ip_address(unbracketed(addr)))
     except ValueError as exc:
-        raise HostFwdSyntaxError(f"bad guest address {addr!r} (IPv4 expected)") from exc
+        raise HostFwdSyntaxError(f"bad guest address {addr!r} (IPv4 or IPv6 expected)") from exc
 
 
 def parse_hostfwd(text: str) -> ForwardSpec:

@@ -379,7 +379,10 @@ def test_hostfwd_failures(tmp_path: Path) -> None:
             busy.close()
         cases = [
             ({"host-addr": "localhost", "host-port": 0, "guest-port": 22}, "bad host address 'localhost'"),
-            ({"guest-addr": "10.0.2", "host-port": 0, "guest-port": 22}, "bad guest address '10.0.2' (IPv4 expected)"),
+            (
+                {"guest-addr": "10.0.2", "host-port": 0, "guest-port": 22},
+                "bad guest address '10.0.2' (IPv4 or IPv6 expected)",
+            ),
             ({"protocol": "sctp", "host-port": 0, "guest-port": 22}, "protocol must be tcp or udp, not 'sctp'"),
             ({"guest-addr": "192.168.1.5", "host-port": 0, "guest-port": 22}, "not a guest address"),
             ({"rule": "tcp:8080:22"}, "Invalid host forwarding rule 'tcp:8080:22' (missing '-'"),

@@ -8,7 +8,14 @@ client sees a reset), and a guest that does not answer times out.
 
 Forwards without a guest address go to the guest holding the first live lease at the time of
 each connection, so they follow a guest whose address changes; while no guest has a lease,
-connections are refused (reset) right away.
+connections are refused (reset) right away. That is the guest's IPv4 address whatever the host
+side listens on (as in QEMU: `tcp:[::1]:2222-:22` reaches the guest's IPv4 port 22).
+
+A forward to a guest IPv6 address goes over IPv6, from the gateway's IPv6 address
+(config.host_ip6), to the guest whose MAC the core saw use that address; while that is unknown
+the core sends a neighbor solicitation for it and the connection is refused (the client's retry
+finds the guest). The guest address `[::]` means the IPv6 address the first guest (by lease, then
+by the switch's table) was last seen using in the prefix.
 """
 
 import asyncio
@@ -23,8 +30,15 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 from qemu_vpnnet.core.actions import OP_UDP_FWD_CLOSE, OP_UDP_FWD_REPLY, HostOp
-from qemu_vpnnet.core.config import ip_bytes, ip_str
-from qemu_vpnnet.hostfwd import ForwardSpec, HostFwdSyntaxError, check_guest_addr, check_host_addr, check_protocol
+from qemu_vpnnet.core.config import any_ip_bytes, ip_str
+from qemu_vpnnet.hostfwd import (
+    GUEST_IPV6_ANY,
+    ForwardSpec,
+    HostFwdSyntaxError,
+    check_guest_addr,
+    check_host_addr,
+    check_protocol,
+)
 from qemu_vpnnet.io import ratelog
 from qemu_vpnnet.io.host_tcp import HostConnection, HostTcp
 from qemu_vpnnet.io.shell import Shell
@@ -57,14 +71,13 @@ class Forward:
 
     def describe(self) -> dict[str, object]:
         spec = self.spec
-        host = f"[{spec.host_addr}]" if ":" in spec.host_addr else spec.host_addr
         return {
             "protocol": spec.protocol,
             "host-addr": spec.host_addr,
             "host-port": self.bound_port,
             "guest-addr": spec.guest_addr,
             "guest-port": spec.guest_port,
-            "rule": f"{spec.protocol}:{host}:{self.bound_port}-{spec.guest_addr}:{spec.guest_port}",
+            "rule": spec.rule(self.bound_port),
             "connections": len(self.flows),
             "accepted": self.accepted,
             "refused": self.refused,
@@ -98,11 +111,7 @@ class Forwarder:
             raise ForwardError(f"too many forwards (at most {MAX_FORWARDS})")
         if spec.host_port and (spec.protocol, spec.host_addr, spec.host_port) in self.forwards:
             raise ForwardError(f"a {spec.protocol} forward from {spec.host_addr}:{spec.host_port} exists already")
-        if spec.guest_addr:
-            cfg = self.shell.stack.config
-            addr = ip_bytes(spec.guest_addr)
-            if not cfg.contains(addr) or addr in (cfg.host_ip, cfg.dns_ip, cfg.net_addr, cfg.broadcast):
-                raise ForwardError(f"guest address {spec.guest_addr} is not a guest address of {cfg.network}")
+        self.check_guest(spec.guest_addr)
         family = socket.AF_INET6 if ":" in spec.host_addr else socket.AF_INET
         try:
             if spec.protocol == "tcp":
@@ -121,6 +130,22 @@ class Forwarder:
         if persist:
             self.save()
         return info
+
+    def check_guest(self, guest_addr: str) -> None:
+        """ForwardError unless guest_addr ("" or "::" aside) can be a guest's address."""
+        if not guest_addr:
+            return
+        cfg = self.shell.stack.config
+        addr = any_ip_bytes(guest_addr)
+        if len(addr) == 16:
+            if not cfg.ipv6:
+                raise ForwardError(f"guest address {guest_addr}: IPv6 is off (--no-ipv6)")
+            if guest_addr == GUEST_IPV6_ANY:
+                return
+            if not cfg.contains6(addr) or addr in (cfg.host_ip6, cfg.dns_ip6) or addr[8:] == bytes(8):
+                raise ForwardError(f"guest address {guest_addr} is not a guest address of {cfg.network6}")
+        elif not cfg.contains(addr) or addr in (cfg.host_ip, cfg.dns_ip, cfg.net_addr, cfg.broadcast):
+            raise ForwardError(f"guest address {guest_addr} is not a guest address of {cfg.network}")
 
     async def _listen_tcp(self, spec: ForwardSpec, family: int) -> Forward:
         forward = Forward(spec, spec.host_port)
@@ -209,19 +234,50 @@ class Forwarder:
 
     # ---- connections -------------------------------------------------------------------
     def guest_for(self, spec: ForwardSpec) -> tuple[bytes, bytes] | None:
-        """(guest MAC, guest address) for a new forwarded connection, or None if no guest is there.
+        """(guest MAC, guest address of 4 or 16 bytes) for a new forwarded connection, or None if
+        no guest is there (logged, rate-limited per rule and reason: io/ratelog.py).
 
         Only guests whose QEMU is still connected count: a lease outlives its guest.
         """
         stack = self.shell.stack
         now = self.shell.now()
         present = stack.switch.mac_table
+        rule = spec.rule()
+        if spec.guest_addr == GUEST_IPV6_ANY:
+            lease = stack.dhcp.first_bound(now, present)
+            candidates = ([lease.mac] if lease is not None else []) + list(present)
+            for candidate in candidates:
+                found = stack.guest_ipv6(candidate)
+                if found is not None:
+                    return candidate, found
+            ratelog.info(log, f"no-v6 {rule}", "forward %s: no guest has an IPv6 address yet; connection refused", rule)
+            return None
         if spec.guest_addr:
-            addr = ip_bytes(spec.guest_addr)
+            addr = any_ip_bytes(spec.guest_addr)
+            if len(addr) == 16:
+                mac = stack.out.mac_of(addr)
+                if mac is None or mac not in present:
+                    stack.ndp.solicit(addr, now)  # the client's next try finds the guest
+                    self.shell.schedule_flush()
+                    ratelog.info(
+                        log,
+                        f"no-neighbour {rule}",
+                        "forward %s: no guest known at %s yet (neighbor solicitation sent); connection refused",
+                        rule,
+                        spec.guest_addr,
+                    )
+                    return None
+                return mac, addr
             mac = stack.dhcp.bound_mac(addr, now) or stack.out.mac_of(addr)
-            return None if mac is None or mac not in present else (mac, addr)
+            if mac is None or mac not in present:
+                ratelog.info(
+                    log, f"no-guest {rule}", "forward %s: no guest at %s; connection refused", rule, spec.guest_addr
+                )
+                return None
+            return mac, addr
         lease = stack.dhcp.first_bound(now, present)
         if lease is None:
+            ratelog.info(log, f"no-lease {rule}", "forward %s: no guest has a lease yet; connection refused", rule)
             return None
         return lease.mac, lease.addr
 
@@ -232,19 +288,16 @@ class Forwarder:
         guest = self.guest_for(forward.spec)
         if guest is None:
             forward.refused += 1
-            rule = forward.spec.rule()
-            ratelog.info(log, f"no-lease {rule}", "forward %s: no guest has a lease yet; connection refused", rule)
             conn.abort_with_rst()
             return
         mac, addr = guest
         stack = self.shell.stack
+        source = stack.config.host_ip6 if len(addr) == 16 else stack.config.host_ip
         flow = -1
         for _attempt in range(64):
             port = self.next_source_port
             self.next_source_port = port + 1 if port < 65535 else SOURCE_PORT_FIRST
-            flow = stack.tcp.connect_guest(
-                mac, addr, forward.spec.guest_port, stack.config.host_ip, port, self.shell.now()
-            )
+            flow = stack.tcp.connect_guest(mac, addr, forward.spec.guest_port, source, port, self.shell.now())
             if flow >= 0:
                 break
         if flow < 0:
