@@ -21,6 +21,8 @@ of QEMU to the socket can splice or reorder frames.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import subprocess
 import time
@@ -252,6 +254,31 @@ class NsGuest(Netns):
             )
         self.last_lease = leases[-1]
         return self.last_lease
+
+    def ipv6_addresses(self) -> list[dict[str, object]]:
+        """The IPv6 addresses of the guest's interface: ``ip -j -6 addr``'s ``addr_info`` entries
+        (``local``, ``prefixlen``, ``scope``, ``tentative``, ``dynamic``...)."""
+        out = self.run(["ip", "-j", "-6", "addr", "show", "dev", self.ifname], check=True).stdout
+        links = json.loads(out or "[]")
+        return [a for link in links for a in link.get("addr_info", [])]
+
+    def wait_slaac(self, prefix: str = "fec0::/64", timeout: float = 10.0) -> str:
+        """Wait until the guest's kernel has an address in ``prefix`` that it configured itself
+        from a router advertisement (SLAAC: ``accept_ra`` and ``autoconf`` are on in a new
+        namespace) and whose duplicate address detection is over; return it."""
+        network = ipaddress.ip_network(prefix)
+        deadline = time.monotonic() + timeout
+        while True:
+            addrs = self.ipv6_addresses()
+            for a in addrs:
+                if ipaddress.ip_address(str(a["local"])) in network and not a.get("tentative"):
+                    return str(a["local"])
+            if time.monotonic() > deadline:
+                raise NsGuestError(
+                    f"no address in {prefix} on {self.ifname} within {timeout} s (SLAAC): {addrs}\n"
+                    f"--- QEMU hub log ---\n{tail(self.qemu_log_text(), 20)}"
+                )
+            time.sleep(0.1)
 
     def close(self) -> None:
         """Kill QEMU and the processes started inside, delete TAP and namespace."""
