@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     from qemu_vpnnet.control.ctl_policy import add_parsers
 
     add_parsers(sub, common)
-    sub.add_parser("leases", parents=[common], help="the DHCP leases")
+    sub.add_parser("leases", parents=[common], help="the DHCP leases, with each guest's IPv6 addresses")
+    sub.add_parser("neighbours", parents=[common], help="the IPv6 addresses guests were seen using")
     sub.add_parser("stats", parents=[common], help="counters of the network stack")
     sub.add_parser("connections", parents=[common], help="the TCP connections and UDP/ping flows")
     sub.add_parser("version", parents=[common], help="the backend's version")
@@ -163,14 +164,38 @@ def format_forwards(forwards: list[dict[str, object]]) -> str:
     return table(["PROTO", "HOST", "GUEST", "CONNECTIONS", "ACCEPTED", "REFUSED"], rows)
 
 
+def printable(text: object) -> str:
+    """A guest-chosen string (a DHCP host name) safe for a terminal: control characters as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
 def format_leases(leases: list[dict[str, object]]) -> str:
     if not leases:
         return "no leases"
-    rows = [
-        [str(x.get("mac", "")), str(x.get("address", "")), f"{x.get('expires-in', '')}s", str(x.get("hostname", ""))]
-        for x in leases
-    ]
-    return table(["MAC", "ADDRESS", "EXPIRES-IN", "HOSTNAME"], rows)
+    rows = []
+    for x in leases:
+        ipv6 = x.get("ipv6-addresses")
+        rows.append(
+            [
+                str(x.get("mac", "")),
+                str(x.get("address", "")),
+                ",".join(str(a) for a in ipv6) if isinstance(ipv6, list) and ipv6 else "-",
+                f"{x.get('expires-in', '')}s",
+                printable(x.get("hostname", "")),
+            ]
+        )
+    return table(["MAC", "ADDRESS", "IPV6", "EXPIRES-IN", "HOSTNAME"], rows)
+
+
+def format_neighbours(neighbours: list[dict[str, object]]) -> str:
+    if not neighbours:
+        return "no IPv6 neighbours"
+    rows = []
+    for x in neighbours:
+        idle = x.get("idle", "")
+        idle_text = f"{float(idle):.0f}s" if isinstance(idle, (int, float)) else str(idle)
+        rows.append([str(x.get("address", "")), str(x.get("mac", "")), idle_text])
+    return table(["ADDRESS", "MAC", "IDLE"], rows)
 
 
 def format_stats(stats: dict[str, object]) -> str:
@@ -295,6 +320,9 @@ async def run_command(client: QMPClient, args: argparse.Namespace) -> int:
     if command == "leases":
         leases = as_list(await execute(client, "query-leases"))
         print_result(leases, as_json, format_leases(leases))
+    elif command == "neighbours":
+        neighbours = as_list(await execute(client, "query-neighbours"))
+        print_result(neighbours, as_json, format_neighbours(neighbours))
     elif command == "stats":
         stats = as_dict(await execute(client, "query-stats"))
         print_result(stats, as_json, format_stats(stats))

@@ -222,8 +222,28 @@ async def cmd_query_hostfwd(ctx: Context, args: dict[str, object]) -> object:
     return ctx.forwarder.list()
 
 
+def leases(shell: "Shell") -> list[dict[str, object]]:
+    """The bound DHCP leases (with the host name each guest sent), each with the IPv6 addresses
+    the core has seen its MAC use, most recently used first."""
+    now = shell.now()
+    stack = shell.stack
+    by_mac: dict[str, list[tuple[float, str]]] = {}
+    for neighbour in stack.ipv6_neighbours(now):
+        idle = neighbour.get("idle", 0.0)
+        seen = float(idle) if isinstance(idle, (int, float)) else 0.0
+        by_mac.setdefault(str(neighbour.get("mac", "")), []).append((seen, str(neighbour.get("address", ""))))
+    result = stack.dhcp.leases(now)
+    for lease in result:
+        lease["ipv6-addresses"] = [addr for _idle, addr in sorted(by_mac.get(str(lease.get("mac")), []))]
+    return result
+
+
 async def cmd_query_leases(ctx: Context, args: dict[str, object]) -> object:
-    return ctx.shell.stack.dhcp.leases(ctx.shell.now())
+    return leases(ctx.shell)
+
+
+async def cmd_query_neighbours(ctx: Context, args: dict[str, object]) -> object:
+    return ctx.shell.stack.ipv6_neighbours(ctx.shell.now())
 
 
 def connections(shell: "Shell") -> list[dict[str, object]]:
@@ -347,6 +367,7 @@ def command_table() -> dict[str, Command]:
         Command("dns-zone-remove", (Param("name", str, True), Param("address", str)), cmd_dns_zone_remove),
         Command("query-dns-zones", (), cmd_query_dns_zones),
         Command("query-leases", (), cmd_query_leases),
+        Command("query-neighbours", (), cmd_query_neighbours),
         Command("query-connections", (), cmd_query_connections),
         Command("query-stats", (), cmd_query_stats),
     ]

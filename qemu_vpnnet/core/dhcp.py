@@ -52,6 +52,7 @@ class Lease:
         self.addr = addr
         self.expires = expires
         self.bound = False  # ACKed, not merely offered
+        self.hostname = ""  # DHCP option 12 of the guest's REQUESTs (for query-leases)
 
 
 @final
@@ -197,6 +198,8 @@ class DhcpServer:
             lease = self._assign(mac, wanted, now + cfg.lease_time)
             lease.bound = True
             hostname = opts.get(12, b"")
+            if hostname:  # a renewal without it keeps the name
+                lease.hostname = hostname.decode("utf-8", "replace")
             if not was_bound:
                 self.events.append(
                     (
@@ -204,7 +207,7 @@ class DhcpServer:
                         {
                             "mac": mac_str(mac),
                             "address": ip_str(wanted),
-                            "hostname": hostname.decode("utf-8", "replace"),
+                            "hostname": lease.hostname,
                             "lease-time": cfg.lease_time,
                         },
                     )
@@ -291,6 +294,7 @@ class DhcpServer:
                         "mac": mac_str(lease.mac),
                         "address": ip_str(lease.addr),
                         "expires-in": int(lease.expires - now),
+                        "hostname": lease.hostname,
                     }
                 )
         return out
