@@ -322,3 +322,34 @@ def test_udp_forward_to_an_ipv6_guest() -> None:
         assert stack.udp_forwards.opened == [(MAC1, GUEST6, 53)]
 
     run(test)
+
+
+def test_connection_to_an_unknown_ipv6_guest_waits_for_its_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qemu_vpnnet.io import forwards
+
+    monkeypatch.setattr(forwards, "NEIGHBOUR_WAIT", 0.3)
+
+    async def test(shell: FakeShell, forwarder: Forwarder) -> None:
+        stack = one_guest(shell)
+        stack.switch.mac_table[MAC2] = 2
+        added = await forwarder.add(parse_hostfwd("tcp:[::1]:0-[fec0::99]:22"))
+        port = int(str(added["host-port"]))
+        # the guest answers the solicitation: the held connection goes on
+        answering = asyncio.get_running_loop().call_later(0.1, stack.out.guest_macs.__setitem__, OTHER6, MAC2)
+        await connect_and_wait(shell, socket.AF_INET6, "::1", port, 1)
+        answering.cancel()
+        assert stack.ndp.solicited == [OTHER6]
+        assert stack.tcp.connects == [(MAC2, OTHER6, 22, stack.config.host_ip6)]
+        # nobody answers: refused (reset) after NEIGHBOUR_WAIT
+        del stack.out.guest_macs[OTHER6]
+        reader, writer = await asyncio.open_connection("::1", port)
+        started = shell.loop.time()
+        async with asyncio.timeout(5):
+            with pytest.raises(ConnectionResetError):
+                await reader.read(1)  # an RST, not an EOF, ends it
+        assert 0.25 < shell.loop.time() - started < 2.0
+        writer.close()
+        assert len(stack.tcp.connects) == 1 and stack.ndp.solicited == [OTHER6, OTHER6]
+        assert [(f["accepted"], f["refused"]) for f in forwarder.list()] == [(1, 1)]
+
+    run(test)

@@ -12,10 +12,12 @@ connections are refused (reset) right away. That is the guest's IPv4 address wha
 side listens on (as in QEMU: `tcp:[::1]:2222-:22` reaches the guest's IPv4 port 22).
 
 A forward to a guest IPv6 address goes over IPv6, from the gateway's IPv6 address
-(config.host_ip6), to the guest whose MAC the core saw use that address; while that is unknown
-the core sends a neighbor solicitation for it and the connection is refused (the client's retry
-finds the guest). The guest address `[::]` means the IPv6 address the first guest (by lease, then
-by the switch's table) was last seen using in the prefix.
+(config.host_ip6), to the guest whose MAC the core saw use that address. While that is unknown
+the core sends a neighbor solicitation for it; a TCP connection waits up to NEIGHBOUR_WAIT for
+the answer and is refused after that (a UDP datagram is dropped: the client's retry finds the
+guest); a guest that has just configured its SLAAC address may have sent nothing from it yet.
+The guest address `[::]` means the IPv6 address the first guest (by lease, then by the switch's
+table) was last seen using in the prefix.
 """
 
 import asyncio
@@ -48,6 +50,8 @@ log = logging.getLogger("qemu_vpnnet.hostfwd")
 SOURCE_PORT_FIRST: Final = 49152
 PeerAddr = tuple[Any, ...]  # a host peer's socket address
 MAX_FORWARDS: Final = 1024
+NEIGHBOUR_WAIT: Final = 1.0  # seconds a forwarded connection waits for an unknown IPv6 guest to answer
+NEIGHBOUR_POLL: Final = 0.02  # how often it looks meanwhile (a neighbor advertisement takes < 1 ms)
 
 
 class ForwardError(Exception):
@@ -233,9 +237,10 @@ class Forwarder:
             peer[0].peer_flows.pop(peer[1], None)
 
     # ---- connections -------------------------------------------------------------------
-    def guest_for(self, spec: ForwardSpec) -> tuple[bytes, bytes] | None:
+    def guest_for(self, spec: ForwardSpec, quiet: bool = False) -> tuple[bytes, bytes] | None:
         """(guest MAC, guest address of 4 or 16 bytes) for a new forwarded connection, or None if
-        no guest is there (logged, rate-limited per rule and reason: io/ratelog.py).
+        no guest is there (logged, rate-limited per rule and reason: io/ratelog.py; with quiet,
+        an unknown IPv6 guest is solicited but not logged).
 
         Only guests whose QEMU is still connected count: a lease outlives its guest.
         """
@@ -257,15 +262,10 @@ class Forwarder:
             if len(addr) == 16:
                 mac = stack.out.mac_of(addr)
                 if mac is None or mac not in present:
-                    stack.ndp.solicit(addr, now)  # the client's next try finds the guest
+                    stack.ndp.solicit(addr, now)
                     self.shell.schedule_flush()
-                    ratelog.info(
-                        log,
-                        f"no-neighbour {rule}",
-                        "forward %s: no guest known at %s yet (neighbor solicitation sent); connection refused",
-                        rule,
-                        spec.guest_addr,
-                    )
+                    if not quiet:
+                        self.log_no_neighbour(spec)
                     return None
                 return mac, addr
             mac = stack.dhcp.bound_mac(addr, now) or stack.out.mac_of(addr)
@@ -281,15 +281,57 @@ class Forwarder:
             return None
         return lease.mac, lease.addr
 
+    @staticmethod
+    def log_no_neighbour(spec: ForwardSpec) -> None:
+        rule = spec.rule()
+        ratelog.info(
+            log,
+            f"no-neighbour {rule}",
+            "forward %s: no guest answers at %s (neighbor solicitation sent); refused",
+            rule,
+            spec.guest_addr,
+        )
+
     def accepted(self, forward: Forward, conn: HostConnection) -> None:
         transport = conn.transport
         assert transport is not None
         transport.pause_reading()  # read only once the guest accepted
-        guest = self.guest_for(forward.spec)
+        spec = forward.spec
+        guest = self.guest_for(spec, quiet=True)
+        if guest is None and ":" in spec.guest_addr and spec.guest_addr != GUEST_IPV6_ANY:
+            task = self.shell.loop.create_task(self.await_neighbour(forward, conn))
+            self.shell.tasks.add(task)
+            task.add_done_callback(self.shell.tasks.discard)
+            return
         if guest is None:
             forward.refused += 1
             conn.abort_with_rst()
             return
+        self.open_to_guest(forward, conn, guest)
+
+    async def await_neighbour(self, forward: Forward, conn: HostConnection) -> None:
+        """Hold a connection for an IPv6 guest being solicited: open it once the core knows the
+        guest's MAC, refuse it after NEIGHBOUR_WAIT."""
+        spec = forward.spec
+        deadline = self.shell.now() + NEIGHBOUR_WAIT
+        while self.shell.now() < deadline:
+            await asyncio.sleep(NEIGHBOUR_POLL)
+            transport = conn.transport
+            if conn.gone or transport is None or transport.is_closing():
+                return  # the host client gave up
+            stack = self.shell.stack
+            addr = any_ip_bytes(spec.guest_addr)
+            mac = stack.out.mac_of(addr)
+            if mac is not None and mac in stack.switch.mac_table:
+                self.open_to_guest(forward, conn, (mac, addr))
+                return
+        forward.refused += 1
+        self.log_no_neighbour(spec)
+        conn.abort_with_rst()
+
+    def open_to_guest(self, forward: Forward, conn: HostConnection, guest: tuple[bytes, bytes]) -> None:
+        """The core opens the accepted connection toward the guest, from the gateway address of
+        the guest address's family."""
         mac, addr = guest
         stack = self.shell.stack
         source = stack.config.host_ip6 if len(addr) == 16 else stack.config.host_ip
