@@ -3,6 +3,10 @@
 Each backend serves the same kind of guest: a network namespace whose TAP device QEMU bridges,
 through its hub, to the backend (qemu-vpnnet's stream socket, or `-netdev user` for libslirp).
 Backends run in alternation for several rounds; the table shows medians and the ratio to libslirp.
+
+The IPv6 rows (``tcp6 ...``): the same guest, its address configured by its own kernel from the
+backend's router advertisements (SLAAC in fec0::/64, QEMU's prefix: libslirp's ipv6=on default
+and qemu-vpnnet's), iperf3 -6 to fec0::2, which both backends map to the host's ::1.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from scripts.benchlib.flood import FloodPeers, flood_figures  # noqa: E402
 VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
 HERE = Path(__file__).resolve().parent
 GATEWAY = "10.0.2.2"
+GATEWAY6 = "fec0::2"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -174,6 +179,7 @@ class HostServers:
     """iperf3, sockperf, HTTP and idle-connection servers on 127.0.0.1, for the whole run."""
 
     IPERF = 5201
+    IPERF6 = 5202  # on ::1, for the IPv6 rows
     SOCKPERF = 11111
     HTTP = 8081
     HOLD = 8082
@@ -184,6 +190,7 @@ class HostServers:
     def start(self) -> None:
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         self.procs.append(subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.IPERF)], **quiet))
+        self.procs.append(subprocess.Popen(["iperf3", "-s", "-B", "::1", "-p", str(self.IPERF6)], **quiet))
         if shutil.which("sockperf"):
             self.procs.append(
                 subprocess.Popen(["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(self.SOCKPERF)], **quiet)
@@ -194,10 +201,15 @@ class HostServers:
                     [VENV_PYTHON, str(HERE / "hostservers.py"), kind, str(port)], preexec_fn=raise_nofile, **quiet
                 )
             )
-        for port in (self.IPERF, self.HTTP, self.HOLD):
+        for host, port in (
+            ("127.0.0.1", self.IPERF),
+            ("::1", self.IPERF6),
+            ("127.0.0.1", self.HTTP),
+            ("127.0.0.1", self.HOLD),
+        ):
             for _ in range(100):
                 try:
-                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    socket.create_connection((host, port), 0.2).close()
                     break
                 except OSError:
                     time.sleep(0.05)
@@ -214,9 +226,13 @@ class HostServers:
 
 
 # ---- measurements: each returns {metric: value} ------------------------------------------------
-def iperf_tcp_command(seconds: int, reverse: bool, streams: int, guest_cc: str) -> list[str]:
-    """The guest's iperf3 TCP client toward the host's server, JSON output."""
-    cmd = ["iperf3", "-c", GATEWAY, "-p", str(HostServers.IPERF), "-t", str(seconds), "-J", "-P", str(streams)]
+def iperf_tcp_command(seconds: int, reverse: bool, streams: int, guest_cc: str, ipv6: bool = False) -> list[str]:
+    """The guest's iperf3 TCP client toward the host's server (over IPv6: fec0::2 to the host's
+    ::1), JSON output."""
+    server = (
+        ["-6", "-c", GATEWAY6, "-p", str(HostServers.IPERF6)] if ipv6 else ["-c", GATEWAY, "-p", str(HostServers.IPERF)]
+    )
+    cmd = ["iperf3", *server, "-t", str(seconds), "-J", "-P", str(streams)]
     if reverse:
         cmd.append("-R")
     if guest_cc != "host":
@@ -224,8 +240,13 @@ def iperf_tcp_command(seconds: int, reverse: bool, streams: int, guest_cc: str) 
     return cmd
 
 
-def iperf_tcp(setup: Setup, seconds: int, reverse: bool, streams: int, guest_cc: str) -> dict[str, float]:
-    cmd = iperf_tcp_command(seconds, reverse, streams, guest_cc)
+def iperf_tcp(
+    setup: Setup, seconds: int, reverse: bool, streams: int, guest_cc: str, ipv6: bool = False
+) -> dict[str, float]:
+    if ipv6:
+        assert setup.guest is not None
+        setup.guest.wait_slaac("fec0::/64", 10)  # raises when the backend sent no usable RA
+    cmd = iperf_tcp_command(seconds, reverse, streams, guest_cc, ipv6)
     pids = setup.pids()
     backend = [setup.process.pid] if setup.process is not None else []  # qemu-vpnnet's own process
     before = cpu_seconds(pids)
@@ -238,7 +259,7 @@ def iperf_tcp(setup: Setup, seconds: int, reverse: bool, streams: int, guest_cc:
     received = out["end"]["sum_received"]
     gib = received["bytes"] / (1 << 30)
     direction = "host->guest" if reverse else "guest->host"
-    name = f"tcp {direction} x{streams}"
+    name = f"tcp{'6' if ipv6 else ''} {direction} x{streams}"
     figures = {f"{name} Gbit/s": received["bits_per_second"] / 1e9, f"{name} CPU s/GiB": cpu / gib if gib else 0.0}
     if streams == 1:  # how close QEMU's own thread (the TAP and the hub) is to a whole CPU
         figures[f"{name} QEMU busy %"] = 100 * (cpu_seconds(pids[-1:]) - qemu_before) / elapsed
@@ -400,6 +421,9 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
     ]
     if setup.backend == "harness":  # the hub's ceiling: throughput and latency only
         tests = tests[-5:]
+    elif args.ipv6:  # iperf3 -6 both ways, one stream
+        tests.append(lambda: iperf_tcp(setup, t, False, 1, args.guest_cc, ipv6=True))
+        tests.append(lambda: iperf_tcp(setup, t, True, 1, args.guest_cc, ipv6=True))
     else:
         tests.append(lambda: wrk(setup, min(t, 5)))
         if args.loss and shutil.which("nft"):
@@ -496,6 +520,12 @@ def main() -> int:
         "SYN- and UDP-floods it (hping3)",
     )
     parser.add_argument("--flood-only", action="store_true", help="only the --flood figures")
+    parser.add_argument(
+        "--no-ipv6",
+        dest="ipv6",
+        action="store_false",
+        help="skip the IPv6 rows (iperf3 -6 both ways to fec0::2, the host's ::1)",
+    )
     parser.add_argument(
         "--loss",
         type=int,
