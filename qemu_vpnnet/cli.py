@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import importlib
+import ipaddress
 import logging
 import signal
 import sys
@@ -13,12 +14,14 @@ from qemu_vpnnet.control.qmp_server import QmpServer
 from qemu_vpnnet.core.config import (
     DEFAULT_MTU,
     DEFAULT_NET,
+    DEFAULT_PREFIX6,
     GUEST_MAX_PENDING,
     GUEST_MAX_TCP,
     GUEST_MAX_UDP,
     GUEST_NEW_FLOWS,
     NetConfig,
     ip_bytes,
+    ip_str,
 )
 from qemu_vpnnet.core.fwd import Rule
 from qemu_vpnnet.core.packets import parse_mac
@@ -85,6 +88,49 @@ def dns_zone_file(text: str) -> str:
     except ZoneError as exc:
         raise argparse.ArgumentTypeError(f"--dns-zone-file {text}: {exc}") from exc
     return text
+
+
+def ipv6_prefix(text: str) -> str:
+    """--ipv6-prefix: an IPv6 /64 a guest can use (ADDRESS/64)."""
+    try:
+        network = ipaddress.IPv6Network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ipv6-prefix {text!r}: not an IPv6 network (ADDRESS/64)") from None
+    if network.prefixlen != 64:
+        raise argparse.ArgumentTypeError(
+            f"--ipv6-prefix {text}: must be a /64 (SLAAC needs 64 bits for the interface identifier)"
+        )
+    if network.is_multicast or network.is_link_local or network.is_loopback or network.is_unspecified:
+        raise argparse.ArgumentTypeError(f"--ipv6-prefix {text}: not a unicast prefix a guest can use")
+    return str(network)
+
+
+def ipv6_address(option: str) -> Callable[[str], str]:
+    """A type for --ipv6-host/--ipv6-dns: one IPv6 address (brackets allowed), in normal form."""
+
+    def parse(text: str) -> str:
+        try:
+            return str(ipaddress.IPv6Address(text.removeprefix("[").removesuffix("]")))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} {text!r}: not an IPv6 address") from None
+
+    return parse
+
+
+def check_ipv6_options(args: argparse.Namespace) -> str | None:
+    """What is wrong with the IPv6 options together (naming the option), or None."""
+    if args.no_ipv6 and args.dhcpv6:
+        return "--dhcpv6: IPv6 is off (--no-ipv6)"
+    network = ipaddress.IPv6Network(args.ipv6_prefix)
+    base = network.network_address
+    host = ipaddress.IPv6Address(args.ipv6_host) if args.ipv6_host else base + 2
+    dns = ipaddress.IPv6Address(args.ipv6_dns) if args.ipv6_dns else base + 3
+    for option, addr in (("--ipv6-host", host), ("--ipv6-dns", dns)):
+        if addr not in network or addr == base:
+            return f"{option} {addr}: not a host address of --ipv6-prefix {network}"
+    if host == dns:
+        return f"--ipv6-dns {dns}: the gateway (--ipv6-host) has that address"
+    return None
 
 
 def static_lease(text: str) -> tuple[bytes, bytes]:
@@ -246,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--domain", default="", help="DNS domain handed out by DHCP")
     n.add_argument("--dns-search", action="append", default=[], metavar="DOMAIN", help="DNS search domain (repeatable)")
     n.add_argument(
-        "--mtu", type=int, default=DEFAULT_MTU, help=f"MTU offered by DHCP, 576..65520 (default {DEFAULT_MTU})"
+        "--mtu",
+        type=int,
+        default=DEFAULT_MTU,
+        help=f"MTU offered by DHCP and in IPv6 router advertisements, 576..65520 (default {DEFAULT_MTU})",
     )
     n.add_argument(
         "--busy-poll",
@@ -255,6 +304,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="USEC",
         help="after a light request/reply turn keep polling this long instead of sleeping: lower "
         "round-trip latency for some CPU while such traffic flows; 0 turns it off (default 200)",
+    )
+    v = p.add_argument_group("IPv6 (see docs/ipv6.rst; defaults are QEMU -netdev user's)")
+    v.add_argument(
+        "--ipv6-prefix",
+        type=ipv6_prefix,
+        default=DEFAULT_PREFIX6,
+        metavar="PREFIX",
+        help=f"the guests' IPv6 /64, announced in router advertisements for SLAAC (default {DEFAULT_PREFIX6})",
+    )
+    v.add_argument(
+        "--ipv6-host",
+        type=ipv6_address("--ipv6-host"),
+        metavar="ADDR",
+        help="the gateway's IPv6 address, the host's ::1 for guests (default: ::2 of --ipv6-prefix)",
+    )
+    v.add_argument(
+        "--ipv6-dns",
+        type=ipv6_address("--ipv6-dns"),
+        metavar="ADDR",
+        help="the DNS server's IPv6 address (default: ::3 of --ipv6-prefix)",
+    )
+    v.add_argument(
+        "--dhcpv6",
+        action="store_true",
+        help="also give stateful DHCPv6 addresses to guests that ask (default: SLAAC, and stateless DHCPv6 "
+        "for DNS servers and the search list only)",
+    )
+    v.add_argument(
+        "--no-ipv6",
+        action="store_true",
+        help="no IPv6 service for guests: no router advertisements, DHCPv6, or IPv6 to the gateway, the host "
+        "and beyond (default: IPv6 on)",
     )
     d = p.add_argument_group("DNS (see docs/dns.rst)")
     d.add_argument(
@@ -446,6 +527,21 @@ def config_from(args: argparse.Namespace) -> NetConfig:
         guest_max_pending=args.guest_max_pending,
         guest_max_udp=args.guest_max_udp,
         guest_new_flows=args.guest_new_flows,
+        ipv6=not args.no_ipv6,
+        prefix6=args.ipv6_prefix,
+        host6=args.ipv6_host,
+        dns6=args.ipv6_dns,
+        dhcpv6=args.dhcpv6,
+    )
+
+
+def ipv6_summary(config: NetConfig) -> str:
+    """The IPv6 part of the "serving" line."""
+    if not config.ipv6:
+        return "ipv6=off"
+    return (
+        f"ipv6={config.network6} gateway6={ip_str(config.host_ip6)} dns6={ip_str(config.dns_ip6)} "
+        f"dhcpv6={'stateful' if config.dhcpv6 else 'stateless'}"
     )
 
 
@@ -630,12 +726,13 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         return 2
     # integrations/libvirt.py (the libvirt hook) waits for this "serving net=" line: keep it.
     log.info(
-        "serving net=%s gateway=%s dns=%s dhcp-start=%s mtu=%d",
+        "serving net=%s gateway=%s dns=%s dhcp-start=%s mtu=%d %s",
         config.network,
         config.host_ip_str(),
         config.dns_ip_str(),
         config.dhcp_start_str(),
         config.mtu,
+        ipv6_summary(config),
     )
     for hint in qemu_hints(args):
         log.info("QEMU arguments: %s", hint)
@@ -654,6 +751,9 @@ def run_backend(argv: Sequence[str]) -> int:
     setup_logging(args)
     if not (args.socket or args.connect or args.listen_tcp or args.dgram):
         parser.error("give at least one of --socket, --connect, --listen-tcp, --dgram")
+    problem = check_ipv6_options(args)
+    if problem is not None:
+        parser.error(problem)
     try:
         config = config_from(args)
     except ValueError as exc:
