@@ -80,11 +80,23 @@ def test_builtin_names_resolve_to_the_gateway(name: str) -> None:
 
 def test_builtin_names_have_no_other_records() -> None:
     stack = make_stack()
-    stack.frame_received(1, dns_frame(query("host.internal", dpkt.dns.DNS_AAAA)), 0.0)
     stack.frame_received(1, dns_frame(query("host.internal", dpkt.dns.DNS_MX)), 0.0)
-    for answer in take_answers(stack):
-        msg = dpkt.dns.DNS(answer)
-        assert msg.rcode == dpkt.dns.DNS_RCODE_NOERR and msg.an == [] and len(msg.qd) == 1
+    (answer,) = take_answers(stack)
+    msg = dpkt.dns.DNS(answer)
+    assert msg.rcode == dpkt.dns.DNS_RCODE_NOERR and msg.an == [] and len(msg.qd) == 1
+    assert take_ops(stack) == []
+
+
+def test_builtin_names_have_an_ipv6_address_unless_ipv6_is_off() -> None:
+    stack = make_stack()
+    stack.frame_received(1, dns_frame(query("host.internal", dpkt.dns.DNS_AAAA)), 0.0)
+    (answer,) = take_answers(stack)
+    assert [rr.ip6 for rr in dpkt.dns.DNS(answer).an] == [bytes.fromhex("fec0" + "00" * 13 + "02")]
+    stack = make_stack(ipv6=False)
+    stack.frame_received(1, dns_frame(query("host.internal", dpkt.dns.DNS_AAAA)), 0.0)
+    (answer,) = take_answers(stack)
+    msg = dpkt.dns.DNS(answer)
+    assert msg.rcode == dpkt.dns.DNS_RCODE_NOERR and msg.an == []
     assert take_ops(stack) == []
 
 

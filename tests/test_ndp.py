@@ -261,6 +261,8 @@ def test_unsolicited_advertisements_follow_the_initial_then_regular_schedule() -
     ndp, out = make()
     times: list[float] = []
     now = 5.0
+    assert ndp.next_deadline() == float("inf")  # no guest has spoken IPv6 yet
+    ndp.activate(now)
     assert ndp.next_deadline() <= now
     while now < 1000.0:
         ndp.timer(now)

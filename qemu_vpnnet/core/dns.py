@@ -137,7 +137,9 @@ def encode_name(name: str) -> bytes:
 
 
 def reverse_name(addr: bytes) -> str:
-    """The in-addr.arpa name of an IPv4 address."""
+    """The in-addr.arpa name of an IPv4 address, the ip6.arpa name (RFC 3596) of an IPv6 one."""
+    if len(addr) == 16:
+        return ".".join(reversed(addr.hex())) + ".ip6.arpa"
     return f"{addr[3]}.{addr[2]}.{addr[1]}.{addr[0]}.in-addr.arpa"
 
 
@@ -255,12 +257,16 @@ class DnsServer:
         cfg = out.config
         self.mode = MODE_HOST
         self.host_names: set[str] = {name.lower().rstrip(".") for name in cfg.host_names}
-        self.builtin: dict[str, list[bytes]] = {name: [cfg.host_ip] for name in self.host_names}
-        self.builtin["gateway.internal"] = [cfg.host_ip]
-        self.builtin["dns.internal"] = [cfg.dns_ip]
+        gateway = [cfg.host_ip, cfg.host_ip6] if cfg.ipv6 else [cfg.host_ip]  # A and AAAA
+        self.builtin: dict[str, list[bytes]] = {name: gateway for name in self.host_names}
+        self.builtin["gateway.internal"] = gateway
+        self.builtin["dns.internal"] = [cfg.dns_ip, cfg.dns_ip6] if cfg.ipv6 else [cfg.dns_ip]
         self.ptr: dict[str, str] = {reverse_name(cfg.host_ip): "gateway.internal"}
         if cfg.dns_ip != cfg.host_ip:
             self.ptr[reverse_name(cfg.dns_ip)] = "dns.internal"
+        if cfg.ipv6:
+            self.ptr[reverse_name(cfg.host_ip6)] = "gateway.internal"
+            self.ptr[reverse_name(cfg.dns_ip6)] = "dns.internal"
         self.zones = DnsZones()
         self.names = AnswerNames()  # address -> name resolved, for the proxy's no_proxy (core/dns_names.py)
         self.split: dict[str, tuple[str, int]] = {}  # domain -> (server address, port)

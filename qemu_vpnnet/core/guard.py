@@ -9,6 +9,12 @@ Theory of operation.
   is learned or switched, with one dict lookup; only a mismatch takes the slow path
   (`spoof_reason`), which checks that the lease is still live (an expired one is forgotten) and
   names the reason: gateway, dns, service or lease.
+* IPv6 ownership. IPv6 guests configure themselves (SLAAC), so there is no lease to go by: the
+  first MAC that sends from an address of the prefix or a link-local one claims it
+  (`claim6`), and another MAC using it is spoofing while the claimant is still on the switch.
+  A guest that left (its port closed, or its MAC aged out of the switch) frees its claims; a
+  guest holding MAX_V6_PER_GUEST addresses frees its oldest claim for a new one, and the table
+  holds at most MAX_V6_CLAIMS (the oldest go first).
 * Per-guest limits, by the guest's MAC address (the identity of the switch and of DHCP; a
   flood with random source addresses still comes from one MAC): TCP connections it opened,
   those of them still connecting (SYN received, host connect pending), UDP and ping flows,
@@ -38,6 +44,8 @@ from qemu_vpnnet.core.packets import mac_str
 LOG_INTERVAL: Final = 10.0  # seconds between two GUEST_LIMIT events of one reason
 BUDGET_HOLD: Final = 30.0  # seconds a budget lowered by EMFILE holds before the configured one is back
 MAX_GUESTS: Final = 4096  # usage records kept (those holding nothing are dropped first)
+MAX_V6_CLAIMS: Final = 8192  # IPv6 addresses (global and link-local) owned by guests, at most
+MAX_V6_PER_GUEST: Final = 32  # ... per guest: SLAAC, privacy and link-local addresses come and go
 NO_BUDGET: Final = 1 << 40
 # RSTs for refused SYNs per second and guest: a flood past its limits gets this many answers,
 # the rest are dropped unanswered (counted tcp-refused-quietly), so that refusing costs less
@@ -78,6 +86,12 @@ class Guard:
         gateway = config.gateway_mac
         self.owners[config.host_ip] = gateway
         self.owners[config.dns_ip] = gateway
+        if config.ipv6:
+            self.owners[config.host_ip6] = gateway
+            self.owners[config.dns_ip6] = gateway
+            self.owners[config.router_ll] = gateway
+        self.claims6: dict[bytes, tuple[bytes, float]] = {}  # IPv6 address -> (MAC, claimed at), oldest first
+        self.claims6_of: dict[bytes, list[bytes]] = {}  # MAC -> its claimed IPv6 addresses, oldest first
         self.guests: dict[bytes, GuestUsage] = {}
         self.sockets = 0  # host sockets the flows hold (TCP, UDP, ping)
         self.fd_budget = NO_BUDGET
@@ -95,6 +109,47 @@ class Guard:
             if len(self.owners) >= MAX_GUESTS * 2 and addr not in self.owners:
                 return  # the slow path still finds live leases through DhcpServer
             self.owners[addr] = mac
+
+    def claim6(self, addr: bytes, mac: bytes, now: float) -> None:
+        """mac sends from IPv6 addr, which nobody owns (or whose owner left): it is mac's now."""
+        claims = self.claims6
+        old = claims.get(addr)
+        if old is not None:
+            self.release6_one(addr, old[0])
+        elif len(claims) >= MAX_V6_CLAIMS:
+            oldest = next(iter(claims))
+            self.release6_one(oldest, claims[oldest][0])
+        mine = self.claims6_of.get(mac)
+        if mine is None:
+            mine = []
+            self.claims6_of[mac] = mine
+        elif len(mine) >= MAX_V6_PER_GUEST:
+            self.release6_one(mine[0], mac)
+            self.counters.add("ipv6-claims-recycled")
+        claims[addr] = (mac, now)
+        mine.append(addr)
+        self.owners[addr] = mac
+
+    def release6_one(self, addr: bytes, mac: bytes) -> None:
+        self.claims6.pop(addr, None)
+        if self.owners.get(addr) == mac:
+            del self.owners[addr]
+        mine = self.claims6_of.get(mac)
+        if mine is not None:
+            if addr in mine:
+                mine.remove(addr)
+            if not mine:
+                del self.claims6_of[mac]
+
+    def release6(self, macs: set[bytes]) -> None:
+        """These guests are gone: their IPv6 addresses are free."""
+        for mac in macs:
+            for addr in list(self.claims6_of.get(mac, ())):
+                self.release6_one(addr, mac)
+
+    def addresses6(self, mac: bytes) -> list[bytes]:
+        """The IPv6 addresses mac claimed, oldest first."""
+        return list(self.claims6_of.get(mac, ()))
 
     # ---- limits ------------------------------------------------------------------------
     def usage(self, mac: bytes, now: float) -> GuestUsage:

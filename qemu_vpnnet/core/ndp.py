@@ -13,7 +13,7 @@ with the gateway services' IPv6 addresses). The Stack hands `received()` every I
   the /64 prefix with L and A (SLAAC), RDNSS with `config.dns_ip6` and DNSSL with
   `config.domain` then `config.search` (omitted when there are none; names that do not fit
   MAX_DNSSL_BYTES are left out). Built once; only the checksum is computed per send.
-  Unsolicited ones go to ff02::1: the first at the first `timer()` call, INITIAL_RAS in all
+  Unsolicited ones go to ff02::1 once a guest spoke IPv6 (`activate`): the first at once, INITIAL_RAS in all
   INITIAL_RA_INTERVAL apart (RFC 4861 6.2.4), then one every RA_INTERVAL.
 * Neighbor Solicitation for one of our addresses: a Neighbor Advertisement with Router and
   Override set and our MAC, unicast to the asker, Solicited set; for a duplicate address
@@ -42,6 +42,7 @@ from qemu_vpnnet.core.dhcp import encode_search_list
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import IPPROTO_ICMPV6, icmpv6_message
 
+INF: Final = float("inf")
 ND_ROUTER_SOLICIT: Final = 133
 ND_ROUTER_ADVERT: Final = 134
 ND_NEIGHBOR_SOLICIT: Final = 135
@@ -151,7 +152,8 @@ class Ndp:
         cfg = out.config
         # addresses we answer solicitations for besides host_ip6, dns_ip6 and router_ll (the Stack's)
         self.extra_targets: set[bytes] = set()
-        self.next_ra = 0.0  # deadline of the next unsolicited RA; 0: at the first timer() call
+        self.active = False  # unsolicited RAs start with the first IPv6 frame a guest sends (activate)
+        self.next_ra = INF  # deadline of the next unsolicited RA
         self.initial_left = INITIAL_RAS
         self.solicited: dict[bytes, float] = {}  # target -> when we last solicited it, oldest first
         self.ra_body = self._ra_body()
@@ -320,6 +322,13 @@ class Ndp:
         message = icmpv6_message(src, group, ND_NEIGHBOR_SOLICIT, 0, bytes(4) + target + self.slla)
         self.out.send_ip6(multicast_mac(group), src, group, IPPROTO_ICMPV6, message, ND_HOP_LIMIT)
         self.out.counters.add("ndp-ns-sent")
+
+    def activate(self, now: float) -> None:
+        """A guest speaks IPv6: unsolicited RAs from now on, the first at the next timer() call
+        (until then there is nobody to keep the router and prefix lifetimes fresh for)."""
+        if not self.active and self.config.ipv6:
+            self.active = True
+            self.next_ra = now
 
     def timer(self, now: float) -> None:
         """Send the unsolicited Router Advertisement when it is due."""

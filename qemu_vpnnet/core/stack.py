@@ -8,11 +8,14 @@ control plane), and next_deadline().
 from typing import Final, final
 
 from qemu_vpnnet.core.checksum import checksum, finish
-from qemu_vpnnet.core.config import NetConfig
+from qemu_vpnnet.core.config import NetConfig, ip_str
 from qemu_vpnnet.core.dhcp import DHCP_CLIENT_PORT, DHCP_SERVER_PORT, DhcpServer
+from qemu_vpnnet.core.dhcpv6 import Dhcpv6Server
 from qemu_vpnnet.core.dns import DnsServer
 from qemu_vpnnet.core.fragments import Reassembler
 from qemu_vpnnet.core.icmp import IcmpProxy
+from qemu_vpnnet.core.ipv6_input import Ipv6Input
+from qemu_vpnnet.core.ndp import Ndp
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import (
     ETH_HLEN,
@@ -27,6 +30,7 @@ from qemu_vpnnet.core.packets import (
     arp_packet,
     eth_header,
     icmp_message,
+    mac_str,
     unpack_arp,
     unpack_ipv4,
     unpack_udp,
@@ -59,6 +63,9 @@ class Stack:
         self.guard = out.guard  # who may use which address, per-guest limits (core/guard.py)
         self.owners = out.guard.owners
         self.guard.reclaim = self.reclaim
+        self.ndp = Ndp(out)  # router and neighbour advertisements (core/ndp.py)
+        self.dhcpv6 = Dhcpv6Server(config)
+        self.ipv6 = Ipv6Input(self)  # IPv6 frames from guests (core/ipv6_input.py)
 
     # ---- ports -------------------------------------------------------------------------
     def attach_port(self, port: int) -> None:
@@ -69,6 +76,7 @@ class Stack:
         only there (their host peers see a reset). Returns what was closed, by kind."""
         gone = {mac for mac, where in self.switch.mac_table.items() if where == port}
         self.switch.detach(port)
+        self.guard.release6(gone)
         return self.close_guests(gone)
 
     def close_guests(self, macs: set[bytes]) -> dict[str, int]:
@@ -144,6 +152,8 @@ class Stack:
             spa = frame[28:32]
             if spa in self.owners and self.spoofed("arp", spa, src_mac, frame[22:28], now):
                 return
+        elif ethertype == ETH_P_IPV6 and self.config.ipv6 and self.ipv6.blocked(src_mac, frame, now):
+            return  # a forged source or neighbour claim, or a router's message from a guest
         self.switch.learn(src_mac, port)
         if not self.switch.forward(port, dst_mac, frame):
             return
@@ -152,7 +162,10 @@ class Stack:
         elif ethertype == ETH_P_ARP:
             self.arp_received(src_mac, frame)
         elif ethertype == ETH_P_IPV6:
-            self.counters.add("rx-ipv6-ignored")
+            if self.config.ipv6:
+                self.ipv6.received(src_mac, frame, now)
+            else:
+                self.counters.add("rx-ipv6-ignored")
         else:
             self.counters.add("rx-other-ethertype")
 
@@ -340,6 +353,8 @@ class Stack:
         self.icmp.timer(now)
         self.dns.timer(now)
         self.udp_forwards.timer(now)
+        if self.config.ipv6:
+            self.ndp.timer(now)
         if self.fragments.pending:
             self.fragments.expire(now)
 
@@ -351,4 +366,22 @@ class Stack:
             self.dns.next_deadline(),
             self.udp_forwards.next_deadline(),
             self.fragments.next_deadline(),
+            self.ndp.next_deadline() if self.config.ipv6 else NO_DEADLINE,
         )
+
+    # ---- IPv6 neighbours ---------------------------------------------------------------
+    def ipv6_neighbours(self, now: float) -> list[dict[str, object]]:
+        """The guests' IPv6 addresses seen on the network (claimed by their MAC), for QMP."""
+        present = self.switch.mac_table
+        return [
+            {"address": ip_str(addr), "mac": mac_str(mac), "age": round(now - since, 3), "present": mac in present}
+            for addr, (mac, since) in self.guard.claims6.items()
+        ]
+
+    def guest_ipv6(self, mac: bytes) -> bytes | None:
+        """The guest's IPv6 address in the prefix it used last (its DHCPv6 lease first), or None."""
+        cfg = self.config
+        for addr in reversed(self.guard.addresses6(mac)):
+            if addr[:8] == cfg.prefix6:
+                return addr
+        return None
