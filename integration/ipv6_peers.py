@@ -14,7 +14,8 @@ the time it took):
 
 - ``tcp ADDR PORT TEXT``: connect, send TEXT, shut down writing, read until EOF.
 - ``connect ADDR PORT``: only connect (how fast a refusal or an ICMPv6 error comes back).
-- ``udp ADDR PORT SIZE``: a connected UDP socket sends SIZE bytes, waits 3 s for the echo.
+- ``udp ADDR PORT SIZE``: a connected UDP socket (IPv6: with IPV6_RECVERR, so every ICMPv6 error
+  surfaces) sends SIZE bytes, waits 3 s for the echo.
 - ``ra IFACE``: send a router solicitation and report the first router advertisement:
   ``router`` (its source), ``mac`` (source link-layer option), ``hop_limit``, ``managed``,
   ``other``, ``lifetime``, ``prefixes`` ([prefix/len, on-link, autonomous, valid, preferred]),
@@ -41,6 +42,7 @@ import time
 _print_lock = threading.Lock()
 
 ETH_P_IPV6 = 0x86DD
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)  # <linux/in6.h>
 ALL_NODES = "ff02::1"
 ALL_ROUTERS = "ff02::2"
 ALL_DHCP = "ff02::1:2"
@@ -186,6 +188,10 @@ def client_connect(addr: str, port: int) -> dict[str, object]:
 def client_udp(addr: str, port: int, size: int) -> dict[str, object]:
     start = time.monotonic()
     s = socket.socket(family(addr), socket.SOCK_DGRAM)
+    if s.family == socket.AF_INET6:
+        # Linux reports only "hard" ICMPv6 errors (port unreachable, administratively prohibited)
+        # to a UDP socket; no route / address unreachable need IPV6_RECVERR
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
     s.settimeout(3)
     try:
         s.connect((addr, port))

@@ -407,7 +407,8 @@ def test_refused_port_and_unreachable_network_fail_at_once(bed: BedFactory) -> N
     """A closed port on the host's ::1 (via fec0::2) is refused at once (RST); a connect to a
     network the host has no route to fails within a second with an ICMPv6 error
     (ENETUNREACH/EHOSTUNREACH), not a timeout, so happy-eyeballs clients fall back at once; UDP
-    to it gets the error too."""
+    to it gets the ICMPv6 error too (which Linux hands a UDP socket only with IPV6_RECVERR: no
+    route is a soft error)."""
     b = bed()
     times = []
     for _ in range(3):
