@@ -4,12 +4,14 @@ name and IPv6 addresses; query-neighbours."""
 
 import json
 from pathlib import Path
+from typing import cast
 
 import dpkt
 import pytest
 
 from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.stack import Stack
+from qemu_vpnnet.io.qemu_ports import QemuPort
 from tests.guestframes import GUEST2_MAC, GUEST_MAC
 from tests.test_qmp_ctl import BackendThread, backend, run_ctl  # noqa: F401 (backend: a fixture)
 from tests.test_qmp_server import Env, error_of, run
@@ -168,3 +170,80 @@ def test_ctl_leases_neighbours_and_ipv6_forwards(
     assert run_ctl(backend, "hostfwd", "remove", f"tcp:[::1]:{port}") == 0
     assert capsys.readouterr().out == f"removed tcp:[::1]:{port}-[fec0::5]:22\n"
     assert ipv6_port_is_free(port)
+
+
+# ---- with the real core: what a guest's own IPv6 traffic teaches ------------------------------
+
+
+def guest_ns_frame(src: bytes, target: bytes) -> bytes:
+    """A neighbor solicitation for target from the guest at src (its MAC in the source option)."""
+    body = bytes(4) + target + b"\x01\x01" + GUEST_MAC
+    dst = b"\xff\x02" + bytes(9) + b"\x01\xff" + target[13:]
+    icmp = dpkt.icmp6.ICMP6(type=135, code=0, data=body)
+    pkt = dpkt.ip6.IP6(src=src, dst=dst, nxt=58, hlim=255, data=icmp)
+    pkt.plen = len(bytes(icmp))
+    mcast = b"\x33\x33" + dst[12:]
+    return bytes(dpkt.ethernet.Ethernet(dst=mcast, src=GUEST_MAC, type=dpkt.ethernet.ETH_TYPE_IP6, data=bytes(pkt)))
+
+
+class FramePort:
+    """A QEMU port that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def send_frames(self, frames: list[bytes]) -> int:
+        self.frames.extend(frames)
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def test_real_core_neighbours_leases_and_a_forward_to_the_guests_ipv6_address(tmp_path: Path) -> None:
+    import asyncio
+    import socket
+
+    from qemu_vpnnet.core.config import ip6_bytes
+
+    guest6 = ip6_bytes("fec0::5054:ff:fe12:3456")
+
+    async def test(env: Env) -> None:
+        stack = env.shell.stack
+        if not hasattr(stack, "guest_ipv6"):
+            pytest.skip("the core has no IPv6 neighbour table yet")
+        client = await env.client()
+        port = FramePort()
+        stack.attach_port(1)
+        env.shell.ports[1] = cast(QemuPort, port)
+        now = env.shell.now()
+        bind_lease(stack, GUEST_MAC, b"debian", now)
+        stack.frame_received(1, guest_ns_frame(guest6, stack.config.host_ip6), now)
+        neighbours = await client.execute("query-neighbours")
+        assert isinstance(neighbours, list)
+        assert [(n["address"], n["mac"]) for n in neighbours] == [("fec0::5054:ff:fe12:3456", "52:54:00:12:34:56")]
+        leases = await client.execute("query-leases")
+        assert isinstance(leases, list) and leases[0]["ipv6-addresses"] == ["fec0::5054:ff:fe12:3456"]
+        assert leases[0]["hostname"] == "debian"
+
+        added = await client.execute("hostfwd-add", {"rule": "tcp:[::1]:0-[::]:22"})
+        assert isinstance(added, dict)
+        port.frames.clear()
+        _reader, writer = await asyncio.open_connection("::1", added["host-port"], family=socket.AF_INET6)
+        try:
+            syn = None
+            async with asyncio.timeout(5):
+                while syn is None:
+                    await asyncio.sleep(0.01)
+                    for frame in port.frames:
+                        eth = dpkt.ethernet.Ethernet(frame)
+                        if isinstance(eth.data, dpkt.ip6.IP6) and isinstance(eth.data.data, dpkt.tcp.TCP):
+                            syn = eth
+            ip6 = syn.data
+            assert syn.dst == GUEST_MAC
+            assert (ip6.src, ip6.dst, ip6.data.dport) == (stack.config.host_ip6, guest6, 22)
+            assert ip6.data.flags & dpkt.tcp.TH_SYN
+        finally:
+            writer.close()
+
+    run(tmp_path, test)

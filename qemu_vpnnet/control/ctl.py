@@ -192,7 +192,7 @@ def format_neighbours(neighbours: list[dict[str, object]]) -> str:
         return "no IPv6 neighbours"
     rows = []
     for x in neighbours:
-        idle = x.get("idle", "")
+        idle = x.get("idle", x.get("age", ""))
         idle_text = f"{float(idle):.0f}s" if isinstance(idle, (int, float)) else str(idle)
         rows.append([str(x.get("address", "")), str(x.get("mac", "")), idle_text])
     return table(["ADDRESS", "MAC", "IDLE"], rows)

@@ -229,7 +229,7 @@ def leases(shell: "Shell") -> list[dict[str, object]]:
     stack = shell.stack
     by_mac: dict[str, list[tuple[float, str]]] = {}
     for neighbour in stack.ipv6_neighbours(now):
-        idle = neighbour.get("idle", 0.0)
+        idle = neighbour.get("idle", neighbour.get("age", 0.0))  # seconds since last (or first) seen
         seen = float(idle) if isinstance(idle, (int, float)) else 0.0
         by_mac.setdefault(str(neighbour.get("mac", "")), []).append((seen, str(neighbour.get("address", ""))))
     result = stack.dhcp.leases(now)
