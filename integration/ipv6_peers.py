@@ -449,9 +449,14 @@ def frames(iface: str, dst_mac_text: str, kind: str, args: list[str]) -> list[by
       TARGET is at this interface's MAC, to DST (default ff02::1).
     - ``bad-plen SRC DST PORT``: payload length 1000, 28 bytes follow.
     - ``ext-chain SRC DST PORT N``: a UDP datagram behind N destination options headers.
-    - ``ext-endless SRC DST N``: N destination options headers, each naming another as the
+    - ``ext-endless SRC DST PORT N``: N destination options headers, each naming another as the
       next, and the packet ends (no upper-layer header).
     - ``jumbo SRC DST PORT``: payload length 0 with a hop-by-hop jumbo payload option (70000).
+    - ``frag-no-header SRC DST PORT``: a 1232-byte first fragment holding only a destination
+      options header, the UDP header in the second (RFC 7112).
+    - ``frag-overlap SRC DST PORT``: three full-size fragments of a 3000-byte UDP datagram, the
+      second overlapping the first by 8 bytes with other contents (RFC 5722).
+    - ``frag-good SRC DST PORT``: the same datagram in three proper fragments (a control).
     - ``tiny-frag SRC DST PORT``: fragments of three malformed datagrams: a first fragment that
       ends inside its extension headers (no UDP header in it, RFC 7112), a non-last fragment
       whose length is not a multiple of 8, and two overlapping fragments (RFC 5722).
@@ -466,7 +471,7 @@ def frames(iface: str, dst_mac_text: str, kind: str, args: list[str]) -> list[by
         return [ipv6(src, dst, 58, upper_sum(src, dst, 58, body, 2), hops=255)]
     src, dst = a6(args[0]), a6(args[1])
     if kind == "ext-endless":
-        n = int(args[2])
+        n = int(args[3])
         return [ipv6(src, dst, 60, b"".join(dest_options(60) for _ in range(n)))]
     port = int(args[2])
     if kind == "spoof-udp":
@@ -480,6 +485,34 @@ def frames(iface: str, dst_mac_text: str, kind: str, args: list[str]) -> list[by
     if kind == "jumbo":
         hop_by_hop = bytes([17, 0, 0xC2, 4]) + struct.pack("!I", 70000)
         return [ipv6(src, dst, 0, hop_by_hop + udp6(src, dst, 40003, port, b"jumbogram"), plen=0)]
+    if kind == "frag-no-header":
+        # a first fragment of 1232 bytes holding only a destination options header: the UDP header
+        # comes in the next fragment (RFC 7112: such a datagram must be dropped)
+        options = b"".join(bytes([1, 255]) + bytes(255) for _ in range(4)) + bytes([1, 200]) + bytes(200)
+        big = bytes([17, 153]) + options  # (153 + 1) * 8 = 1232 bytes
+        datagram = udp6(src, dst, 40005, port, b"n" * 64)
+        return [
+            ipv6(src, dst, 44, fragment(60, 0, True, 0x1004) + big),
+            ipv6(src, dst, 44, fragment(60, len(big) // 8, False, 0x1004) + datagram),
+        ]
+    if kind == "frag-overlap":
+        # three full-size fragments; the second repeats the first's last 8 bytes with other
+        # contents (RFC 5722: the whole datagram must be dropped)
+        datagram = udp6(src, dst, 40006, port, b"o" * 3000)
+        second = b"X" * 8 + datagram[1232:2456]
+        return [
+            ipv6(src, dst, 44, fragment(17, 0, True, 0x1005) + datagram[:1232]),
+            ipv6(src, dst, 44, fragment(17, 1224 // 8, True, 0x1005) + second),
+            ipv6(src, dst, 44, fragment(17, 2456 // 8, False, 0x1005) + datagram[2456:]),
+        ]
+    if kind == "frag-good":
+        # the control: the same datagram in three proper fragments
+        datagram = udp6(src, dst, 40007, port, b"g" * 3000)
+        return [
+            ipv6(src, dst, 44, fragment(17, 0, True, 0x1006) + datagram[:1232]),
+            ipv6(src, dst, 44, fragment(17, 1232 // 8, True, 0x1006) + datagram[1232:2464]),
+            ipv6(src, dst, 44, fragment(17, 2464 // 8, False, 0x1006) + datagram[2464:]),
+        ]
     if kind == "tiny-frag":
         datagram = udp6(src, dst, 40004, port, b"t" * 64)
         packets = []
