@@ -65,7 +65,11 @@ def test_bad_rules_are_qmp_errors_and_change_nothing(tmp_path: Path) -> None:
         assert desc == "no rule with id 'nope'"
         _cls, desc = await error_of(client, "policy-rule-remove", {"id": "metadata"})
         assert "built in" in desc
-        assert [rule["id"] for rule in (await execute(client, "query-policy"))["rules"]] == ["metadata", "metadata6", "a"]
+        assert [rule["id"] for rule in (await execute(client, "query-policy"))["rules"]] == [
+            "metadata",
+            "metadata6",
+            "a",
+        ]
 
     run(tmp_path, test)
 

@@ -61,6 +61,9 @@ def tune_stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
     return stream
 
 
+EARLY_LIMIT: Final = 256 << 10  # bytes an accepted connection may send before it has a flow
+
+
 class HostConnection(asyncio.Protocol):
     """The host socket of one spliced flow."""
 
@@ -70,6 +73,10 @@ class HostConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.gone = False  # the core no longer knows this flow
         self.on_made = on_made  # for accepted (forwarded) connections: the forwarder picks the flow
+        # what an accepted connection's client sent before the forwarder gave it a flow (it may
+        # wait for an IPv6 guest's neighbour advertisement): handed on by HostTcp.adopt
+        self.early: list[bytes] = []
+        self.early_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tune_stream(transport)
@@ -78,6 +85,12 @@ class HostConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.gone:
+            return
+        if self.flow < 0:  # no flow yet: keep it (bounded: reading stops past EARLY_LIMIT)
+            self.early.append(data)
+            self.early_bytes += len(data)
+            if self.early_bytes >= EARLY_LIMIT and self.transport is not None:
+                self.transport.pause_reading()
             return
         host = self.host
         host.tcp.host_data(self.flow, data, host.shell.now())
@@ -146,8 +159,15 @@ class HostTcp:
         performers[OP_TCP_ACCEPTED] = self.op_accepted
 
     def adopt(self, flow: int, conn: HostConnection) -> None:
-        """Register an accepted (forwarded) host connection under the flow the core gave it."""
+        """Register an accepted (forwarded) host connection under the flow the core gave it, and
+        hand the core what its client sent before (it waits for the guest's handshake)."""
         self.conns[flow] = conn
+        if conn.early:
+            now = self.shell.now()
+            for data in conn.early:
+                self.tcp.host_data(flow, data, now)
+            conn.early = []
+            conn.early_bytes = 0
 
     def op_connect(self, op: HostOp) -> None:
         route = op.route
