@@ -256,7 +256,7 @@ def test_stateful_dhcpv6_hands_out_an_address_in_the_prefix(bed: BedFactory) -> 
 
 def test_curl_to_the_gateway_reaches_the_hosts_loopback(bed: BedFactory) -> None:
     """http://[fec0::2]:PORT/ reaches a server on the host's [::1] (from ::1), and IPv4 to the
-    gateway still works beside it (dual stack)."""
+    gateway still works beside it (dual stack); query-neighbours lists the guest's address."""
     b = bed()
     local = b.peer(b.host.host, "::1", "http:8080")
     local4 = b.peer(b.host.host, "127.0.0.1", "http:8081")
@@ -266,12 +266,15 @@ def test_curl_to_the_gateway_reaches_the_hosts_loopback(bed: BedFactory) -> None
     got4 = curl(b.guest, f"http://{GATEWAY}:8081/")
     assert got4.returncode == 0 and got4.stdout == "hello 127.0.0.1 via 127.0.0.1\n", got4
     assert local4.count("HTTP", 8081, 1) == 1
+    neighbours = json.dumps(b.qmp.execute("query-neighbours"))
+    assert b.addr in neighbours, f"query-neighbours lacks the guest's SLAAC address: {neighbours}"
 
 
 def test_outside_ipv6_host_http_ping_and_udp(bed: BedFactory) -> None:
     """An IPv6 host outside (a namespace behind the host's veth): curl, ping -6 (the backend's
     ping sockets), UDP echo, and a UDP datagram larger than the MTU (the guest fragments it, the
-    backend reassembles it; the 3000-byte echo comes back in fragments)."""
+    backend reassembles it; the 3000-byte echo comes back in fragments); query-connections shows
+    the v6 flows."""
     b = bed()
     far = b.peer(b.host.outside, FAR, "http:80", "udp:7")
     got = curl(b.guest, f"http://[{FAR}]:80/")
@@ -282,6 +285,8 @@ def test_outside_ipv6_host_http_ping_and_udp(bed: BedFactory) -> None:
     big = client(b.guest, "udp", FAR, "7", "3000")
     assert (big["result"], big.get("bytes")) == ("ok", 3000), big
     assert far.count("UDP", 7, 2) == 2 and far.seen("UDP", 7)[1].startswith("UDP 7 3000 ")
+    flows = [c for c in b.qmp.execute("query-connections") if FAR in json.dumps(c)]
+    assert flows and all(b.addr in json.dumps(c) for c in flows), "query-connections shows no IPv6 flow"
     closed = client(b.guest, "udp", FAR, "9", "10")
     assert refused_fast(closed, "ECONNREFUSED"), closed  # ICMPv6 port unreachable
 
