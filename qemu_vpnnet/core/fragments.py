@@ -4,7 +4,9 @@ A guest sends fragments when a UDP or ICMP datagram is larger than its MTU. They
 per (source, destination, protocol, identification); the whole datagram goes on once every
 byte from 0 to the end of the last fragment is there. At most MAX_DATAGRAMS are pending at once
 (the oldest is dropped to make room), each at most 65535 bytes, each for at most TIMEOUT
-seconds; overlapping fragments are accepted, with the first copy of a byte winning.
+seconds, with at most MAX_PARTS fragments each. Overlapping IPv4 fragments are accepted, with
+the first copy of a byte winning; for IPv6 (`add(..., strict=True)`) an overlap discards the
+whole datagram (RFC 5722), and so does a fragment whose copy differs from one already held.
 """
 
 from typing import Final, final
@@ -14,6 +16,7 @@ from qemu_vpnnet.core.actions import Counters
 MAX_DATAGRAMS: Final = 64
 MAX_SIZE: Final = 65535
 TIMEOUT: Final = 30.0
+MAX_PARTS: Final = 256  # a 65535-byte datagram in 576-byte IPv4 fragments is 118
 
 
 @final
@@ -32,8 +35,12 @@ class Reassembler:
         self.pending: dict[bytes, Pending] = {}
         self.counters = counters
 
-    def add(self, key: bytes, header: bytes, offset: int, more: bool, data: bytes, now: float) -> bytes | None:
-        """Store one fragment; the whole IP payload once complete (header: the first fragment's)."""
+    def add(
+        self, key: bytes, header: bytes, offset: int, more: bool, data: bytes, now: float, strict: bool = False
+    ) -> bytes | None:
+        """Store one fragment; the whole IP payload once complete (header: the first fragment's).
+
+        strict (IPv6): a fragment overlapping another drops the datagram (RFC 5722)."""
         if offset + len(data) > MAX_SIZE or (more and len(data) % 8):
             self.counters.add("drop-ip-fragmented-datagram")
             self.pending.pop(key, None)
@@ -46,6 +53,14 @@ class Reassembler:
                 self.counters.add("drop-ip-fragmented-datagram")
             entry = Pending(now)
             self.pending[key] = entry
+        if strict and entry.parts and self.overlaps(entry, offset, offset + len(data)):
+            del self.pending[key]
+            self.counters.add("drop-ip-fragment-overlap")
+            return None
+        if len(entry.parts) >= MAX_PARTS and offset not in entry.parts:
+            del self.pending[key]
+            self.counters.add("drop-ip-fragmented-datagram")
+            return None
         if offset == 0:
             entry.header = header
         if not more:
@@ -69,6 +84,16 @@ class Reassembler:
             return None
         del self.pending[key]
         return bytes(payload[: entry.size])
+
+    @staticmethod
+    def overlaps(entry: Pending, start: int, end: int) -> bool:
+        """Whether [start, end) overlaps a held fragment (an exact repeat of one does not)."""
+        for at, part in entry.parts.items():
+            if at == start and len(part) == end - start:
+                continue
+            if at < end and start < at + len(part):
+                return True
+        return False
 
     def expire(self, now: float) -> None:
         for key in [k for k, e in self.pending.items() if e.expires <= now]:

@@ -280,9 +280,12 @@ class Ipv6Input:
                 if more and end - data_start < MIN_FRAGMENT:
                     out.drop("ipv6-tiny-fragment")
                     return None
+                if not offset and not self.upper_header_complete(frame, upper, data_start, end):
+                    out.drop("ipv6-first-fragment-short")  # RFC 7112: the whole header chain comes first
+                    return None
                 key = frame[22:54] + frame[start + 4 : start + 8] + b"\x06"
                 self.counters.add("rx-ip-fragments")
-                whole = self.stack.fragments.add(key, b"\x06", offset, bool(more), frame[data_start:end], now)
+                whole = self.stack.fragments.add(key, b"\x06", offset, bool(more), frame[data_start:end], now, True)
                 if whole is None:
                     return None
                 self.counters.add("rx-ip-reassembled")
@@ -310,6 +313,24 @@ class Ipv6Input:
             start += length
         out.drop("ipv6-extension-chain")
         return None
+
+    @staticmethod
+    def upper_header_complete(frame: bytes, upper: int, start: int, end: int) -> bool:
+        """Whether a first fragment holds the rest of the header chain and the upper-layer
+        header (RFC 7112): UDP's 8 bytes, ICMPv6's 4."""
+        for _ in range(MAX_EXT_HEADERS):
+            if upper != IPPROTO_DSTOPTS and upper != IPPROTO_ROUTING and upper != IPPROTO_HOPOPTS:
+                break
+            if end - start < 8:
+                return False
+            length = (frame[start + 1] + 1) * 8
+            upper = frame[start]
+            start += length
+        if upper == IPPROTO_UDP:
+            return end - start >= UDP_HLEN
+        if upper == IPPROTO_ICMPV6:
+            return end - start >= 4
+        return True
 
     @staticmethod
     def has_jumbo_option(frame: bytes, at: int, end: int) -> bool:
