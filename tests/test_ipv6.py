@@ -389,3 +389,17 @@ def test_no_ipv6_only_switches_ipv6_frames() -> None:
     stack.frame_received(1, frame6(GUEST_LL, a6("ff02::2"), 58, rs, dst_mac=ALL_ROUTERS_MAC, hop=255), 0.0)
     assert take_frames(stack, 1) == [] and len(take_frames(stack, 2)) == 1  # flooded to the other guest only
     assert stack.counters.get("rx-ipv6-ignored") == 1 and stack.next_deadline() == float("inf")
+
+
+def test_udp_forward_to_a_guests_ipv6_address_and_its_reply() -> None:
+    stack = make_stack()
+    stack.switch.learn(GUEST_MAC, 1)
+    flow = stack.udp_forwards.open(GUEST_MAC, GUEST, 53, 0.0)
+    assert stack.udp_forwards.to_guest(flow, b"question", 0.0)
+    (frame,) = take_frames(stack)
+    pkt = parsed(frame)
+    assert (pkt.src, pkt.dst) == (GATEWAY, GUEST) and frame.endswith(b"question") and valid_l4(frame)
+    port = struct.unpack("!H", frame[54:56])[0]
+    stack.frame_received(1, frame6(GUEST, GATEWAY, 17, udp6(GUEST, GATEWAY, 53, port, b"answer")), 0.0)
+    (op,) = take_ops(stack)
+    assert (op.kind, op.flow, op.data) == (A.OP_UDP_FWD_REPLY, flow, b"answer")

@@ -404,6 +404,9 @@ class Ipv6Input:
         if dst == cfg.dns_ip6 and dport == 53:
             self.stack.dns.from_guest(src_mac, src, dst, sport, payload, now)
             return
+        forwards = self.stack.udp_forwards
+        if dst == cfg.host_ip6 and forwards.by_key and forwards.from_guest(src, sport, dport, payload, now):
+            return  # a reply on a UDP port forward
         if dst[0] == 0xFF:
             self.counters.add("rx-ipv6-multicast-ignored")  # mDNS, LLMNR, SSDP: for other guests
             return

@@ -1,8 +1,9 @@
 """UDP port forwards, the guest side: one flow per host peer of a forward.
 
-Datagrams from a host peer reach the guest from the gateway address and a source port of the
-flow's own; the guest's replies to that address and port go back to that peer. Flows expire
-after the UDP idle timeout; their number is capped (oldest evicted).
+Datagrams from a host peer reach the guest from the gateway address (fec0::2 toward a guest's
+IPv6 address) and a source port of the flow's own; the guest's replies to that address and
+port go back to that peer. Flows expire after the UDP idle timeout; their number is capped
+(oldest evicted).
 """
 
 import heapq
@@ -72,11 +73,16 @@ class UdpForwards:
             return False
         flow.last_used = now
         flow.bytes_to_guest += len(data)
-        self.out.send_udp(flow.guest_mac, self.config.host_ip, flow.guest_ip, flow.port, flow.guest_port, data)
+        self.out.send_udp(flow.guest_mac, self.gateway_of(flow), flow.guest_ip, flow.port, flow.guest_port, data)
         return True
 
+    def gateway_of(self, flow: UdpForwardFlow) -> bytes:
+        """The gateway address of the flow's family: where the guest sees its datagrams come from."""
+        return self.config.host_ip6 if len(flow.guest_ip) == 16 else self.config.host_ip
+
     def from_guest(self, src: bytes, sport: int, dport: int, payload: bytes, now: float) -> bool:
-        """A guest datagram to the gateway address: True when it answers a forward flow."""
+        """A guest datagram to the gateway address (of either family): True when it answers a
+        forward flow."""
         flow = self.by_key.get(self.make_key(src, sport, dport))
         if flow is None:
             return False
@@ -126,7 +132,7 @@ class UdpForwards:
                 "route": "hostfwd",
                 "guest-address": ip_str(flow.guest_ip),
                 "guest-port": flow.guest_port,
-                "remote-address": ip_str(self.config.host_ip),
+                "remote-address": ip_str(self.gateway_of(flow)),
                 "remote-port": flow.port,
                 "bytes-out": flow.bytes_to_host,
                 "bytes-in": flow.bytes_to_guest,
