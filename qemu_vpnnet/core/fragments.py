@@ -55,6 +55,7 @@ class Reassembler:
             self.pending[key] = entry
         if strict and entry.parts and self.overlaps(entry, offset, offset + len(data)):
             del self.pending[key]
+            self.counters.add("rx-dropped")
             self.counters.add("drop-ip-fragment-overlap")
             return None
         if len(entry.parts) >= MAX_PARTS and offset not in entry.parts:
