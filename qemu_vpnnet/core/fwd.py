@@ -360,10 +360,15 @@ class RouteTable:
             if dst != cfg.host_ip or not cfg.host_loopback:
                 return VIRTUAL_ROUTE
             host_value = 0x7F000001  # the gateway is the host's 127.0.0.1
+        return self.by_rules(proto, 4, value, host_value, dport)
+
+    def by_rules(self, proto: int, family: int, value: int, host_value: int, dport: int) -> Route:
+        """Steps 4 to 6 of the decision for a destination that is value as the guest sees it and
+        host_value as the host does (they differ for the gateway only)."""
         route = RESTRICT_ROUTE if self.restrict else DIRECT_ROUTE
         for rule in self.rules:
-            if rule.matches(proto, 4, value, dport) or (
-                host_value != value and rule.matches(proto, 4, host_value, dport)
+            if rule.matches(proto, family, value, dport) or (
+                host_value != value and rule.matches(proto, family, host_value, dport)
             ):
                 rule.hits += 1
                 route = rule.route
@@ -390,20 +395,7 @@ class RouteTable:
             if dst != cfg.host_ip6 or not cfg.host_loopback:
                 return VIRTUAL_ROUTE
             host_value = 1  # the gateway is the host's ::1
-        route = RESTRICT_ROUTE if self.restrict else DIRECT_ROUTE
-        for rule in self.rules:
-            if rule.matches(proto, 6, value, dport) or (
-                host_value != value and rule.matches(proto, 6, host_value, dport)
-            ):
-                rule.hits += 1
-                route = rule.route
-                break
-        if route.kind == DIRECT and proto == PROTO_TCP and host_value == value:
-            if dport in self.proxy_http_ports:
-                return PROXY_HTTP_ROUTE
-            if dport in self.proxy_https_ports:
-                return PROXY_HTTPS_ROUTE
-        return route
+        return self.by_rules(proto, 6, value, host_value, dport)
 
     def guest_visible_source(self, addr: str) -> bytes:
         """The address a packet from host-side addr appears to come from to guests; b"" to drop it.

@@ -49,6 +49,19 @@ def address_sums(src: bytes, dst: bytes, sport: int, dport: int) -> tuple[int, i
     return ip_base, tcp_base
 
 
+def segment_sum(
+    tcp_base: int, tcp_len: int, seq: int, ack: int, off_flags: int, window: int, options: bytes, payload: bytes
+) -> int:
+    """The TCP checksum's partial sum of one segment: tcp_base (address_sums) and the fields,
+    summed as numbers, plus the options' and payload's bytes."""
+    total = tcp_base + tcp_len + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF) + off_flags + window
+    if options:
+        total = sum16(options, total)
+    if payload:
+        total = sum16(payload, total)
+    return total
+
+
 def build_tcp_frame_with(
     dst_mac: bytes,
     src_mac: bytes,
@@ -82,11 +95,7 @@ def build_tcp_frame_with(
     ack &= 0xFFFFFFFF
     ip_csum = finish(ip_base + 20 + tcp_len + ident)
     off_flags = ((hlen >> 2) << 12) | flags
-    total = tcp_base + tcp_len + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF) + off_flags + window
-    if options:
-        total = sum16(options, total)
-    if payload:
-        total = sum16(payload, total)
+    total = segment_sum(tcp_base, tcp_len, seq, ack, off_flags, window, options, payload)
     header = _HEADERS.pack(
         dst_mac,
         src_mac,
@@ -136,11 +145,7 @@ def build_tcp6_frame_with(
     seq &= 0xFFFFFFFF
     ack &= 0xFFFFFFFF
     off_flags = ((hlen >> 2) << 12) | flags
-    total = tcp_base + tcp_len + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF) + off_flags + window
-    if options:
-        total = sum16(options, total)
-    if payload:
-        total = sum16(payload, total)
+    total = segment_sum(tcp_base, tcp_len, seq, ack, off_flags, window, options, payload)
     header = _HEADERS6.pack(
         dst_mac,
         src_mac,
