@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import h11
 
-from qemu_vpnnet.core.config import ip_bytes
+from qemu_vpnnet.core.config import any_ip_bytes, ip_str
 from qemu_vpnnet.core.fwd import DIRECT, KIND_NAMES, LOCAL, PROTO_TCP, PROXY, Route, RouteTable, Rule, addr_value
 from qemu_vpnnet.io.host_tcp import tune_stream
 from qemu_vpnnet.io.proxy_config import ProxyConfigError, ProxySettings, ProxyUrl, split_host_port
@@ -514,7 +514,8 @@ class ProxySession(asyncio.Transport):
             return
         url = self.upstream_url
         assert url is not None and self.client is not None
-        authority = (name or self.dst_addr) + f":{self.dst_port}"
+        host = name or self.dst_addr
+        authority = (f"[{host}]" if ":" in host else host) + f":{self.dst_port}"
         self.target_text = f"CONNECT {authority} via {url.host}:{url.port}"
         self.mode = CONNECT_WAIT
         self.send_upstream(
@@ -1118,7 +1119,7 @@ class HttpProxy:
         resolved = ""
         if addr:
             try:
-                resolved = self.shell.stack.dns.names.name_of(ip_bytes(addr))
+                resolved = self.shell.stack.dns.names.name_of(any_ip_bytes(addr))
             except (ValueError, OSError):
                 resolved = ""
         return no_proxy.matches([*names, resolved], addr, port)
@@ -1140,8 +1141,8 @@ class HttpProxy:
         except ValueError:
             ip = None
         if ip is not None:
-            if ip.version != 4:
-                raise Refused(403, f"{host}: IPv6 destinations are not supported")
+            if ip.version == 6 and not cfg.ipv6:
+                raise Refused(403, f"{host}: IPv6 is off (--no-ipv6)")
             candidates = [ip.packed]
         else:
             name = host.lower().rstrip(".")
@@ -1149,22 +1150,21 @@ class HttpProxy:
             if known is None:
                 known = stack.dns.zones.lookup(name)
             if known is not None:
-                candidates = [addr for addr in known if len(addr) == 4]
+                candidates = [addr for addr in known if len(addr) == 4 or cfg.ipv6]
             elif not resolve:
                 return host
             else:
+                family = socket.AF_UNSPEC if cfg.ipv6 else socket.AF_INET
                 try:
-                    infos = await self.shell.loop.getaddrinfo(
-                        name, port, family=socket.AF_INET, type=socket.SOCK_STREAM
-                    )
+                    infos = await self.shell.loop.getaddrinfo(name, port, family=family, type=socket.SOCK_STREAM)
                 except (OSError, UnicodeError) as exc:
                     raise Refused(502, f"cannot resolve {host}: {exc}") from None
                 for info in infos:
-                    packed = socket.inet_aton(str(info[4][0]))
+                    packed = ipaddress.ip_address(str(info[4][0]).partition("%")[0]).packed
                     if packed not in candidates:
                         candidates.append(packed)
         if not candidates:
-            raise Refused(502, f"{host} has no IPv4 address")
+            raise Refused(502, f"{host} has no address")
         last = ""
         for addr in candidates:
             route = stack.fwd.decide(PROTO_TCP, addr, port)
@@ -1173,7 +1173,7 @@ class HttpProxy:
                 if side:
                     return side if resolve else host
             last = f"{KIND_NAMES[route.kind]} (rule {route.rule or 'default'})"
-        shown = socket.inet_ntoa(candidates[-1])
+        shown = ip_str(candidates[-1])
         raise Refused(403, f"{host}:{port} ({shown}) is not reachable for guests: route {last}")
 
     # ---- sessions ----------------------------------------------------------------------
