@@ -17,6 +17,7 @@ from qemu_vpnnet.core.checksum import checksum
 from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.dns import MODE_FORWARD, MODE_HOST, question_end
 from qemu_vpnnet.core.fragments import MAX_DATAGRAMS
+from qemu_vpnnet.core.guard import MAX_V6_CLAIMS
 from qemu_vpnnet.core.stack import Stack
 from qemu_vpnnet.core.switch import MAX_MACS
 
@@ -162,12 +163,115 @@ def corpus() -> list[bytes]:
         frames.append(_eth(MACS[1], mac, 0x88B5, b"local experimental"))
         frames.append(_udp(mac, "10.0.2.15", "10.0.2.16", 9, 9, b"to a neighbour", dst_mac=MACS[1]))
         frames.append(_udp(mac, "10.0.2.15", "10.0.2.255", 137, 137, b"bcast", dst_mac=BCAST))
+    return frames + corpus6()
+
+
+def _a6(text: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, text)
+
+
+def _slaac(mac: bytes) -> str:
+    iid = bytes((mac[0] ^ 2,)) + mac[1:3] + b"\xff\xfe" + mac[3:6]
+    return socket.inet_ntop(socket.AF_INET6, bytes.fromhex("fec0000000000000") + iid)
+
+
+def _l4_checksum6(src: bytes, dst: bytes, nh: int, l4: bytes) -> int:
+    return checksum(src + dst + struct.pack("!IxxxB", len(l4), nh) + l4)
+
+
+def _ipv6(mac: bytes, src: str, dst: str, nh: int, payload: bytes, dst_mac: bytes = GW_MAC, hop: int = 64,
+          upper: int = -1, csum_at: int = -1) -> bytes:  # fmt: skip
+    """An IPv6 frame; the upper-layer checksum (at csum_at of the payload's upper header, which
+    starts after the extension headers: the last len(upper payload) bytes) filled in."""
+    s6, d6 = _a6(src), _a6(dst)
+    body = bytearray(payload)
+    if csum_at >= 0:
+        proto = upper if upper >= 0 else nh
+        start = len(body) - upper_len(body, nh) if upper >= 0 else 0
+        body[start + csum_at : start + csum_at + 2] = b"\x00\x00"
+        value = _l4_checksum6(s6, d6, proto, bytes(body[start:]))
+        body[start + csum_at : start + csum_at + 2] = struct.pack("!H", value)
+    header = struct.pack("!IHBB", 0x60000000, len(body), nh, hop) + s6 + d6
+    return dst_mac + mac + b"\x86\xdd" + header + bytes(body)
+
+
+def upper_len(body: bytearray, nh: int) -> int:
+    """Length of the upper-layer part of body behind its extension headers."""
+    at = 0
+    while nh in (0, 43, 60) and at + 8 <= len(body):
+        nh, at = body[at], at + (body[at + 1] + 1) * 8
+    return len(body) - at
+
+
+def icmp6(mac: bytes, src: str, dst: str, kind: int, body: bytes, dst_mac: bytes = GW_MAC, hop: int = 64) -> bytes:
+    return _ipv6(mac, src, dst, 58, bytes((kind, 0, 0, 0)) + body, dst_mac, hop, csum_at=2)
+
+
+def udp6(mac: bytes, src: str, dst: str, sport: int, dport: int, data: bytes, dst_mac: bytes = GW_MAC) -> bytes:
+    return _ipv6(mac, src, dst, 17, struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data, dst_mac, csum_at=6)
+
+
+def tcp6(mac: bytes, src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int,
+         data: bytes = b"") -> bytes:  # fmt: skip
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 0x50, flags, 65535, 0, 0) + data
+    return _ipv6(mac, src, dst, 6, seg, csum_at=16)
+
+
+def corpus6() -> list[bytes]:
+    """Well-formed IPv6 frames of every kind a guest sends: ND, DHCPv6, DNS, echo, UDP, TCP,
+    fragments and extension headers."""
+    frames: list[bytes] = []
+    all_routers, all_nodes = bytes.fromhex("333300000002"), bytes.fromhex("333300000001")
+    for mac in MACS:
+        me, ll = _slaac(mac), "fe80::" + _slaac(mac).split("::", 1)[1]
+        slla = b"\x01\x01" + mac
+        frames.append(icmp6(mac, ll, "ff02::2", 133, bytes(4) + slla, all_routers, 255))
+        frames.append(icmp6(mac, "::", "ff02::1:ff00:2", 135, bytes(4) + _a6(me), bytes.fromhex("3333ff000002"), 255))
+        frames.append(icmp6(mac, me, "ff02::1:ff00:2", 135, bytes(4) + _a6("fec0::2") + slla, BCAST, 255))
+        frames.append(icmp6(mac, me, "ff02::1", 136, b"\x20\0\0\0" + _a6(me) + b"\x02\x01" + mac, all_nodes, 255))
+        frames.append(icmp6(mac, ll, "ff02::16", 143, b"\0\0\0\1" + bytes(20), bytes.fromhex("333300000016"), 1))
+        duid = struct.pack("!HH", 1, 10) + b"\x00\x03\x00\x01" + mac
+        for mtype in (11, 1, 3):
+            msg = bytes((mtype, 0, 0, 7)) + duid + (struct.pack("!HHIII", 3, 12, 1, 0, 0) if mtype != 11 else b"")
+            frames.append(udp6(mac, ll, "ff02::1:2", 546, 547, msg, bytes.fromhex("333300010002")))
+        for dst in ("fec0::2", "fec0::3", "2001:db8:1::1", "fe80::2", "fec0::99", "ff02::1", "::1"):
+            frames.append(icmp6(mac, me, dst, 128, b"\x00\x07\x00\x01ping"))
+            frames.append(udp6(mac, me, dst, 5000, 123, b"ntp?"))
+            frames.append(tcp6(mac, me, dst, 40000, 80, 1000, 0, dpkt.tcp.TH_SYN))
+            frames.append(tcp6(mac, me, dst, 40000, 80, 1001, 1, dpkt.tcp.TH_ACK, b"GET / HTTP/1.0\r\n\r\n"))
+        for name in NAMES[:3]:
+            frames.append(udp6(mac, me, "fec0::3", 5353, 53, dns_query(name, 28)))
+        frames.append(tcp6(mac, me, "fec0::3", 40001, 53, 5, 0, dpkt.tcp.TH_SYN))
+        whole = struct.pack("!HHHH", 5001, 9, 8 + 2000, 0) + b"z" * 2000
+        value = _l4_checksum6(_a6(me), _a6("2001:db8:1::1"), 17, whole)
+        whole = whole[:6] + struct.pack("!H", value) + whole[8:]
+        for offset, chunk in ((0, whole[:1232]), (1232, whole[1232:])):
+            more = 1 if offset == 0 else 0
+            frag = struct.pack("!BBHI", 17, 0, offset | more, 0x42)
+            frames.append(_ipv6(mac, me, "2001:db8:1::1", 44, frag + chunk))
+        hbh = b"\x3c\x00\x01\x04" + bytes(4)  # hop-by-hop, PadN, then destination options
+        dstopts = b"\x11\x00\x01\x04" + bytes(4)
+        udp = struct.pack("!HHHH", 5002, 9, 12, 0) + b"opts"
+        frames.append(_ipv6(mac, me, "2001:db8:1::1", 0, hbh + dstopts + udp, upper=17, csum_at=6))
+        frames.append(_ipv6(mac, me, "2001:db8:1::1", 43, b"\x11\x02\x00\x01" + bytes(4) + _a6("::1") + udp))
+        frames.append(udp6(mac, me, _slaac(MACS[1]), 9, 9, b"to a neighbour", dst_mac=MACS[1]))
     return frames
 
 
 def fix_checksums(frame: bytearray) -> None:
     """Recompute the IPv4 header and TCP/UDP/ICMP checksums of a mutated frame (when its header
-    is long enough to have them), so that mutations get past the checksum checks."""
+    is long enough to have them), so that mutations get past the checksum checks; for IPv6 the
+    upper-layer checksum when no extension header comes first."""
+    if len(frame) >= 54 and frame[12:14] == b"\x86\xdd":
+        nh = frame[20]
+        at6 = {6: 16, 17: 6, 58: 2}.get(nh)
+        end6 = min(54 + struct.unpack_from("!H", frame, 18)[0], len(frame))
+        if at6 is None or end6 - 54 < at6 + 2:
+            return
+        frame[54 + at6 : 56 + at6] = b"\x00\x00"
+        value = _l4_checksum6(bytes(frame[22:38]), bytes(frame[38:54]), nh, bytes(frame[54:end6]))
+        frame[54 + at6 : 56 + at6] = struct.pack("!H", (value or 0xFFFF) if nh == 17 else value)
+        return
     if len(frame) < 34 or frame[12:14] != b"\x08\x00":
         return
     ihl = (frame[14] & 0x0F) * 4
@@ -438,6 +542,9 @@ class Harness:
             "mac_table": len(s.switch.mac_table),
             "guest_macs": len(s.out.guest_macs),
             "owners": len(s.owners),
+            "claims6": len(s.guard.claims6),
+            "dhcpv6.leases": len(s.dhcpv6.by_key),
+            "ndp.solicited": len(s.ndp.solicited),
             "guard.guests": len(s.guard.guests),
             "dhcp.leases": len(s.dhcp.by_mac),
             "udp_forwards": len(s.udp_forwards.by_flow),
@@ -459,7 +566,10 @@ class Harness:
             "fragments": MAX_DATAGRAMS,
             "mac_table": MAX_MACS,
             "guest_macs": 4096,
-            "owners": 8192,
+            "owners": 8192 + MAX_V6_CLAIMS,
+            "claims6": MAX_V6_CLAIMS,
+            "dhcpv6.leases": 4096,
+            "ndp.solicited": 256,
             "guard.guests": 4096,
             "dhcp.leases": 4096,
             "udp_forwards": 4096,

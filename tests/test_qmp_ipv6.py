@@ -83,6 +83,11 @@ def test_leases_carry_the_host_name_and_ipv6_addresses(tmp_path: Path, monkeypat
         leases = await client.execute("query-leases")
         assert isinstance(leases, list) and leases[0]["hostname"] == "debian"
         assert await client.execute("query-neighbours") == NEIGHBOURS
+        shown = await client.execute("human-monitor-command", {"command-line": "info leases"})
+        assert isinstance(shown, str)
+        first_line = shown.splitlines()[0]
+        assert first_line.startswith(f"52:54:00:12:34:56 {first} expires in ")
+        assert first_line.endswith(" hostname debian ipv6 fe80::5054:ff:fe12:3456,fec0::5054:ff:fe12:3456")
 
     run(tmp_path, test)
 

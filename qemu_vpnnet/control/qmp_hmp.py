@@ -10,7 +10,7 @@ end in "\\r\\n" as the monitor writes them.
 from typing import Final
 
 from qemu_vpnnet import __version__
-from qemu_vpnnet.control.qmp_commands import Command, Context, Param, connections
+from qemu_vpnnet.control.qmp_commands import Command, Context, Param, connections, leases
 from qemu_vpnnet.hostfwd import HostFwdSyntaxError, parse_hostfwd, parse_hostfwd_remove
 from qemu_vpnnet.io.forwards import ForwardError
 
@@ -114,8 +114,17 @@ def _info(ctx: Context, args: list[str]) -> str:
         lines = [str(f["rule"]) for f in ctx.forwarder.list()]
         return "".join(f"{line}\n" for line in lines) or "no forwards\n"
     if what == "leases":
-        leases = ctx.shell.stack.dhcp.leases(ctx.shell.now())
-        return "".join(f"{lease['mac']} {lease['address']} expires in {lease['expires-in']} s\n" for lease in leases)
+        lines = []
+        for lease in leases(ctx.shell):
+            line = f"{lease['mac']} {lease['address']} expires in {lease['expires-in']} s"
+            name = str(lease.get("hostname", ""))
+            if name:
+                line += " hostname " + "".join(c if c.isprintable() else "?" for c in name)
+            v6 = lease.get("ipv6-addresses")
+            if isinstance(v6, list) and v6:
+                line += " ipv6 " + ",".join(str(a) for a in v6)
+            lines.append(line + "\n")
+        return "".join(lines)
     return f"info: unknown subcommand '{what}'\n"
 
 
