@@ -3,7 +3,7 @@
 import h11
 import pytest
 
-from qemu_vpnnet.io.http_proxy import absolute_target, forward_headers, split_url
+from qemu_vpnnet.io.http_proxy import absolute_target, authority_text, forward_headers, split_url
 from qemu_vpnnet.io.proxy_config import ProxyConfigError
 
 
@@ -37,6 +37,13 @@ def test_explicit_urls() -> None:
     for bad in (b"/relative", b"https://www.test/", b"http:///path"):
         with pytest.raises(ProxyConfigError):
             split_url(bad)
+
+
+def test_ipv6_literals_in_explicit_urls_and_what_is_shown_of_them() -> None:
+    host, port, path = split_url(b"http://[2001:db8:19::1]:8080/a")
+    assert (host, port, path) == ("2001:db8:19::1", 8080, b"/a")
+    assert authority_text(host, port) == "[2001:db8:19::1]:8080"  # not 2001:db8:19::1:8080
+    assert authority_text("www.test", 80) == "www.test:80"
 
 
 def request_headers(raw: bytes) -> h11.Request:

@@ -152,6 +152,11 @@ def split_url(target: bytes) -> tuple[str, int, bytes]:
     return host, port, path
 
 
+def authority_text(host: str, port: int) -> str:
+    """HOST:PORT, an IPv6 address in brackets ([2001:db8::1]:80): what logs and answers show."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def forward_headers(headers: "h11._headers.Headers", keep_upgrade: bool) -> Headers:
     """headers without the hop-by-hop ones (and those the Connection header names); with
     keep_upgrade, Connection: upgrade and Upgrade stay (a protocol switch asked or granted)."""
@@ -730,7 +735,7 @@ class ProxySession(asyncio.Transport):
             return
         request = h11.Request(method=event.method, target=path, headers=headers)
         self.upstream_url = None
-        self.target_text = f"{host}:{port}"
+        self.target_text = authority_text(host, port)
         self.send_request(("direct", host, port), host, port, request, check=(host, port), resolve=True)
 
     def send_request(
@@ -787,12 +792,13 @@ class ProxySession(asyncio.Transport):
             except OSError as exc:
                 self.proxy.count("proxy-upstream-failed")
                 reason = exc.strerror or str(exc)
+                where = authority_text(host, port)
                 if key[0] == "proxy":
-                    self.proxy.warn(f"up:{host}:{port}", f"upstream proxy {host}:{port}: {reason}")
+                    self.proxy.warn(f"up:{host}:{port}", f"upstream proxy {where}: {reason}")
                 if self.kind == "explicit" or key[0] == "direct":
-                    self.answer(502, f"cannot connect to {host}:{port}: {reason}", unblock=True)
+                    self.answer(502, f"cannot connect to {where}: {reason}", unblock=True)
                 else:
-                    self.fail(f"upstream proxy {host}:{port}: {reason}", "")
+                    self.fail(f"upstream proxy {where}: {reason}", "")
                 return
             if self.closing:
                 upstream.close()
@@ -832,7 +838,7 @@ class ProxySession(asyncio.Transport):
             return
         url = self.proxy.settings.https
         self.blocked = True
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        authority = authority_text(host, port)
         via_proxy = url is not None and not self.proxy.bypass([host], "", port)
 
         async def connect() -> None:
@@ -1174,7 +1180,7 @@ class HttpProxy:
                     return side if resolve else host
             last = f"{KIND_NAMES[route.kind]} (rule {route.rule or 'default'})"
         shown = ip_str(candidates[-1])
-        raise Refused(403, f"{host}:{port} ({shown}) is not reachable for guests: route {last}")
+        raise Refused(403, f"{authority_text(host, port)} ({shown}) is not reachable for guests: route {last}")
 
     # ---- sessions ----------------------------------------------------------------------
     async def connect_transparent(self, host_tcp: "HostTcp", flow: int, addr: str, port: int, path: str) -> None:
