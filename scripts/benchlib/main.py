@@ -421,10 +421,10 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
     ]
     if setup.backend == "harness":  # the hub's ceiling: throughput and latency only
         tests = tests[-5:]
-    elif args.ipv6:  # iperf3 -6 both ways, one stream
-        tests.append(lambda: iperf_tcp(setup, t, False, 1, args.guest_cc, ipv6=True))
-        tests.append(lambda: iperf_tcp(setup, t, True, 1, args.guest_cc, ipv6=True))
     else:
+        if args.ipv6:  # iperf3 -6 both ways, one stream
+            tests.append(lambda: iperf_tcp(setup, t, False, 1, args.guest_cc, ipv6=True))
+            tests.append(lambda: iperf_tcp(setup, t, True, 1, args.guest_cc, ipv6=True))
         tests.append(lambda: wrk(setup, min(t, 5)))
         if args.loss and shutil.which("nft"):
             tests.append(lambda: iperf_lossy(setup, min(t, 5), False, args.guest_cc, args.loss))
