@@ -1,8 +1,9 @@
 """Origin servers of integration/test_proxy.py, run in the outside namespace (and a guest-side client).
 
 ``python3 proxy_servers.py origin ADDR PORT [CERT KEY]`` serves HTTP/1.1 (HTTPS with CERT and KEY)
-on ADDR:PORT with keep-alive, one thread per connection, and prints ``REQ METHOD PATH HOST`` for
-every request it gets (so a test sees that a request arrived, and with which Host):
+on ADDR:PORT (an IPv4 or an IPv6 address) with keep-alive, one thread per connection, and prints
+``REQ METHOD PATH HOST`` for every request it gets (so a test sees that a request arrived, and
+with which Host):
 
 - ``GET /hello``: ``hello HOST PATH`` (text);
 - ``GET /big?size=N``: N bytes of integration/servers.py's pattern (its sha256 is known);
@@ -110,7 +111,14 @@ class Handler(BaseHTTPRequestHandler):
 def origin(addr: str, port: int, cert: str = "", key: str = "") -> None:
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer((addr, port), Handler)
+    server_class = ThreadingHTTPServer
+    if ":" in addr:  # an IPv6 origin (test_proxy.py's ipv6 world)
+
+        class Server6(ThreadingHTTPServer):
+            address_family = socket.AF_INET6
+
+        server_class = Server6
+    server = server_class((addr, port), Handler)
     if cert:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)

@@ -10,6 +10,13 @@ The world of each test::
                                        |  80/443 is reset unless it comes
                                        |  from user tinyproxy (or goes to direct.test)
 
+With ``make(..., ipv6=True)`` the world is dual stack: the guest also has its SLAAC address in
+fec0::/64, the outside namespace also 2001:db8:19::1 (www.test and secure.test, AAAA in the same
+/etc/hosts) and 2001:db8:29::2 (direct.test), with the same origin servers, reached through the
+host namespace's default IPv6 route (nshost.py); nftables resets TCP to 2001:db8:19::/64 on
+80/443 the same way (the table is inet). Without it the names have no AAAA and the guest no
+IPv6, as before.
+
 So a request that reaches www.test or secure.test went through the proxy; tinyproxy's log shows
 each request with its host name and each CONNECT with the SNI name; direct.test is reachable
 directly (no_proxy, and the explicit proxy without an upstream). The host namespace's /etc/hosts
@@ -48,6 +55,11 @@ HOSTS = f"""127.0.0.1 localhost
 {DIRECT} direct.test
 198.19.3.3 blocked.test
 """
+WWW6 = "2001:db8:19::1"
+NET6 = "2001:db8:19::/64"  # what nftables resets unless tinyproxy connects
+DIRECT6 = "2001:db8:29::2"
+HOSTS6 = HOSTS + f"{WWW6} www.test secure.test www6.test\n{DIRECT6} direct.test direct6.test\n"  # *6.test: AAAA only
+SLAAC = "fec0::/64"
 MB = 1 << 20
 
 pytestmark = pytest.mark.skipif(
@@ -78,6 +90,7 @@ class World:
     ca: Path
     proxies: dict[str, Proxy]
     origin_logs: list[Path] = field(default_factory=list)
+    guest6: str = ""  # the guest's SLAAC address (ipv6 worlds)
 
     def curl(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
@@ -93,6 +106,10 @@ class World:
 
     def origin_requests(self) -> str:
         return "\n".join(path.read_text() for path in self.origin_logs)
+
+    def origin_log(self, addr: str, port: int) -> str:
+        """What the origin server at addr:port printed (READY, then a REQ line per request)."""
+        return (self.tmp / f"origin-{addr}-{port}.log").read_text()
 
     def peer(self, *args: str, timeout: float = 30) -> dict[str, object]:
         result = self.guest.run([PY, str(PEERS), *args], timeout)
@@ -137,7 +154,7 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
         "-subj",
         "/CN=secure.test",
     )
-    (d / "san.ext").write_text(f"subjectAltName=DNS:secure.test,DNS:www.test,DNS:direct.test,IP:{WWW}\n")
+    (d / "san.ext").write_text(f"subjectAltName=DNS:secure.test,DNS:www.test,DNS:direct.test,IP:{WWW},IP:{WWW6}\n")
     ssl(
         "x509",
         "-req",
@@ -178,6 +195,7 @@ NFT_RULES = f"""table inet vpnt_proxy {{
   chain out {{
     type filter hook output priority 0; policy accept;
     ip daddr 198.19.0.0/16 ip daddr != {DIRECT} tcp dport {{ 80, 443 }} meta skuid != "tinyproxy" reject with tcp reset
+    ip6 daddr {NET6} tcp dport {{ 80, 443 }} meta skuid != "tinyproxy" reject with tcp reset
   }}
 }}
 """
@@ -192,15 +210,22 @@ def world(
     vpnnet_run_dir: Path,
     test_ca: tuple[Path, Path, Path],
 ) -> Iterator[Callable[..., World]]:
-    """``make(*backend_args, auth=False)``: the world above, the backend started with backend_args."""
+    """``make(*backend_args, auth=False, ipv6=False)``: the world above, the backend started with
+    backend_args; dual stack with ipv6."""
     ca, cert, key = test_ca
 
-    def make(*backend_args: str, auth: bool = False) -> World:
-        host = ns_host(hosts=HOSTS, resolv_conf="nameserver 198.18.0.2\noptions timeout:1 attempts:1\n")
+    def make(*backend_args: str, auth: bool = False, ipv6: bool = False) -> World:
+        hosts = HOSTS6 if ipv6 else HOSTS
+        host = ns_host(hosts=hosts, resolv_conf="nameserver 198.18.0.2\noptions timeout:1 attempts:1\n")
+        origins = [(WWW, 80, False), (WWW, 443, True), (DIRECT, 80, False)]
         for addr in (WWW, DIRECT):
             host.add_outside_address(f"{addr}/32")
+        if ipv6:  # reached through the host namespace's default route ::/0 via the outside namespace
+            for addr in (WWW6, DIRECT6):
+                host.add_outside_address(f"{addr}/128")
+            origins += [(WWW6, 80, False), (WWW6, 443, True), (DIRECT6, 80, False)]
         logs = []
-        for addr, port, tls in ((WWW, 80, False), (WWW, 443, True), (DIRECT, 80, False)):
+        for addr, port, tls in origins:
             log = tmp_path / f"origin-{addr}-{port}.log"
             with open(log, "wb") as out:
                 tls_args = [str(cert), str(key)] if tls else []
@@ -224,9 +249,10 @@ def world(
             probe = f"import socket; socket.create_connection(('127.0.0.1', {proxy.port}), 1).close()"
             assert wait_until(lambda probe=probe: host.host.run([PY, "-c", probe]).returncode == 0, 10), proxy.text()
         backend = start_backend("-v", *backend_args, netns=host.host.name)
-        guest = ns_guest(backend=backend, ipv6=False)
+        guest = ns_guest(backend=backend, ipv6=ipv6)
         guest.dhcp()
-        return World(host, backend, guest, tmp_path, ca, proxies, logs)
+        guest6 = guest.wait_slaac(SLAAC, 15) if ipv6 else ""
+        return World(host, backend, guest, tmp_path, ca, proxies, logs, guest6)
 
     yield make
 
@@ -453,3 +479,88 @@ def test_proxy_settings_over_qmp(world: Callable[..., World], vpnnet_run_dir: Pa
         assert lines.count("GET http://www.test/hello HTTP/1.1") == 1, lines
     finally:
         qmp.close()
+
+
+# ---- IPv6 (issue 13): a dual-stack guest is proxied the same way -----------------------------
+
+REMOTE_IP = ("-w", "via=%{remote_ip}\n")  # curl: the address its connection went to
+EXPLICIT = {"http_proxy": f"http://{GATEWAY}:3128", "https_proxy": f"http://{GATEWAY}:3128"}
+
+
+def test_ipv6_without_an_upstream_nothing_is_intercepted(world: Callable[..., World]) -> None:
+    w = world(ipv6=True)
+    assert w.guest6.startswith("fec0::"), w.guest6
+    result = w.curl("-6", "http://www.test/hello", timeout=20)  # direct IPv6 TCP to www.test: reset by nftables
+    assert result.returncode in (7, 56), result
+    assert w.ok("-6", *REMOTE_IP, "http://direct.test/hello") == f"hello direct.test /hello\nvia={DIRECT6}\n"
+    assert w.proxies["open"].requests() == []
+
+
+def test_ipv6_transparent_http_by_literal_and_by_aaaa(world: Callable[..., World]) -> None:
+    w = world(*UPSTREAM, ipv6=True)
+    # an IPv6 literal: tinyproxy gets the absolute form with the brackets, and reaches the origin over IPv6
+    assert w.ok("-6", *REMOTE_IP, f"http://[{WWW6}]/hello") == f"hello [{WWW6}] /hello\nvia={WWW6}\n"
+    assert f"REQ GET /hello [{WWW6}]" in w.origin_log(WWW6, 80)
+    # a name the guest resolved to its AAAA through our DNS, two requests on one connection
+    out = w.ok("-6", *REMOTE_IP, "http://www.test/hello?1", "http://www.test/hello?2")
+    assert out == f"hello www.test /hello?1\nvia={WWW6}\nhello www.test /hello?2\nvia={WWW6}\n", out
+    lines = w.proxies["open"].requests()
+    assert [line for line in lines if line.startswith("GET")] == [
+        f"GET http://[{WWW6}]/hello HTTP/1.1",
+        "GET http://www.test/hello?1 HTTP/1.1",
+        "GET http://www.test/hello?2 HTTP/1.1",
+    ], lines
+    # 20 MB through the proxy on an IPv6 guest connection, intact
+    size = 20 * MB
+    digest = w.guest.run(["sh", "-c", f"curl -6 -sS --max-time 60 'http://[{WWW6}]/big?size={size}' | sha256sum"], 70)
+    assert digest.stdout.split()[0] == srv.pattern_sha256(size), digest.stderr
+
+
+def test_ipv6_transparent_https_connects_by_the_sni_name(world: Callable[..., World]) -> None:
+    w = world(*UPSTREAM, ipv6=True)
+    assert w.ok("-6", *REMOTE_IP, "https://secure.test/hello") == f"hello secure.test /hello\nvia={WWW6}\n"
+    # no SNI for an address literal: the CONNECT names the address, in brackets
+    assert w.ok("-6", *REMOTE_IP, f"https://[{WWW6}]/hello") == f"hello [{WWW6}] /hello\nvia={WWW6}\n"
+    assert f"REQ GET /hello [{WWW6}]" in w.origin_log(WWW6, 443)
+    connects = [line for line in w.proxies["open"].requests() if line.startswith("CONNECT")]
+    assert connects == ["CONNECT secure.test:443 HTTP/1.1", f"CONNECT [{WWW6}]:443 HTTP/1.1"], connects
+
+
+def test_ipv6_no_proxy_by_resolved_name_and_by_address(world: Callable[..., World]) -> None:
+    w = world(*UPSTREAM, "--no-proxy", "direct.test,[2001:db8:29::/64]", ipv6=True)
+    # by the name the guest resolved (its AAAA) through our DNS, and by an address of the v6 network
+    assert w.ok("-6", *REMOTE_IP, "http://direct.test/hello") == f"hello direct.test /hello\nvia={DIRECT6}\n"
+    assert w.ok("-6", f"http://[{DIRECT6}]/hello") == f"hello [{DIRECT6}] /hello\n"
+    assert not [line for line in w.proxies["open"].requests() if "direct" in line or DIRECT6 in line]
+    assert w.origin_log(DIRECT6, 80).count("REQ GET /hello") == 2
+    assert w.ok("-6", "http://www.test/hello") == "hello www.test /hello\n"  # and www.test is still proxied
+    assert "GET http://www.test/hello HTTP/1.1" in w.proxies["open"].requests()
+
+
+def test_ipv6_explicit_proxy_literal_through_the_upstream(world: Callable[..., World]) -> None:
+    # (the explicit proxy is at the IPv4 gateway only: [fec0::2]:3128 is the host's [::1]:3128)
+    w = world(*UPSTREAM, ipv6=True)
+    assert w.ok(f"http://[{WWW6}]/hello", env=EXPLICIT) == f"hello [{WWW6}] /hello\n"
+    assert w.ok(f"https://[{WWW6}]/hello", env=EXPLICIT) == f"hello [{WWW6}] /hello\n"
+    assert w.ok("http://www6.test/hello", env=EXPLICIT) == "hello www6.test /hello\n"  # AAAA only
+    lines = w.proxies["open"].requests()
+    assert f"GET http://[{WWW6}]/hello HTTP/1.1" in lines and f"CONNECT [{WWW6}]:443 HTTP/1.1" in lines, lines
+    assert "GET http://www6.test/hello HTTP/1.1" in lines, lines
+
+
+def test_ipv6_explicit_proxy_without_upstream_keeps_to_the_policy(world: Callable[..., World]) -> None:
+    w = world("--deny", NET6, ipv6=True)
+    assert w.ok(f"http://[{DIRECT6}]/hello", env=EXPLICIT) == f"hello [{DIRECT6}] /hello\n"
+    assert w.ok("http://direct6.test/hello", env=EXPLICIT) == "hello direct6.test /hello\n"  # resolved: AAAA only
+    assert w.origin_log(DIRECT6, 80).count("REQ GET /hello") == 2
+    refused = w.curl("-i", f"http://[{WWW6}]/hello", env=EXPLICIT)
+    assert refused.stdout.startswith("HTTP/1.1 403"), refused.stdout
+    assert "deny" in refused.stdout
+    by_name = w.curl("-i", "http://www6.test/hello", env=EXPLICIT)  # its only address is denied
+    assert by_name.stdout.startswith("HTTP/1.1 403") and f"({WWW6})" in by_name.stdout, by_name.stdout
+    loop = w.curl("-i", "http://[::1]:8888/", env=EXPLICIT)  # the backend's own loopback
+    assert loop.stdout.startswith("HTTP/1.1 403"), loop.stdout
+    connect = w.curl(f"https://[{WWW6}]/hello", env=EXPLICIT)
+    assert connect.returncode != 0 and "403" in connect.stderr, connect
+    w.backend.wait_for_log(rf"explicit proxy: \[{re.escape(WWW6)}\]:80 .* not reachable")
+    assert w.proxies["open"].requests() == []
