@@ -218,7 +218,7 @@ class HostTcp:
         try:
             _transport, protocol = await loop.create_connection(lambda: HostConnection(self, flow), addr, port)
         except OSError as exc:
-            self.failed(flow, exc, f"{addr}:{port}", route)
+            self.failed(flow, exc, f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}", route)
             return
         except asyncio.CancelledError:
             self.connecting.pop(flow, None)
