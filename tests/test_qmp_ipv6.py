@@ -17,9 +17,9 @@ from tests.test_qmp_ctl import BackendThread, backend, run_ctl  # noqa: F401 (ba
 from tests.test_qmp_server import Env, error_of, run
 
 NEIGHBOURS: list[dict[str, object]] = [
-    {"address": "fec0::5054:ff:fe12:3456", "mac": "52:54:00:12:34:56", "idle": 3.5},
-    {"address": "fe80::5054:ff:fe12:3456", "mac": "52:54:00:12:34:56", "idle": 0.25},
-    {"address": "fec0::99", "mac": "52:54:00:ab:cd:ef", "idle": 1.0},
+    {"address": "fec0::5054:ff:fe12:3456", "mac": "52:54:00:12:34:56", "age": 3.5},
+    {"address": "fe80::5054:ff:fe12:3456", "mac": "52:54:00:12:34:56", "age": 0.25},
+    {"address": "fec0::99", "mac": "52:54:00:ab:cd:ef", "age": 1.0},
 ]
 
 
@@ -63,14 +63,14 @@ def with_neighbours(stack: Stack, now: float) -> None:
     for neighbour in NEIGHBOURS:
         mac = bytes.fromhex(str(neighbour["mac"]).replace(":", ""))
         addr = ip6_bytes(str(neighbour["address"]))
-        stack.guard.claim6(addr, mac, now - float(cast(float, neighbour["idle"])))
+        stack.guard.claim6(addr, mac, now - float(cast(float, neighbour["age"])))
 
 
 def neighbours_as_given(listed: object) -> bool:
     """Whether query-neighbours listed NEIGHBOURS (ages within a second: time goes on)."""
     assert isinstance(listed, list)
     got = {(n["address"], n["mac"]): float(n["age"]) for n in listed}
-    want = {(n["address"], n["mac"]): float(cast(float, n["idle"])) for n in NEIGHBOURS}
+    want = {(n["address"], n["mac"]): float(cast(float, n["age"])) for n in NEIGHBOURS}
     return got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1.0 for k in want)
 
 
@@ -174,8 +174,8 @@ def test_ctl_leases_neighbours_and_ipv6_forwards(
     assert json.loads(capsys.readouterr().out)[0]["hostname"] == "debian\x1b[2J"
     assert run_ctl(backend, "neighbours") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ADDRESS", "MAC", "IDLE"]
-    assert lines[1].split() == ["fec0::5054:ff:fe12:3456", "52:54:00:12:34:56", "4s"]
+    assert lines[0].split() == ["ADDRESS", "MAC", "AGE", "PRESENT"]
+    assert lines[1].split() == ["fec0::5054:ff:fe12:3456", "52:54:00:12:34:56", "4s", "no"]
     assert len(lines) == 4
 
     assert run_ctl(backend, "--json", "hostfwd", "add", "tcp:[::1]:0-[fec0::5]:22") == 0

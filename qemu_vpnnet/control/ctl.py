@@ -192,10 +192,11 @@ def format_neighbours(neighbours: list[dict[str, object]]) -> str:
         return "no IPv6 neighbours"
     rows = []
     for x in neighbours:
-        idle = x.get("idle", x.get("age", ""))
-        idle_text = f"{float(idle):.0f}s" if isinstance(idle, (int, float)) else str(idle)
-        rows.append([str(x.get("address", "")), str(x.get("mac", "")), idle_text])
-    return table(["ADDRESS", "MAC", "IDLE"], rows)
+        age = x.get("age", "")
+        age_text = f"{float(age):.0f}s" if isinstance(age, (int, float)) else str(age)
+        here = "yes" if x.get("present", True) else "no"
+        rows.append([str(x.get("address", "")), str(x.get("mac", "")), age_text, here])
+    return table(["ADDRESS", "MAC", "AGE", "PRESENT"], rows)
 
 
 def format_stats(stats: dict[str, object]) -> str:

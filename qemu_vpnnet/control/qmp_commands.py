@@ -224,17 +224,17 @@ async def cmd_query_hostfwd(ctx: Context, args: dict[str, object]) -> object:
 
 def leases(shell: "Shell") -> list[dict[str, object]]:
     """The bound DHCP leases (with the host name each guest sent), each with the IPv6 addresses
-    the core has seen its MAC use, most recently used first."""
+    its MAC claimed (core/guard.py), the most recently claimed first."""
     now = shell.now()
     stack = shell.stack
     by_mac: dict[str, list[tuple[float, str]]] = {}
     for neighbour in stack.ipv6_neighbours(now):
-        idle = neighbour.get("idle", neighbour.get("age", 0.0))  # seconds since last (or first) seen
-        seen = float(idle) if isinstance(idle, (int, float)) else 0.0
+        age = neighbour.get("age", 0.0)  # seconds since the address was claimed
+        seen = float(age) if isinstance(age, (int, float)) else 0.0
         by_mac.setdefault(str(neighbour.get("mac", "")), []).append((seen, str(neighbour.get("address", ""))))
     result = stack.dhcp.leases(now)
     for lease in result:
-        lease["ipv6-addresses"] = [addr for _idle, addr in sorted(by_mac.get(str(lease.get("mac")), []))]
+        lease["ipv6-addresses"] = [addr for _age, addr in sorted(by_mac.get(str(lease.get("mac")), []))]
     return result
 
 
