@@ -690,3 +690,24 @@ def test_random_descriptor_chains(
     if len(heads) > num:
         g.set_avail_idx(start + len(heads))  # sometimes more than the ring holds
     drain(g, g.queue(last_avail_idx=start))
+
+
+def test_guest_scribbling_on_used_idx_is_ignored() -> None:
+    g = Guest()
+    q = g.queue()
+    q.push(1, 5)
+    g.poke(USED + 2, struct.pack("<H", 0x7777))  # the guest writes our index
+    q.push(2, 6)
+    assert g.used_idx() == 2 and g.used_elem(1) == (2, 6)
+
+
+def test_region_indices_follow_the_table_order() -> None:
+    a = bytearray(0x1000)
+    b = bytearray(0x1000)
+    m = MemoryTable([MemoryRegion(0x9000, 0x1000, UVA1, 0, a), MemoryRegion(0x1000, 0x1000, UVA0, 0, b)])
+    assert m.translate_gpa(0x1010, 4) == (1, 0x10)
+    assert m.translate_gpa(0x9010, 4) == (0, 0x10)
+    assert m.translate_uva(UVA1 + 0x20, 4) == (0, 0x20)
+    for addr in (0x0, 0x2000, 0x8FFF, 0xA000):
+        with pytest.raises(RingError):
+            m.translate_gpa(addr, 1)
