@@ -44,6 +44,9 @@ VHOST_F_LOG_ALL, GET/SET_CONFIG since we offer no CONFIG, requests whose protoco
 not negotiated), an invalid MTU, and REM_MEM_REG of a region we do not hold are refused: when
 REPLY_ACK was negotiated and the message asks for a reply, the answer is a nonzero ack (its
 descriptors are closed through effects) and the device stays; otherwise VhostUserError.
+With REPLY_ACK negotiated, NEED_REPLY on a request with no reply of its own gets an ack of 0;
+without it the flag is ignored. RESET_OWNER (deprecated) disables both rings, as the spec advises.
+SET_VRING_ENABLE is taken whenever we offered VHOST_USER_F_PROTOCOL_FEATURES.
 
 Features offered by default (DEFAULT_FEATURES): VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF,
 VIRTIO_RING_F_EVENT_IDX, VIRTIO_NET_F_MTU (QEMU passes it on only with host_mtu= set) and
