@@ -12,6 +12,7 @@ import pytest
 
 from qemu_vpnnet.cli import build_parser, check_ipv6_options, config_from, ipv6_summary
 from qemu_vpnnet.core.config import NetConfig, ip6_bytes
+from tests.test_policy_cli import start
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,16 +54,6 @@ def test_no_ipv6() -> None:
     problem, config = config_of("--no-ipv6")
     assert problem is None and not config.ipv6
     assert ipv6_summary(config) == "ipv6=off"
-
-
-def start(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if os.environ.get("VPNNET_TEST_INSTALLED", "") in ("", "0"):
-        env["PYTHONPATH"] = str(REPO)
-    sock = tmp_path / "b.sock"
-    cmd = [sys.executable, "-m", "qemu_vpnnet", "--socket", str(sock), "--dns-mode", "forward"]
-    cmd += ["--dns-upstream", "127.0.0.1:9", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,13 @@ from qemu_vpnnet.core.actions import HostOp
 from qemu_vpnnet.core.output import Output
 
 INF: Final = float("inf")
+KEY_V6: Final = 1 << 160  # set in the flow keys of IPv6 guests (address << 16 | identifier)
+
+
+def flow_key(addr: bytes, ident: int) -> int:
+    """One table key per (guest address, identifier or port), apart for the two families."""
+    key = (int.from_bytes(addr, "big") << 16) | ident
+    return key | KEY_V6 if len(addr) == 16 else key
 
 
 class IdleFlow:

@@ -23,7 +23,7 @@ from typing import Final, cast, final
 from qemu_vpnnet.core.actions import OP_PING_CLOSE, OP_PING_SEND, HostOp
 from qemu_vpnnet.core.checksum import checksum, finish, pseudo_header_sum, sum16
 from qemu_vpnnet.core.config import ip_str
-from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows
+from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows, flow_key
 from qemu_vpnnet.core.fwd import DIRECT, PROTO_ICMP, REFUSE, REPLY_DROP
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import (
@@ -46,13 +46,6 @@ UNREACH_FRAG_NEEDED: Final = 4
 UNREACH_ADMIN: Final = 13  # communication administratively prohibited (RFC 1812)
 ICMP6_ECHO_REQUEST: Final = 128
 ICMP6_ECHO_REPLY: Final = 129
-KEY_V6: Final = 1 << 160  # set in the flow keys of IPv6 guests (address << 16 | identifier)
-
-
-def flow_key(addr: bytes, ident: int) -> int:
-    """One table key per (guest address, identifier or port), apart for the two families."""
-    key = (int.from_bytes(addr, "big") << 16) | ident
-    return key | KEY_V6 if len(addr) == 16 else key
 
 
 def icmp6_valid(src: bytes, dst: bytes, message: bytes) -> bool:

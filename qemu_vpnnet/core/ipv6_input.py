@@ -318,19 +318,12 @@ class Ipv6Input:
     def upper_header_complete(frame: bytes, upper: int, start: int, end: int) -> bool:
         """Whether a first fragment holds the rest of the header chain and the upper-layer
         header (RFC 7112): UDP's 8 bytes, ICMPv6's 4."""
-        for _ in range(MAX_EXT_HEADERS):
-            if upper != IPPROTO_DSTOPTS and upper != IPPROTO_ROUTING and upper != IPPROTO_HOPOPTS:
-                break
-            if end - start < 8:
-                return False
-            length = (frame[start + 1] + 1) * 8
-            upper = frame[start]
-            start += length
+        upper, start = skip_extensions(frame, upper, start, end)
         if upper == IPPROTO_UDP:
             return end - start >= UDP_HLEN
         if upper == IPPROTO_ICMPV6:
             return end - start >= 4
-        return True
+        return upper >= 0
 
     @staticmethod
     def has_jumbo_option(frame: bytes, at: int, end: int) -> bool:

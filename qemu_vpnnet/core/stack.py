@@ -379,7 +379,7 @@ class Stack:
         ]
 
     def guest_ipv6(self, mac: bytes) -> bytes | None:
-        """The guest's IPv6 address in the prefix it used last (its DHCPv6 lease first), or None."""
+        """The guest's most recently claimed IPv6 address in the prefix, or None."""
         cfg = self.config
         for addr in reversed(self.guard.addresses6(mac)):
             if addr[:8] == cfg.prefix6:

@@ -25,9 +25,9 @@ from typing import Final, cast, final
 
 from qemu_vpnnet.core.actions import OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
 from qemu_vpnnet.core.config import ip_str
-from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows
+from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows, flow_key
 from qemu_vpnnet.core.fwd import DIRECT, FORWARD, LOCAL, PROTO_UDP, REFUSE, REPLY_DROP, Route
-from qemu_vpnnet.core.icmp import ICMP_DEST_UNREACH, UNREACH_ADMIN, UNREACH_FRAG_NEEDED, flow_key
+from qemu_vpnnet.core.icmp import ICMP_DEST_UNREACH, UNREACH_ADMIN, UNREACH_FRAG_NEEDED
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import IPPROTO_UDP, is_unicast_outside, udp_quote, udp_segment
 
