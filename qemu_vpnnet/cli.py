@@ -269,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen on TCP for -netdev socket,connect=HOST:PORT (libvirt type='client')",
     )
     t.add_argument(
+        "--vhost-user",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="serve QEMU's vhost-user netdev on a Unix socket (one VM each; its RAM must be shared: "
+        "see docs/vhost-user.rst)",
+    )
+    t.add_argument(
+        "--no-offloads",
+        action="store_true",
+        help="vhost-user: offer no checksum or segmentation offloads (for comparison and debugging)",
+    )
+    t.add_argument(
         "--dgram",
         action="append",
         default=[],
@@ -563,6 +576,12 @@ def qemu_hints(args: argparse.Namespace) -> list[str]:
             "-netdev dgram,id=vpnnet0,local.type=unix,local.path=/tmp/qemu-guest.dgram,"
             f"remote.type=unix,remote.path={path} -device virtio-net-pci,netdev=vpnnet0"
         )
+    for path in args.vhost_user:
+        hints.append(
+            "-object memory-backend-memfd,id=mem0,size=RAM,share=on -numa node,memdev=mem0 "
+            f"-chardev socket,id=vpnnet0,path={path},reconnect=1 -netdev vhost-user,id=vpnnet0,chardev=vpnnet0 "
+            "-device virtio-net-pci,netdev=vpnnet0 (RAM: the same size as -m)"
+        )
     for path in args.connect:
         hints.append(f"(QEMU listens) -netdev stream,id=vpnnet0,server=on,addr.type=unix,addr.path={path}")
     return hints
@@ -713,6 +732,8 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
             await shell.listen_tcp(host, port)
         for path in args.dgram:
             await shell.open_dgram(path, None)
+        for path in args.vhost_user:
+            shell.listen_vhost_user(path, not args.no_offloads)
         for path in args.connect:
             shell.connect_unix(path)
         await add_forwards(forwarder, args.hostfwd)
@@ -749,8 +770,8 @@ def run_backend(argv: Sequence[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args)
-    if not (args.socket or args.connect or args.listen_tcp or args.dgram):
-        parser.error("give at least one of --socket, --connect, --listen-tcp, --dgram")
+    if not (args.socket or args.connect or args.listen_tcp or args.dgram or args.vhost_user):
+        parser.error("give at least one of --socket, --connect, --listen-tcp, --dgram, --vhost-user")
     problem = check_ipv6_options(args)
     if problem is not None:
         parser.error(problem)

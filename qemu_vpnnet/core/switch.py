@@ -11,6 +11,10 @@ from qemu_vpnnet.core.actions import Counters
 MAX_MACS: Final = 4096
 
 
+TSO_V4: Final = 1
+TSO_V6: Final = 2
+
+
 @final
 class Switch:
     def __init__(self, gateway_mac: bytes, counters: Counters) -> None:
@@ -20,6 +24,9 @@ class Switch:
         self.mac_table: dict[bytes, int] = {}
         self.out: dict[int, list[bytes]] = {}
         self.congested: set[int] = set()  # ports whose QEMU is behind: no new TCP data for them
+        # ports whose guest takes TCP segments of up to 64 KiB (vhost-user with GUEST_TSO4/6):
+        # port -> TSO_V4 | TSO_V6
+        self.tso_ports: dict[int, int] = {}
 
     def attach(self, port: int) -> None:
         if port not in self.out:
@@ -31,6 +38,7 @@ class Switch:
             self.ports.remove(port)
             del self.out[port]
             self.congested.discard(port)
+            self.tso_ports.pop(port, None)
             for mac in [m for m, p in self.mac_table.items() if p == port]:
                 del self.mac_table[mac]
 
@@ -64,6 +72,18 @@ class Switch:
     def is_congested(self, dst_mac: bytes) -> bool:
         port = self.mac_table.get(dst_mac)
         return port is not None and port in self.congested
+
+    def set_tso(self, port: int, flags: int) -> None:
+        """Whether port's guest takes large TCP segments (TSO_V4, TSO_V6), as its NIC negotiated."""
+        if flags:
+            self.tso_ports[port] = flags
+        else:
+            self.tso_ports.pop(port, None)
+
+    def takes_tso(self, dst_mac: bytes, flag: int) -> bool:
+        """Whether the port where dst_mac lives takes large TCP segments of that family."""
+        port = self.mac_table.get(dst_mac)
+        return port is not None and bool(self.tso_ports.get(port, 0) & flag)
 
     def queue_for(self, dst_mac: bytes) -> list[bytes] | None:
         """The queue of the port where dst_mac lives; None when unknown (frames must flood)."""

@@ -35,6 +35,7 @@ from qemu_vpnnet.core.fwd import DIRECT, DIRECT_ROUTE, FORWARD, PROTO_TCP, PROXY
 from qemu_vpnnet.core.guard import GuestUsage
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import ETH_HLEN, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
+from qemu_vpnnet.core.switch import TSO_V4, TSO_V6
 from qemu_vpnnet.core.tcp_wire import (
     MAX_SACK_BLOCKS,
     OPT_SACK,
@@ -87,6 +88,9 @@ OOO_LIMIT: Final = RCV_WINDOW
 OOO_MAX_SEGMENTS: Final = 4096
 SCOREBOARD_MAX: Final = 256
 DUP_THRESH: Final = 3  # duplicate ACKs that mean a segment was lost
+# payload of one TCP segment toward a guest whose NIC takes large segments (vhost-user GUEST_TSO):
+# within IPv4's total length and IPv6's payload length, and the C segment loop's limit
+TSO_PAYLOAD: Final = 0xFFFF - 60
 REXMIT_BURST: Final = 256  # segments one ACK may make us resend (the holes SACK reported)
 LOST_REXMIT_MIN: Final = 0.001  # a hole resent longer ago than this and twice the RTT: resend again
 RECOVERY_PROBES: Final = 4  # recovery timer firings before the retransmission timeout takes over
@@ -410,6 +414,19 @@ class TcpEngine:
         )
         out.send_frame(src_mac, frame)
 
+    def mss_toward(self, frame: bytes, v6: bool, start: int) -> int:
+        """The MSS of the connection a TCP frame toward a guest belongs to (the gso_size of a large
+        segment for its NIC); the MSS the MTU allows when the connection is gone."""
+        if v6:
+            key = frame[ETH_HLEN + 24 : ETH_HLEN + 40] + frame[ETH_HLEN + 8 : ETH_HLEN + 24]
+        else:
+            key = frame[ETH_HLEN + 16 : ETH_HLEN + 20] + frame[ETH_HLEN + 12 : ETH_HLEN + 16]
+        key += frame[start + 2 : start + 4] + frame[start : start + 2]
+        conn = self.by_key.get(key)
+        if conn is not None:
+            return conn.mss
+        return mss_limit(self.config.mtu, b"\x00" * (16 if v6 else 4))
+
     def send_data(self, conn: TcpConn, buf_end: int, win_end: int, now: float) -> bool:
         """Segments of new (or rewound) data up to the window: the hot path toward the guest.
 
@@ -432,8 +449,12 @@ class TcpEngine:
                 conn.guest_port,
             )
             conn.header_mac = conn.guest_mac
-        queue = out.switch.queue_for(conn.guest_mac)
+        switch = out.switch
+        queue = switch.queue_for(conn.guest_mac)
         frames: list[bytes] = queue if queue is not None else []
+        segment = conn.mss
+        if switch.tso_ports and switch.takes_tso(conn.guest_mac, TSO_V6 if len(conn.guest_ip) == 16 else TSO_V4):
+            segment = (TSO_PAYLOAD // segment) * segment  # whole MSS pieces, for the guest's NIC to cut
         count = tcp_segments(
             frames,
             conn.header,
@@ -441,7 +462,7 @@ class TcpEngine:
             start - conn.snd_una + conn.snd_off,
             limit - conn.snd_una + conn.snd_off,
             buf_end - conn.snd_una + conn.snd_off,
-            conn.mss,
+            segment,
             start,
             conn.rcv_nxt,
             self.advertised_window(conn),

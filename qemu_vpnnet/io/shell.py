@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Final
 
 from qemu_vpnnet.core.actions import HostOp
 from qemu_vpnnet.core.stack import NO_DEADLINE, Stack
+from qemu_vpnnet.core.switch import TSO_V4, TSO_V6
 
 if TYPE_CHECKING:
     from qemu_vpnnet.io.capture import Capture
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from qemu_vpnnet.io.host_udp import HostUdp
 from qemu_vpnnet.io.busy_poll import BusyPoller
 from qemu_vpnnet.io.qemu_ports import DgramEndpoint, PortIds, QemuPort, StreamPort
+from qemu_vpnnet.io.vhost_user_port import VhostUserListener
 
 log = logging.getLogger("qemu_vpnnet")
 
@@ -104,6 +106,7 @@ class Shell:
         self.op_performers: dict[int, OpPerformer] = {}
         self.servers: list[asyncio.AbstractServer] = []
         self.dgram_transports: list[asyncio.DatagramTransport] = []
+        self.vhost_listeners: list[VhostUserListener] = []
         self.unix_paths: list[str] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.flush_scheduled = False
@@ -147,6 +150,10 @@ class Shell:
     def malformed_input(self, port: QemuPort, reason: str) -> None:
         self.stack.counters.add("drop-malformed-stream")
         log.error("port %d (%s): %s; dropping this connection", port.id, port.description, reason)
+
+    def port_offloads(self, port: QemuPort, tso4: bool, tso6: bool) -> None:
+        """port's guest NIC takes large TCP segments (vhost-user GUEST_TSO4/6), or no longer does."""
+        self.stack.switch.set_tso(port.id, (TSO_V4 if tso4 else 0) | (TSO_V6 if tso6 else 0))
 
     def port_congested(self, port: QemuPort, congested: bool) -> None:
         """QEMU is not reading fast enough (or caught up): hold (or resume) TCP data toward it."""
@@ -321,6 +328,18 @@ class Shell:
         self.servers.append(server)
         self.unix_paths.append(path)
 
+    def listen_vhost_user(self, path: str, offloads: bool = True) -> None:
+        """Serve QEMU's vhost-user netdev on a Unix socket (io/vhost_user_port.py)."""
+        prepare_unix_path(path)
+        listener = VhostUserListener(self, self.port_ids, path, offloads)
+        try:
+            listener.start()
+        except OSError as exc:
+            listener.close()
+            raise StartupError(f"--vhost-user {path}: {exc.strerror or exc}") from exc
+        self.vhost_listeners.append(listener)
+        self.unix_paths.append(path)
+
     async def listen_tcp(self, host: str, port: int) -> None:
         try:
             server = await self.loop.create_server(
@@ -395,6 +414,8 @@ class Shell:
             port.close()
         for transport in self.dgram_transports:
             transport.close()
+        for listener in self.vhost_listeners:
+            listener.close()
         for server in self.servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 2.0)
