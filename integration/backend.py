@@ -248,6 +248,12 @@ class Backend:
                 )
             time.sleep(0.05)
 
+    @property
+    def vhost_user_path(self) -> Path | None:
+        """The socket of the backend's (last) ``--vhost-user`` option, if it has one."""
+        paths = _option_values(self.args, "--vhost-user")
+        return Path(paths[-1]) if paths else None
+
     def __repr__(self) -> str:
         state = "running" if self.is_running() else f"exited {self.returncode}"
         return f"<Backend {self.module} {self.socket_path} {state}>"

@@ -223,7 +223,20 @@ def vm_image(request: pytest.FixtureRequest) -> VmImage:
 
 
 @pytest.fixture
-def start_backend(request: pytest.FixtureRequest, tmp_path: Path, vpnnet_run_dir: Path) -> Iterator[StartBackend]:
+def vm_transport(request: pytest.FixtureRequest) -> str:
+    """How ``vm_guest`` attaches a VM to a backend: ``stream`` (the default) or ``vhost-user``;
+    tests run over both with ``@BOTH_TRANSPORTS`` (integration/fixtures.py). With vhost-user
+    every qemu_vpnnet backend the test starts also serves ``--vhost-user`` next to its socket."""
+    transport = str(getattr(request, "param", "stream"))
+    if transport not in ("stream", "vhost-user"):
+        raise ValueError(f"unknown VM transport {transport!r}")
+    return transport
+
+
+@pytest.fixture
+def start_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, vpnnet_run_dir: Path, vm_transport: str
+) -> Iterator[StartBackend]:
     """Factory: start ``python -m qemu_vpnnet --socket PATH *args``; returns
     once the socket exists. Every backend is stopped at teardown.
 
@@ -250,6 +263,8 @@ def start_backend(request: pytest.FixtureRequest, tmp_path: Path, vpnnet_run_dir
             args = dns_guarded(args, netns=netns, module=module)
         n = next(_serial)
         path = Path(socket_path) if socket_path is not None else vpnnet_run_dir / f"b{n}.sock"
+        if vm_transport == "vhost-user" and module == "qemu_vpnnet" and "--vhost-user" not in args:
+            args = (*args, "--vhost-user", str(path.with_name(path.stem + ".vu")))
         backend = Backend(
             *args, socket_path=path, log_path=tmp_path / f"backend{n}.log", netns=netns, env=env, module=module
         )
@@ -274,10 +289,10 @@ def _socket_of(backend: Backend | None, socket_path: Path | str | None) -> Path 
 
 @pytest.fixture
 def vm_guest(
-    request: pytest.FixtureRequest, tmp_path: Path, vpnnet_run_dir: Path, vm_image: VmImage
+    request: pytest.FixtureRequest, tmp_path: Path, vpnnet_run_dir: Path, vm_image: VmImage, vm_transport: str
 ) -> Iterator[VmGuestFactory]:
     """Factory: boot the tiny VM (started unless ``start=False``). Killed at
-    teardown."""
+    teardown. With a ``backend``, the VM's NIC uses the test's ``vm_transport``."""
     guests: list[VmGuest] = []
 
     def make(
@@ -296,10 +311,17 @@ def vm_guest(
         start: bool = True,
     ) -> VmGuest:
         n = next(_serial)
+        vhost_user_path = None
+        if backend is not None and vm_transport == "vhost-user":
+            vhost_user_path = backend.vhost_user_path
+            if vhost_user_path is None:
+                raise ValueError("this backend serves no --vhost-user socket")
+            backend = None
         guest = VmGuest(
             script,
             socket_path=_socket_of(backend, socket_path),
             netdev=netdev,
+            vhost_user_path=vhost_user_path,
             mac=mac,
             image=vm_image,
             dhcp=dhcp,

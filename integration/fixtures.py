@@ -11,12 +11,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import pytest
+
 from .backend import Backend
 from .nsguest import NsGuest
 from .nshost import NsHost
 from .vmguest import DEFAULT_MAC, VmGuest
 
-__all__ = ["DEFAULT_MAC", "NsGuestFactory", "NsHostFactory", "StartBackend", "VmGuestFactory"]
+__all__ = ["BOTH_TRANSPORTS", "DEFAULT_MAC", "NsGuestFactory", "NsHostFactory", "StartBackend", "VmGuestFactory"]
+
+
+#: Run a VM test once over the stream socket and once over vhost-user (the ``vm_transport``
+#: fixture: its backends also serve --vhost-user, and ``vm_guest(backend=...)`` uses it).
+BOTH_TRANSPORTS = pytest.mark.parametrize("vm_transport", ["stream", "vhost-user"], indirect=True)
 
 
 class StartBackend(Protocol):

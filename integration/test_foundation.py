@@ -27,7 +27,7 @@ import pytest
 from integration import servers as srv
 from integration.backend import Backend
 from integration.common import REPO_ROOT, wait_until
-from integration.fixtures import NsGuestFactory, NsHostFactory, StartBackend, VmGuestFactory
+from integration.fixtures import BOTH_TRANSPORTS, NsGuestFactory, NsHostFactory, StartBackend, VmGuestFactory
 from integration.nsguest import NsGuest
 
 PY = sys.executable
@@ -74,6 +74,7 @@ ping -c 1 -W 3 -s {size} {gateway} && echo BIG-PING-OK
 """
 
 
+@BOTH_TRANSPORTS
 def test_vm_gets_the_default_lease(start_backend: StartBackend, vm_guest: VmGuestFactory) -> None:
     backend = start_backend()
     vm = vm_guest(VM_SHOW.format(gateway=GATEWAY, size=1400), backend=backend)
@@ -93,6 +94,7 @@ def test_vm_gets_the_default_lease(start_backend: StartBackend, vm_guest: VmGues
     backend.wait_for_log(r"lease: 52:54:00:12:34:56 -> 10\.0\.2\.15")
 
 
+@BOTH_TRANSPORTS
 def test_vm_lease_follows_net_and_mtu_options(start_backend: StartBackend, vm_guest: VmGuestFactory) -> None:
     backend = start_backend("--net", "10.9.8.0/24", "--mtu", "9000", "--lease-time", "3600")
     # A jumbo ping (8000 bytes of data) must come back in one frame: eth0 really is at 9000.
@@ -167,6 +169,7 @@ sleep 60
 """
 
 
+@BOTH_TRANSPORTS
 def test_vm_and_namespace_guest_on_one_backend(
     start_backend: StartBackend, ns_guest: NsGuestFactory, vm_guest: VmGuestFactory
 ) -> None:
