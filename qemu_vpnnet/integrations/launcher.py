@@ -14,6 +14,14 @@ The user netdev's options become backend options: hostfwd= to --hostfwd, net= to
 --host, dns= to --dns, dhcpstart= to --dhcp-start, domainname= to --domain, dnssearch= to
 --dns-search. SIGTERM, SIGINT and SIGHUP are passed on to QEMU; when QEMU exits the backend is
 stopped and the launcher exits with QEMU's status (128+N when QEMU died of signal N).
+
+`--transport vhost-user` serves the NIC over vhost-user instead (`--vhost-user DIR/vhost-user.sock`):
+the netdev becomes `-chardev socket,id=ID-vu,path=SOCK,reconnect=1 -netdev vhost-user,id=ID,chardev=ID-vu`,
+the NIC must be a virtio-net one (the default model then), the guest's RAM goes into a shared memfd
+of -m's size (`-object memory-backend-memfd,...,share=on -numa node,memdev=...`; a command line with
+its own -numa or memory-backend= keeps its memory, which must then be shared), and under TCG the
+virtio-net-pci NIC gets `vectors=0`: QEMU 7.2 without KVM segfaults in msix_set_vector_notifiers when
+a vhost-user NIC starts with MSI-X.
 """
 
 import ipaddress
@@ -39,6 +47,13 @@ from qemu_vpnnet.integrations.procutil import (
 
 DEFAULT_ID = "vpnnet0"
 DEFAULT_MODEL = "virtio-net-pci"
+TRANSPORTS = ("stream", "vhost-user")
+#: The memory backend the launcher adds for vhost-user, and the -m it assumes when there is none
+#: (x86's default RAM size; the launcher then passes it explicitly, so both always agree).
+MEMORY_ID = "vpnnet-mem"
+DEFAULT_MEMORY = "128M"
+#: QEMU's size suffixes (qemu_strtosz; -m takes MiB without one).
+_SIZE_SUFFIXES = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 #: QEMU options that take no argument (qemu-options.def, HAS_ARG 0). Every other option takes one.
 FLAG_OPTIONS = frozenset(
@@ -173,6 +188,168 @@ def stream_netdev(netdev_id: str, socket_path: str) -> str:
     return join_opts(["stream", f"id={netdev_id}", "server=off", "addr.type=unix", f"addr.path={socket_path}"])
 
 
+def vhost_user_chardev_id(netdev_id: str) -> str:
+    return f"{netdev_id}-vu"
+
+
+def vhost_user_chardev(netdev_id: str, socket_path: str) -> str:
+    """The client chardev of a vhost-user netdev; reconnect=1 brings QEMU back to a restarted backend."""
+    return join_opts(["socket", f"id={vhost_user_chardev_id(netdev_id)}", f"path={socket_path}", "reconnect=1"])
+
+
+def vhost_user_netdev(netdev_id: str) -> str:
+    return join_opts(["vhost-user", f"id={netdev_id}", f"chardev={vhost_user_chardev_id(netdev_id)}"])
+
+
+def option_values(qemu_args: Sequence[str], names: Sequence[str]) -> list[tuple[str, str]]:
+    """(option name, value) of every option in `names` (without dashes), in command-line order."""
+    found: list[tuple[str, str]] = []
+    i = 1
+    while i < len(qemu_args):
+        arg = qemu_args[i]
+        name = arg[2:] if arg.startswith("--") else arg[1:]
+        if not arg.startswith("-") or len(arg) < 2 or name in FLAG_OPTIONS or i + 1 >= len(qemu_args):
+            if arg.startswith("-") and name in names:
+                found.append((name, ""))
+            i += 1
+            continue
+        if name in names:
+            found.append((name, qemu_args[i + 1]))
+        i += 2
+    return found
+
+
+def accelerators(qemu_args: Sequence[str]) -> list[str]:
+    """The accelerators QEMU tries, in order: -accel, -machine accel=A:B, -enable-kvm; else its default
+    (tcg first, or kvm first for a binary whose name ends with "kvm": vl.c's configure_accelerators)."""
+    accels: list[str] = []
+    for name, value in option_values(qemu_args, ("accel", "machine", "M", "enable-kvm")):
+        if name == "enable-kvm":
+            accels.append("kvm")
+            continue
+        pairs = parse_kv(split_opts(value))
+        if name == "accel":
+            accels += [v for k, v in pairs if k in ("type", "accel")][:1]
+        else:
+            for key, val in pairs:
+                if key == "accel":
+                    accels += [a for a in val.split(":") if a]
+    if accels:
+        return accels
+    binary = os.path.basename(qemu_args[0]) if qemu_args else ""
+    return ["kvm", "tcg"] if binary.endswith("kvm") else ["tcg", "kvm"]
+
+
+def kvm_usable() -> bool:
+    """Whether QEMU could open KVM here (what decides a kvm:tcg fallback)."""
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def runs_under_tcg(qemu_args: Sequence[str], kvm: bool | None = None) -> bool:
+    """Whether QEMU will run the guest with TCG: the first accelerator, or the next one when the
+    first is KVM and `kvm` (default: :func:`kvm_usable`) says it cannot open."""
+    accels = accelerators(qemu_args)
+    if accels[0] == "kvm" and len(accels) > 1 and not (kvm_usable() if kvm is None else kvm):
+        return accels[1] == "tcg"
+    return accels[0] == "tcg"
+
+
+def parse_size(text: str, where: str) -> int:
+    """A QEMU size in bytes: -m's unit is MiB without a suffix (also "1.5G", "512M", "2g")."""
+    value = text.strip().lower()
+    number = value.rstrip("bkmgtp")
+    suffix = value[len(number) :]
+    if suffix not in _SIZE_SUFFIXES:
+        raise RewriteError(f"{where}: bad size {text!r}")
+    try:
+        size = float(number) * _SIZE_SUFFIXES[suffix]
+    except ValueError:
+        raise RewriteError(f"{where}: bad size {text!r}") from None
+    if size <= 0 or size != int(size):
+        raise RewriteError(f"{where}: bad size {text!r}")
+    return int(size)
+
+
+def format_size(size: int) -> str:
+    return f"{size >> 20}M" if size % (1 << 20) == 0 else str(size)
+
+
+def memory_size(qemu_args: Sequence[str]) -> int | None:
+    """The guest's RAM in bytes from the last -m (size= or its first part), or None without -m."""
+    values = [v for _, v in option_values(qemu_args, ("m",))]
+    if not values:
+        return None
+    pairs = parse_kv(split_opts(values[-1]))
+    size = next((v for k, v in pairs if k in ("type", "size")), "")
+    if not size:
+        return None
+    return parse_size(size, f"-m {values[-1]}")
+
+
+def memory_backends(qemu_args: Sequence[str]) -> dict[str, tuple[str, dict[str, str]]]:
+    """The -object memory-backend-* of the command line: id -> (qom type, options)."""
+    backends: dict[str, tuple[str, dict[str, str]]] = {}
+    for _, value in option_values(qemu_args, ("object",)):
+        if value.lstrip().startswith("{"):
+            try:
+                spec = json.loads(value)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(spec, dict):
+                continue
+            options = dict(json_netdev_pairs(spec))
+            qom_type = options.pop("qom-type", "")
+        else:
+            options = dict(parse_kv(split_opts(value)))
+            qom_type = options.pop("type", "") or options.pop("qom-type", "")
+        if qom_type.startswith("memory-backend-") and options.get("id"):
+            backends[options["id"]] = (qom_type, options)
+    return backends
+
+
+def shared_memory_args(qemu_args: Sequence[str]) -> list[str]:
+    """What QEMU needs for vhost-user: the guest's RAM in a file the back-end can map.
+
+    A memfd of -m's size as the single NUMA node (-m 128M is added without -m). A command line that
+    places its RAM itself (-numa, -machine memory-backend=) keeps it; its backends must then be
+    memfd (shared by default) or share=on files, else RewriteError."""
+    numa = [v for _, v in option_values(qemu_args, ("numa",))]
+    machine_backends = [
+        v
+        for _, value in option_values(qemu_args, ("machine", "M"))
+        for k, v in parse_kv(split_opts(value))
+        if k == "memory-backend"
+    ]
+    if not numa and not machine_backends:
+        size = memory_size(qemu_args)
+        extra = [] if size is not None else ["-m", DEFAULT_MEMORY]
+        size = size if size is not None else parse_size(DEFAULT_MEMORY, "-m")
+        backend = join_opts(["memory-backend-memfd", f"id={MEMORY_ID}", f"size={format_size(size)}", "share=on"])
+        return [*extra, "-object", backend, "-numa", f"node,memdev={MEMORY_ID}"]
+    used = list(machine_backends)
+    for value in numa:
+        pairs = parse_kv(split_opts(value))
+        if (pairs[0][1] if pairs and pairs[0][0] == "type" else "node") != "node":
+            continue
+        memdev = next((v for k, v in pairs if k == "memdev"), "")
+        if not memdev:
+            raise RewriteError(
+                f"-numa {value}: vhost-user needs the guest's RAM shared with the backend: give every "
+                "-numa node a memdev= of a memory-backend-memfd (or drop -numa and let qemu-vpnnet add one)"
+            )
+        used.append(memdev)
+    backends = memory_backends(qemu_args)
+    for memdev in used:
+        qom_type, options = backends.get(memdev, ("", {}))
+        share = options.get("share", "on" if qom_type == "memory-backend-memfd" else "off")
+        if qom_type not in ("memory-backend-memfd", "memory-backend-file") or not is_on(share):
+            raise RewriteError(
+                f"memory backend {memdev!r}: vhost-user needs the guest's RAM shared with the backend: "
+                "use memory-backend-memfd (or memory-backend-file with share=on)"
+            )
+    return []
+
+
 def translate_user_options(pairs: Sequence[tuple[str, str]], where: str, rewrite: Rewrite) -> None:
     """The options of a user netdev into backend options (appended to rewrite.backend_args)."""
     for key, value in pairs:
@@ -216,10 +393,19 @@ def json_netdev_pairs(spec: dict[str, object]) -> list[tuple[str, str]]:
     return pairs
 
 
-def rewrite_qemu_args(qemu_args: Sequence[str], socket_path: str) -> Rewrite:
-    """QEMU's command line (binary first) with our stream netdev instead of (or besides) user networking."""
+def rewrite_qemu_args(
+    qemu_args: Sequence[str], socket_path: str, transport: str = "stream", kvm: bool | None = None
+) -> Rewrite:
+    """QEMU's command line (binary first) with our netdev instead of (or besides) user networking.
+
+    `transport` is "stream" (a -netdev stream client of `socket_path`) or "vhost-user" (a vhost-user
+    netdev whose chardev connects to `socket_path`, with shared RAM; `kvm` as for :func:`runs_under_tcg`)."""
     if not qemu_args:
         raise RewriteError("no QEMU command given")
+    if transport not in TRANSPORTS:
+        raise RewriteError(f"unknown transport {transport!r} (one of {', '.join(TRANSPORTS)})")
+    vhost = transport == "vhost-user"
+    tcg = vhost and runs_under_tcg(qemu_args, kvm)
     out = [qemu_args[0]]
     rewrite = Rewrite(qemu_args=out)
     user_netdevs = 0
@@ -258,8 +444,14 @@ def rewrite_qemu_args(qemu_args: Sequence[str], socket_path: str) -> Rewrite:
             if not netdev_id:
                 raise RewriteError(f"-netdev {value}: id is missing")
             translate_user_options(json_netdev_pairs(spec), f"-netdev {netdev_id}", rewrite)
-            stream = {"type": "stream", "id": netdev_id, "server": False, "addr": {"type": "unix", "path": socket_path}}
-            out += [arg, json.dumps(stream)]
+            if vhost:
+                ours = {"type": "vhost-user", "id": netdev_id, "chardev": vhost_user_chardev_id(netdev_id)}
+                out += ["-chardev", vhost_user_chardev(netdev_id, socket_path), arg, json.dumps(ours)]
+            else:
+                stream = {
+                    "type": "stream", "id": netdev_id, "server": False, "addr": {"type": "unix", "path": socket_path},
+                }  # fmt: skip
+                out += [arg, json.dumps(stream)]
             rewrite.netdev_id = netdev_id
             rewrite.replaced = "-netdev user"
         elif name in ("netdev", "nic"):
@@ -275,19 +467,28 @@ def rewrite_qemu_args(qemu_args: Sequence[str], socket_path: str) -> Rewrite:
                 if not netdev_id:
                     raise RewriteError(f"-netdev {value}: id= is missing")
                 translate_user_options(pairs, f"-netdev {netdev_id}", rewrite)
-                out += [arg, stream_netdev(netdev_id, socket_path)]
+                if vhost:
+                    out += ["-chardev", vhost_user_chardev(netdev_id, socket_path), arg, vhost_user_netdev(netdev_id)]
+                else:
+                    out += [arg, stream_netdev(netdev_id, socket_path)]
                 rewrite.replaced = "-netdev user"
             else:
                 netdev_id = options.get("id", "") or DEFAULT_ID
                 nic_pairs = [(k, v) for k, v in pairs if k not in ("model", "mac")]
                 translate_user_options(nic_pairs, "-nic user", rewrite)
-                model = options.get("model") or default_nic_model(qemu_args)
+                default = vhost_default_model(qemu_args) if vhost else default_nic_model(qemu_args)
+                model = options.get("model") or default
                 if model == "help":
                     raise RewriteError("-nic model=help: run QEMU with -nic model=help itself")
-                device = [NIC_MODEL_ALIASES.get(model, model), f"netdev={netdev_id}"]
+                model = NIC_MODEL_ALIASES.get(model, model)
+                if vhost and not model.startswith("virtio-net"):
+                    raise RewriteError(f"-nic user,model={model}: vhost-user serves virtio-net NICs only")
+                device = [model, f"netdev={netdev_id}"]
                 if options.get("mac"):
                     device.append(f"mac={options['mac']}")
-                out += ["-netdev", stream_netdev(netdev_id, socket_path), "-device", join_opts(device)]
+                if tcg and "pci" in model:
+                    device.append("vectors=0")
+                out += [*our_netdev(netdev_id, socket_path, vhost), "-device", join_opts(device)]
                 rewrite.replaced = "-nic user"
             rewrite.netdev_id = netdev_id
         else:
@@ -295,8 +496,61 @@ def rewrite_qemu_args(qemu_args: Sequence[str], socket_path: str) -> Rewrite:
     if user_netdevs > 1:
         raise RewriteError("more than one -nic user / -netdev user: qemu-vpnnet run replaces only one")
     if user_netdevs == 0:
-        out += ["-netdev", stream_netdev(DEFAULT_ID, socket_path), "-device", f"{DEFAULT_MODEL},netdev={DEFAULT_ID}"]
+        device = [DEFAULT_MODEL, f"netdev={DEFAULT_ID}", *(["vectors=0"] if tcg else [])]
+        out += [*our_netdev(DEFAULT_ID, socket_path, vhost), "-device", join_opts(device)]
+    if vhost:
+        if rewrite.replaced == "-netdev user":
+            adapt_user_devices(out, rewrite.netdev_id, tcg)
+        out += shared_memory_args(qemu_args)
     return rewrite
+
+
+def our_netdev(netdev_id: str, socket_path: str, vhost: bool) -> list[str]:
+    """["-netdev", SPEC] for the stream transport; with the -chardev before it for vhost-user."""
+    if vhost:
+        return ["-chardev", vhost_user_chardev(netdev_id, socket_path), "-netdev", vhost_user_netdev(netdev_id)]
+    return ["-netdev", stream_netdev(netdev_id, socket_path)]
+
+
+def vhost_default_model(qemu_args: Sequence[str]) -> str:
+    """-nic without model= under vhost-user: the machine's default NIC cannot do vhost-user, virtio-net can."""
+    return "virtio-net-device" if default_nic_model(qemu_args) == "virtio-net-device" else DEFAULT_MODEL
+
+
+def adapt_user_devices(args: list[str], netdev_id: str, tcg: bool) -> None:
+    """The user's own -device ...,netdev=ID (kept as given) must be virtio-net for vhost-user, and a
+    virtio-net-pci one gets vectors=0 under TCG (unless it sets vectors= itself)."""
+    for i in range(1, len(args) - 1):
+        if args[i] not in ("-device", "--device"):
+            continue
+        value = args[i + 1]
+        if value.lstrip().startswith("{"):
+            try:
+                spec = json.loads(value)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(spec, dict) or spec.get("netdev") != netdev_id:
+                continue
+            driver = str(spec.get("driver", ""))
+            check_vhost_driver(driver, value)
+            if tcg and "pci" in driver and "vectors" not in spec:
+                spec["vectors"] = 0
+                args[i + 1] = json.dumps(spec)
+            continue
+        parts = split_opts(value)
+        pairs = parse_kv(parts)
+        options = dict(pairs)
+        if options.get("netdev") != netdev_id:
+            continue
+        driver = options.get("type") or options.get("driver", "")
+        check_vhost_driver(driver, value)
+        if tcg and "pci" in driver and "vectors" not in options:
+            args[i + 1] = join_opts([*parts, "vectors=0"])
+
+
+def check_vhost_driver(driver: str, value: str) -> None:
+    if not driver.startswith("virtio-net"):
+        raise RewriteError(f"-device {value}: vhost-user serves virtio-net NICs only")
 
 
 # ---- the process side --------------------------------------------------------------------------
@@ -317,11 +571,24 @@ def python_env() -> dict[str, str]:
     return env
 
 
-USAGE = "usage: qemu-vpnnet run [--backend-log FILE] [backend options] -- QEMU [QEMU options]"
+USAGE = (
+    "usage: qemu-vpnnet run [--backend-log FILE] [--transport stream|vhost-user] [backend options] "
+    "-- QEMU [QEMU options]"
+)
 
 
-def split_argv(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
-    """(backend options, --backend-log FILE or None, QEMU command) of `run`'s arguments."""
+@dataclass
+class RunArgs:
+    """`run`'s arguments: ours, the backend's and QEMU's."""
+
+    backend: list[str]
+    log_file: str | None
+    qemu: list[str]
+    transport: str = "stream"
+
+
+def split_argv(argv: Sequence[str]) -> RunArgs:
+    """`run`'s arguments: --backend-log FILE and --transport T are ours, the rest before -- the backend's."""
     args = list(argv)
     if "--" not in args:
         raise RewriteError(f"missing '--' before the QEMU command\n{USAGE}")
@@ -329,25 +596,32 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
     ours, qemu = args[:cut], args[cut + 1 :]
     if not qemu:
         raise RewriteError(f"no QEMU command after '--'\n{USAGE}")
-    backend: list[str] = []
-    log_file: str | None = None
+    result = RunArgs(backend=[], log_file=None, qemu=qemu)
     i = 0
     while i < len(ours):
         arg = ours[i]
         if arg in ("-h", "--help"):
             raise RewriteError(USAGE + "\n" + (__doc__ or ""))
-        if arg == "--backend-log":
-            if i + 1 >= len(ours):
-                raise RewriteError("--backend-log needs a FILE")
-            log_file = ours[i + 1]
-            i += 2
+        name, eq, inline = arg.partition("=")
+        if name in ("--backend-log", "--transport"):
+            if eq:
+                value = inline
+                i += 1
+            elif i + 1 < len(ours):
+                value = ours[i + 1]
+                i += 2
+            else:
+                raise RewriteError(f"{name} needs a {'FILE' if name == '--backend-log' else 'TRANSPORT'}")
+            if name == "--backend-log":
+                result.log_file = value
+            elif value in TRANSPORTS:
+                result.transport = value
+            else:
+                raise RewriteError(f"--transport {value}: expected one of {', '.join(TRANSPORTS)}")
             continue
-        if arg.startswith("--backend-log="):
-            log_file = arg.split("=", 1)[1]
-        else:
-            backend.append(arg)
+        result.backend.append(arg)
         i += 1
-    return backend, log_file, qemu
+    return result
 
 
 class Launcher:
@@ -435,20 +709,22 @@ class Launcher:
 
 def main(argv: list[str]) -> int:
     try:
-        backend_opts, log_file, qemu = split_argv(argv[1:])
+        run_args = split_argv(argv[1:])
     except RewriteError as exc:
         print(f"qemu-vpnnet run: {exc}", file=sys.stderr)
         return 2
     run_dir = tempfile.mkdtemp(prefix="qemu-vpnnet-")
-    socket_path = os.path.join(run_dir, "net.sock")
+    vhost = run_args.transport == "vhost-user"
+    socket_path = os.path.join(run_dir, "vhost-user.sock" if vhost else "net.sock")
     try:
-        rewrite = rewrite_qemu_args(qemu, socket_path)
+        rewrite = rewrite_qemu_args(run_args.qemu, socket_path, run_args.transport)
         for warning in rewrite.warnings:
             print(f"qemu-vpnnet run: warning: {warning}", file=sys.stderr)
-        backend_args = ["--socket", socket_path, *rewrite.backend_args, *backend_opts]
+        listen = ["--vhost-user" if vhost else "--socket", socket_path]
+        backend_args = [*listen, *rewrite.backend_args, *run_args.backend]
         check_backend_args(backend_args)
         launcher = Launcher(
-            [sys.executable, "-m", "qemu_vpnnet", *backend_args], rewrite.qemu_args, socket_path, log_file
+            [sys.executable, "-m", "qemu_vpnnet", *backend_args], rewrite.qemu_args, socket_path, run_args.log_file
         )
         previous = {
             sig: signal.signal(sig, launcher.on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
