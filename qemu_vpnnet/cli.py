@@ -277,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         "see docs/vhost-user.rst)",
     )
     t.add_argument(
+        "--vhost-user-unsealed-memory",
+        action="store_true",
+        help="vhost-user: accept guest memory in files not sealed against shrinking (memory-backend-file); "
+        "a front-end that shrank one would kill the backend",
+    )
+    t.add_argument(
         "--no-offloads",
         action="store_true",
         help="vhost-user: offer no checksum or segmentation offloads (for comparison and debugging)",
@@ -733,7 +739,7 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
         for path in args.dgram:
             await shell.open_dgram(path, None)
         for path in args.vhost_user:
-            shell.listen_vhost_user(path, not args.no_offloads)
+            shell.listen_vhost_user(path, not args.no_offloads, args.vhost_user_unsealed_memory)
         for path in args.connect:
             shell.connect_unix(path)
         await add_forwards(forwarder, args.hostfwd)

@@ -226,8 +226,8 @@ class Shell:
                     self.capture.frames_out(out)
                 except Exception:
                     self.internal_error("capture")
-            for port_id, frames in out.items():
-                if frames:
+            for port_id, frames in list(out.items()):  # a port may leave while we write
+                if frames and port_id in out:
                     out[port_id] = []
                     port = self.ports.get(port_id)
                     if port is not None:
@@ -328,10 +328,10 @@ class Shell:
         self.servers.append(server)
         self.unix_paths.append(path)
 
-    def listen_vhost_user(self, path: str, offloads: bool = True) -> None:
+    def listen_vhost_user(self, path: str, offloads: bool = True, unsealed_ok: bool = False) -> None:
         """Serve QEMU's vhost-user netdev on a Unix socket (io/vhost_user_port.py)."""
         prepare_unix_path(path)
-        listener = VhostUserListener(self, self.port_ids, path, offloads)
+        listener = VhostUserListener(self, self.port_ids, path, offloads, unsealed_ok)
         try:
             listener.start()
         except OSError as exc:

@@ -13,10 +13,13 @@ region its file cannot back — is dropped with a log line: its connection close
 and descriptors released; the listener and every other guest go on. QEMU with `reconnect=N`
 comes back on a new connection and sets the device up afresh.
 
-Shared memory is the front-end's file: a region is mapped only when the file holds all of it,
-and a front-end that could still shrink it (an unsealed file) is logged, since touching a page
-beyond a file's end kills a process with SIGBUS. QEMU's memory-backend-memfd seals its files
-(seal=on, the default), so a guest can never cause that; only the local front-end could.
+Shared memory is the front-end's file: a region is mapped only when the file holds all of it
+and is sealed against shrinking (F_SEAL_SHRINK), since touching a page beyond a file's end kills
+a process with SIGBUS, and a front-end that shrank its file would take every guest down with us.
+QEMU's memory-backend-memfd seals its files (seal=on, the default); memory-backend-file cannot be
+sealed, and is taken only with --vhost-user-unsealed-memory (trusting the front-end). A guest can
+never shrink the file; only the local front-end could. Kick, call and error descriptors must be
+eventfds (a pipe at end of file would spin the loop, a full blocking one would stop it).
 """
 
 import array
@@ -43,7 +46,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("qemu_vpnnet.vhost_user")
 
 MAX_CONNECTIONS: Final = 4  # per socket: one VM, and room for a reconnect overlapping the old one
-TX_BUDGET: Final = 256  # chains taken from the TX ring per turn of the loop (fairness)
+TX_BUDGET: Final = 256
+# the largest frame a guest may send: Ethernet, IPv6 header and a 64 KiB TSO payload (a longer
+# chain is handed back unread: copying a driver's 4 GiB chain would exhaust our memory)
+MAX_TX_FRAME: Final = ETH_HLEN + 40 + 0xFFFF  # chains taken from the TX ring per turn of the loop (fairness)
 CONTROL_READ: Final = 4096
 F_GET_SEALS: Final = 1034  # Linux fcntl
 F_SEAL_SHRINK: Final = 0x0002
@@ -58,13 +64,16 @@ def _offloads(features: bool) -> int:
 class VhostUserPort(QemuPort):
     """One vhost-user connection: one virtio-net device of one VM."""
 
-    def __init__(self, shell: "Shell", port_id: int, sock: socket.socket, path: str, offloads: bool) -> None:
+    def __init__(
+        self, shell: "Shell", port_id: int, sock: socket.socket, path: str, offloads: bool, unsealed_ok: bool = False
+    ) -> None:
         self.shell = shell
         self.id = port_id
         self.description = f"vhost-user {path}"
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.backend = vu.VhostUserBackend(_offloads(offloads))
+        self.unsealed_ok = unsealed_ok  # map memory files that are not sealed against shrinking
         self.decoder = vu.MessageDecoder()
         self.maps: dict[int, mmap.mmap] = {}  # id(region) -> its mapping
         self.memory: MemoryTable | None = None
@@ -74,7 +83,7 @@ class VhostUserPort(QemuPort):
         self.pending_bytes = 0
         self.congested = False
         self.closed = False
-        self.opened = False  # told the shell (after the first ring started)
+        self.dropping = False  # drop() was called: closed on the next turn of the loop
         self.tx_scheduled = False
         self.held = False
         self.gateway_mac = shell.stack.config.gateway_mac
@@ -89,9 +98,14 @@ class VhostUserPort(QemuPort):
         self.loop.add_reader(sock.fileno(), self._control_readable)
         self.shell.port_opened(self)
 
+    @property
+    def inactive(self) -> bool:
+        """Closed, or being dropped: touch neither its rings nor its socket."""
+        return self.closed or self.dropping
+
     # ---- the control channel -----------------------------------------------------------
     def _control_readable(self) -> None:
-        if self.closed:
+        if self.inactive:
             return
         try:
             data, ancdata, msg_flags, _ = self.sock.recvmsg(CONTROL_READ, socket.CMSG_SPACE(vu.MAX_FDS * _FD_SIZE))
@@ -120,12 +134,19 @@ class VhostUserPort(QemuPort):
             self.drop(str(exc))
             return
         for message in messages:
-            if self.closed:
+            if self.inactive:
                 _close_fds(message.fds)
                 continue
             self._handle(message)
 
     def _handle(self, message: vu.Message) -> None:
+        if message.request in (vu.SET_VRING_KICK, vu.SET_VRING_CALL, vu.SET_VRING_ERR):
+            for fd in message.fds:
+                problem = _not_an_eventfd(fd)
+                if problem:
+                    _close_fds(message.fds)
+                    self.drop(f"vhost-user {vu.request_name(message.request)}: {problem}")
+                    return
         backend = self.backend
         for index, queue in enumerate(self.queues):  # GET_VRING_BASE answers where the ring stands
             if queue is not None:
@@ -207,12 +228,19 @@ class VhostUserPort(QemuPort):
         try:
             seals = fcntl.fcntl(region.fd, F_GET_SEALS)
         except OSError:
-            seals = 0
+            seals = 0  # a file that cannot be sealed (memory-backend-file, hugetlbfs)
         if not seals & F_SEAL_SHRINK:
+            if not self.unsealed_ok:
+                raise OSError(
+                    f"memory region {region!r}: its file is not sealed against shrinking, and a front-end "
+                    "that shrank it would kill this process (SIGBUS); use memory-backend-memfd (sealed by "
+                    "default), or start qemu-vpnnet with --vhost-user-unsealed-memory to trust the front-end"
+                )
             ratelog.warning(
                 log,
                 "vhost-user-unsealed",
-                "%s: guest memory in an unsealed file: the front-end could shrink it under us",
+                "%s: guest memory in an unsealed file (--vhost-user-unsealed-memory): the front-end could "
+                "shrink it under us",
                 self.description,
             )
         self.maps[id(region)] = mmap.mmap(region.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -253,15 +281,17 @@ class VhostUserPort(QemuPort):
                 self.kick_watch[index] = -1
 
     def _kicked(self, index: int) -> None:
+        if self.inactive:
+            return
         fd = self.kick_watch[index]
         try:
-            os.read(fd, 8)
+            if not os.read(fd, 8):
+                self.drop(f"kick descriptor of ring {index} is at end of file")
+                return
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
             self.drop(f"kick descriptor of ring {index}: {exc}")
-            return
-        if self.closed:
             return
         started = self.backend.kicked(index)
         if not self._perform(self.backend.take_effects()) or not started:
@@ -284,14 +314,14 @@ class VhostUserPort(QemuPort):
 
     # ---- guest to us: the TX ring ------------------------------------------------------
     def _schedule_tx(self) -> None:
-        if not self.tx_scheduled and not self.closed:
+        if not self.tx_scheduled and not self.inactive:
             self.tx_scheduled = True
             self.loop.call_soon(self._process_tx)
 
     def _process_tx(self) -> None:
         self.tx_scheduled = False
         queue = self.queues[vu.TX]
-        if queue is None or self.closed or self.held:
+        if queue is None or self.inactive or self.held:
             return
         enabled = self.backend.rings[vu.TX].enabled
         frames: list[bytes] = []
@@ -309,7 +339,9 @@ class VhostUserPort(QemuPort):
                     break
                 used.append(chain.head)
                 used.append(0)
-                if enabled:
+                if chain.readable_bytes > self.hdr_len + MAX_TX_FRAME:
+                    self.shell.stack.counters.add("drop-vhost-tx-too-big")  # never copied
+                elif enabled:
                     self._tx_frame(queue.read(chain), frames)
                 if len(used) >= 2 * TX_BUDGET or len(used) >= 2 * queue.num:
                     more = True
@@ -358,7 +390,7 @@ class VhostUserPort(QemuPort):
             ratelog.warning(log, f"vhost-header-{self.id}", "%s: frame dropped: %s", self.description, exc)
 
     def hold_reading(self, seconds: float) -> None:
-        if self.held or self.closed:
+        if self.held or self.inactive:
             return
         self.held = True
         self.loop.call_later(seconds, self._release_hold)
@@ -369,7 +401,7 @@ class VhostUserPort(QemuPort):
 
     # ---- us to the guest: the RX ring --------------------------------------------------
     def send_frames(self, frames: list[bytes]) -> int:
-        if self.closed:
+        if self.inactive:
             return len(frames)
         dropped = 0
         for frame in frames:
@@ -399,7 +431,7 @@ class VhostUserPort(QemuPort):
 
     def _fill_rx(self) -> None:
         queue = self.queues[vu.RX]
-        if queue is None or self.closed or not self.pending:
+        if queue is None or self.inactive or not self.pending:
             self._update_congestion()
             return
         if not self.backend.rings[vu.RX].enabled:
@@ -489,15 +521,22 @@ class VhostUserPort(QemuPort):
 
     # ---- the end -----------------------------------------------------------------------
     def drop(self, reason: str) -> None:
-        """The front-end or the guest broke the protocol: this device goes, the rest stays."""
+        """The front-end or the guest broke the protocol: this device goes, the rest stays.
+
+        It stops at once (nothing more is read from it or written to it); it leaves the switch on
+        the next turn of the loop, as this may run while the shell walks the switch's queues."""
+        if self.closed or self.dropping:
+            return
+        self.dropping = True
         self.shell.stack.counters.add("vhost-user-dropped")
         log.error("%s (port %d): %s; dropping this device", self.description, self.id, reason)
-        self.close_device(reason)
+        self.loop.call_soon(self.close_device, reason)
 
     def close_device(self, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
+        self.dropping = False
         self.loop.remove_reader(self.sock.fileno())
         for index in range(vu.NUM_RINGS):
             self._watch_kick(index, -1)
@@ -529,6 +568,30 @@ def _tcp_or_udp(frame: bytes) -> bool:
     return False
 
 
+def _not_an_eventfd(fd: int) -> str:
+    """Why fd cannot be a kick, call or error descriptor ("" if it is an eventfd, now non-blocking).
+
+    QEMU hands over eventfds. Anything else could hang the loop: a pipe at end of file is readable
+    for ever, and a full blocking pipe stops a write."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        return f"descriptor {fd}: {exc.strerror or exc}"
+    if stat.S_IFMT(mode):  # anonymous inodes (eventfd among them) have no file type
+        return f"descriptor {fd} is not an eventfd (file type {stat.S_IFMT(mode):#o})"
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        target = "anon_inode:[eventfd]"  # /proc hidden (a sandbox): the file type check stands
+    if target != "anon_inode:[eventfd]":
+        return f"descriptor {fd} is {target}, not an eventfd"
+    try:
+        os.set_blocking(fd, False)
+    except OSError as exc:
+        return f"descriptor {fd}: {exc.strerror or exc}"
+    return ""
+
+
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -540,8 +603,11 @@ def _close_fds(fds: list[int]) -> None:
 class VhostUserListener:
     """The Unix socket QEMU's vhost-user netdev connects to."""
 
-    def __init__(self, shell: "Shell", ids: PortIds, path: str, offloads: bool = True) -> None:
+    def __init__(
+        self, shell: "Shell", ids: PortIds, path: str, offloads: bool = True, unsealed_ok: bool = False
+    ) -> None:
         self.shell = shell
+        self.unsealed_ok = unsealed_ok
         self.ids = ids
         self.path = path
         self.offloads = offloads
@@ -565,10 +631,16 @@ class VhostUserListener:
             return
         self.ports = [p for p in self.ports if not p.closed]
         if len(self.ports) >= MAX_CONNECTIONS:
-            log.error("vhost-user %s: already %d connections; refusing another", self.path, len(self.ports))
-            conn.close()
-            return
-        self.ports.append(VhostUserPort(self.shell, self.ids.take(), conn, self.path, self.offloads))
+            # a QEMU reconnecting must not be locked out by idle connections: the oldest one
+            # with no running ring makes room, else the new one is refused
+            idle = [p for p in self.ports if not any(r.started for r in p.backend.rings)]
+            if not idle:
+                log.error("vhost-user %s: already %d running devices; refusing another", self.path, len(self.ports))
+                conn.close()
+                return
+            idle[0].close_device("another connection needs its place")
+            self.ports.remove(idle[0])
+        self.ports.append(VhostUserPort(self.shell, self.ids.take(), conn, self.path, self.offloads, self.unsealed_ok))
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
