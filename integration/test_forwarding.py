@@ -34,7 +34,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from integration.backend import Backend, BackendError
 from integration.common import wait_until
-from integration.fixtures import DEFAULT_MAC, NsGuestFactory, StartBackend, VmGuestFactory
+from integration.fixtures import BOTH_TRANSPORTS, DEFAULT_MAC, NsGuestFactory, StartBackend, VmGuestFactory
 from integration.nsguest import NsGuest
 
 PY = sys.executable
@@ -931,6 +931,7 @@ def http_get(port: int, timeout: float = 10.0) -> str:
         return body.decode()
 
 
+@BOTH_TRANSPORTS
 def test_vm_web_page_through_a_forward(start_backend: StartBackend, vm_guest: VmGuestFactory) -> None:
     """The tiny VM in demo mode (busybox httpd on port 80) behind a forward given with --hostfwd."""
     backend = start_backend("--hostfwd", "tcp::0-:80", "--hostfwd", "tcp::0-:7")

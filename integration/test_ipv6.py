@@ -28,7 +28,7 @@ import pytest
 from integration import servers as srv
 from integration.backend import Backend
 from integration.common import wait_until
-from integration.fixtures import NsGuestFactory, NsHostFactory, StartBackend, VmGuestFactory
+from integration.fixtures import BOTH_TRANSPORTS, NsGuestFactory, NsHostFactory, StartBackend, VmGuestFactory
 from integration.netns import Netns
 from integration.nsguest import NsGuest
 from integration.nshost import NsHost
@@ -529,6 +529,7 @@ timeout 15 wget -q -O - 'http://[{gw}]:8080/'; echo "WGET6-RC=$?"
 """
 
 
+@BOTH_TRANSPORTS
 def test_vm_gets_an_ipv6_address_and_reaches_the_gateway(
     ns_host: NsHostFactory,
     start_backend: StartBackend,

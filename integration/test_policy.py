@@ -28,7 +28,7 @@ import pytest
 from integration import servers as srv
 from integration.backend import Backend
 from integration.common import wait_until
-from integration.fixtures import NsGuestFactory, NsHostFactory, StartBackend, VmGuestFactory
+from integration.fixtures import BOTH_TRANSPORTS, NsGuestFactory, NsHostFactory, StartBackend, VmGuestFactory
 from integration.netns import Netns
 from integration.nsguest import NsGuest
 from integration.nshost import NsHost
@@ -600,6 +600,7 @@ echo by-name | timeout 10 nc "$addr" 8081; echo "BYNAME-RC=$?"
 """
 
 
+@BOTH_TRANSPORTS
 def test_vm_reaches_a_gateway_service_and_is_refused_by_deny(bed: BedFactory, vm_guest: VmGuestFactory) -> None:
     """The tiny VM (a real virtio-net NIC): busybox nc through a gateway service, a --deny'd port
     refused with "Connection refused" at once, the next port direct, and a name only the host's
