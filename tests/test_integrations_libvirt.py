@@ -70,6 +70,75 @@ def test_listen_tcp_ipv6_and_default_address() -> None:
     assert config is not None and config.listen_tcp == ("127.0.0.1", 7)
 
 
+VHOST_DOMAIN = f"""\
+<domain type='qemu'>
+  <name>vu1</name>
+  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
+  <metadata>
+    <vpnnet:net xmlns:vpnnet="{lv.NS}">
+      <vpnnet:vhost-user/>
+      <vpnnet:option name="no-offloads"/>
+    </vpnnet:net>
+  </metadata>
+  <devices>
+    <interface type='vhostuser'>
+      <source type='unix' path='/run/qemu-vpnnet/vu1/vhost-user.sock' mode='client'/>
+      <model type='virtio'/>
+    </interface>
+  </devices>
+</domain>
+"""
+
+
+def test_parse_metadata_vhost_user_and_its_backend_arguments() -> None:
+    name, config = lv.parse_domain_xml(VHOST_DOMAIN)
+    assert name == "vu1" and config is not None
+    assert config.vhost_user == "" and config.socket is None and config.listen_tcp is None
+    assert lv.backend_args(config, "/run/qemu-vpnnet/vu1") == [
+        "--vhost-user", "/run/qemu-vpnnet/vu1/vhost-user.sock",
+        "--no-offloads",
+        "--qmp", "unix:/run/qemu-vpnnet/vu1/qmp.sock",
+        "--state", "/run/qemu-vpnnet/vu1/state.json",
+    ]  # fmt: skip
+    assert config.unix_paths("/run/qemu-vpnnet/vu1") == ["/run/qemu-vpnnet/vu1/vhost-user.sock"]
+    lv.check_vhost_user_domain(VHOST_DOMAIN, "/run/qemu-vpnnet/vu1/vhost-user.sock")
+    _, config = lv.parse_domain_xml(domain_with("<vpnnet:vhost-user path='/tmp/vu.sock'/>"))
+    assert config is not None and config.vhost_user_path("/r/d") == "/tmp/vu.sock"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("type='vhostuser'", "type='network'", "has no <interface type='vhostuser'><source type='unix' path="),
+        ("vu1/vhost-user.sock", "other.sock", "has no <interface type='vhostuser'>"),
+        ("mode='client'", "mode='server'", 'has mode="server": the backend listens, so QEMU must connect'),
+        ("<access mode='shared'/>", "", "needs the guest's memory shared"),
+        ("<access mode='shared'/>", "<access mode='private'/>", "needs the guest's memory shared"),
+    ],
+)
+def test_vhost_user_domain_must_connect_to_the_socket_and_share_its_memory(old: str, new: str, message: str) -> None:
+    with pytest.raises(lv.MetadataError, match=message):
+        lv.check_vhost_user_domain(VHOST_DOMAIN.replace(old, new), "/run/qemu-vpnnet/vu1/vhost-user.sock")
+
+
+def test_vhost_user_memory_shared_by_numa_cells() -> None:
+    cells = "<cpu><numa><cell id='0' cpus='0' memory='256' unit='MiB' memAccess='shared'/></numa></cpu>"
+    xml = VHOST_DOMAIN.replace("<access mode='shared'/>", "").replace("<metadata>", cells + "<metadata>")
+    lv.check_vhost_user_domain(xml, "/run/qemu-vpnnet/vu1/vhost-user.sock")
+    private = VHOST_DOMAIN.replace("<metadata>", cells.replace("shared", "private") + "<metadata>")
+    with pytest.raises(lv.MetadataError, match="shared"):
+        lv.check_vhost_user_domain(private, "/run/qemu-vpnnet/vu1/vhost-user.sock")
+
+
+def test_hook_refuses_a_vhost_user_domain_without_shared_memory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    xml = VHOST_DOMAIN.replace("/run/qemu-vpnnet", str(tmp_path)).replace("<access mode='shared'/>", "")
+    assert lv.hook_run(["vu1", "prepare", "begin", "-"], xml, str(tmp_path)) == 1
+    assert "needs the guest's memory shared" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no backend started
+
+
 def test_domain_without_metadata() -> None:
     assert lv.parse_domain_xml("<domain><name>plain</name><metadata/></domain>") == ("plain", None)
     assert lv.parse_domain_xml("<domain><name>plain</name></domain>") == ("plain", None)
@@ -83,6 +152,9 @@ def test_domain_without_metadata() -> None:
         ("<vpnnet:listen-tcp address='127.0.0.1' port='70000'/>", "bad port"),
         ("<vpnnet:listen-tcp address='localhost' port='1'/>", "bad address"),
         ("<vpnnet:listen-tcp port='1'/><vpnnet:socket/>", "only one"),
+        ("<vpnnet:socket/><vpnnet:vhost-user/>", "only one"),
+        ("<vpnnet:vhost-user/><vpnnet:listen-tcp port='1'/>", "only one"),
+        ("<vpnnet:vhost-user path='rel.sock'/>", "absolute"),
         ("<vpnnet:socket path='rel.sock'/>", "absolute"),
         ("<vpnnet:socket/><vpnnet:hostfwd rule='tcp:x'/>", "hostfwd"),
         ("<vpnnet:socket/><vpnnet:option name='socket' value='/x'/>", "not allowed"),
@@ -108,6 +180,72 @@ def test_generated_metadata_round_trips() -> None:
     config = lv.DomainNet(socket="/tmp/a&b.sock")
     xml = f"<domain><name>g</name>{lv.metadata_xml(config)}</domain>"
     assert lv.parse_domain_xml(xml) == ("g", config)
+    for vhost_user in ("", "/tmp/vu.sock"):
+        config = lv.DomainNet(vhost_user=vhost_user, options=[("no-offloads", "")])
+        xml = f"<domain><name>g</name>{lv.metadata_xml(config)}</domain>"
+        assert lv.parse_domain_xml(xml) == ("g", config)
+
+
+def vhost_user_domain(domain_type: str) -> str:
+    """The `libvirt xml --vhost-user` snippet put into a domain, as its comment tells."""
+    out = run_cli(
+        "libvirt", "xml", "--vhost-user", "--domain", "vu1", "--domain-type", domain_type,
+        "--mac", "52:54:00:00:00:07", "--hostfwd", "tcp::2222-:22", "--run-dir", "/run/qemu-vpnnet",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    body = out.stdout.split("-->", 1)[1]
+    metadata, rest = body.split("</metadata>", 1)
+    backing, rest = rest.split("</memoryBacking>", 1)
+    interface, override = rest.split("</interface>", 1)
+    ns = f" xmlns:qemu='{lv.QEMU_NS}'" if domain_type == "qemu" else ""
+    return (
+        f"<domain type='{domain_type}'{ns}><name>vu1</name>{metadata}</metadata>{backing}</memoryBacking>"
+        f"<devices>{interface}</interface></devices>{override}</domain>"
+    )
+
+
+def test_vhost_user_xml_for_a_tcg_domain_overrides_vectors() -> None:
+    xml = vhost_user_domain("qemu")
+    root = ET.fromstring(xml)
+    iface = root.find("devices/interface")
+    assert iface is not None and iface.get("type") == "vhostuser"
+    source = iface.find("source")
+    assert source is not None and source.attrib == {
+        "type": "unix", "path": "/run/qemu-vpnnet/vu1/vhost-user.sock", "mode": "client",
+    }  # fmt: skip
+    reconnect = source.find("reconnect")
+    assert reconnect is not None and reconnect.attrib == {"enabled": "yes", "timeout": "1"}
+    assert [(e.tag, e.attrib) for e in iface if e.tag != "source"] == [
+        ("mac", {"address": "52:54:00:00:00:07"}),
+        ("model", {"type": "virtio"}),
+        ("alias", {"name": "ua-vpnnet0"}),
+    ]
+    backing = root.find("memoryBacking")
+    assert backing is not None and [(e.tag, e.attrib) for e in backing] == [
+        ("source", {"type": "memfd"}), ("access", {"mode": "shared"}),
+    ]  # fmt: skip
+    q = f"{{{lv.QEMU_NS}}}"
+    prop = root.find(f"{q}override/{q}device/{q}frontend/{q}property")
+    assert prop is not None and prop.attrib == {"name": "vectors", "type": "unsigned", "value": "0"}
+    device = root.find(f"{q}override/{q}device")
+    assert device is not None and device.get("alias") == "ua-vpnnet0"
+    # What the hook makes of it: the backend on that socket, after the domain passed its checks.
+    _, config = lv.parse_domain_xml(xml)
+    assert config == lv.DomainNet(vhost_user="", hostfwd=["tcp::2222-:22"])
+    lv.check_vhost_user_domain(xml, "/run/qemu-vpnnet/vu1/vhost-user.sock")
+    assert lv.backend_args(config, "/run/qemu-vpnnet/vu1")[:4] == [
+        "--vhost-user", "/run/qemu-vpnnet/vu1/vhost-user.sock", "--hostfwd", "tcp::2222-:22",
+    ]  # fmt: skip
+
+
+def test_vhost_user_xml_for_a_kvm_domain_is_clean() -> None:
+    xml = vhost_user_domain("kvm")
+    assert "qemu:" not in xml and "vectors" not in xml
+    root = ET.fromstring(xml)
+    assert root.find("devices/interface[@type='vhostuser']") is not None
+    assert root.find("memoryBacking/access[@mode='shared']") is not None
+    path = run_cli("libvirt", "xml", "--vhost-user", "/tmp/v u.sock").stdout
+    assert "path='/tmp/v u.sock'" in path.replace('"', "'") and "<qemu:override>" not in path
 
 
 def test_interface_and_commandline_xml_are_well_formed() -> None:

@@ -1,6 +1,7 @@
 """`qemu-vpnnet libvirt ...`: domain XML for libvirt, and a libvirt hook that runs one backend per domain.
 
-    qemu-vpnnet libvirt xml [--domain NAME] [--tcp HOST:PORT | --socket [PATH]] [--hostfwd RULE]...
+    qemu-vpnnet libvirt xml [--domain NAME] [--tcp HOST:PORT | --socket [PATH] | --vhost-user [PATH]]
+                            [--domain-type kvm|qemu] [--hostfwd RULE]...
     qemu-vpnnet libvirt hook install [--hooks-dir DIR] [--run-dir DIR] [--no-reload] [--force]
     qemu-vpnnet libvirt hook uninstall [--hooks-dir DIR] [--no-reload]
     qemu-vpnnet libvirt hook-run DOMAIN OPERATION SUBOPERATION EXTRA   (the hook itself; XML on stdin)
@@ -9,7 +10,8 @@ A domain opts in with a metadata element in our namespace::
 
     <metadata>
       <vpnnet:net xmlns:vpnnet="https://qemu-vpnnet.invalid/xmlns/1">
-        <vpnnet:listen-tcp address="127.0.0.1" port="5558"/>    (or <vpnnet:socket path="..."/>)
+        <vpnnet:listen-tcp address="127.0.0.1" port="5558"/>    (or <vpnnet:socket path="..."/>,
+                                                                  or <vpnnet:vhost-user path="..."/>)
         <vpnnet:hostfwd rule="tcp::2222-:22"/>                    (repeatable)
         <vpnnet:option name="mtu" value="65520"/>                  (repeatable; see ALLOWED_OPTIONS)
       </vpnnet:net>
@@ -20,6 +22,14 @@ socket, state file, pid file and log in RUN_DIR/DOMAIN/, and returns once the ba
 failure exits non-zero, which aborts the domain start; the reason goes to stderr, which libvirt
 shows). On `release end` it stops that backend (SIGTERM, then SIGKILL) and removes RUN_DIR/DOMAIN.
 The hook never calls virsh (libvirt would deadlock).
+
+vhost-user (<vpnnet:vhost-user/>, `--vhost-user PATH`): the domain's <interface type='vhostuser'> has
+QEMU connect to the backend's socket, and the guest's RAM must be shared (<memoryBacking> with
+<access mode='shared'/>); the hook refuses a domain without either. QEMU 7.2 under TCG (type='qemu')
+segfaults in msix_set_vector_notifiers when a vhost-user NIC starts with MSI-X, and libvirt has no
+attribute for virtio-net-pci's vectors=: the generated XML of a type='qemu' domain sets vectors=0 with
+<qemu:override> on the interface's alias (libvirt then marks the domain tainted, "custom-device");
+type='kvm' domains get none.
 """
 
 import argparse
@@ -59,6 +69,9 @@ DEFAULT_HOOKS_DIR = "/etc/libvirt/hooks"
 HOOK_NAME = "qemu-vpnnet"
 HOOK_MARKER = "# qemu-vpnnet libvirt hook"
 DEFAULT_TCP = ("127.0.0.1", 5558)
+#: The user alias the generated vhost-user interface gets, which <qemu:override> names.
+VHOST_ALIAS = "ua-vpnnet0"
+TRANSPORT_ELEMENTS = "<vpnnet:listen-tcp>, <vpnnet:socket> or <vpnnet:vhost-user>"
 START_TIMEOUT = 10.0
 DAEMON_PID_FILES = ("/run/libvirtd.pid", "/run/virtqemud.pid", "/var/run/libvirtd.pid")
 
@@ -82,6 +95,7 @@ ALLOWED_OPTIONS: dict[str, bool] = {
     "max-udp-flows": True,
     "max-tcp-flows": True,
     "log-level": True,
+    "no-offloads": False,
 }
 _DOMAIN_RE = re.compile(r"^[^/\0\s][^/\0]*$")
 
@@ -98,11 +112,21 @@ class DomainNet:
     socket: str | None = None  # "" = the default path in the run dir
     hostfwd: list[str] = field(default_factory=list)
     options: list[tuple[str, str]] = field(default_factory=list)
+    vhost_user: str | None = None  # "" = the default path in the run dir
 
     def socket_path(self, domain_dir: str) -> str | None:
         if self.socket is None:
             return None
         return self.socket or os.path.join(domain_dir, "net.sock")
+
+    def vhost_user_path(self, domain_dir: str) -> str | None:
+        if self.vhost_user is None:
+            return None
+        return self.vhost_user or os.path.join(domain_dir, "vhost-user.sock")
+
+    def unix_paths(self, domain_dir: str) -> list[str]:
+        """The Unix sockets the backend listens on, which QEMU (libvirt-qemu) must reach."""
+        return [p for p in (self.socket_path(domain_dir), self.vhost_user_path(domain_dir)) if p is not None]
 
 
 # ---- metadata --------------------------------------------------------------------------------
@@ -142,22 +166,25 @@ def parse_net_element(net: ET.Element) -> DomainNet:
             raise MetadataError(f"<vpnnet:net>: unexpected element {tag}")
         local = tag[len(NS) + 2 :]
         where = f"<vpnnet:{local}>"
+        if local in ("listen-tcp", "socket", "vhost-user") and (
+            config.listen_tcp is not None or config.socket is not None or config.vhost_user is not None
+        ):
+            raise MetadataError(f"{where}: only one {TRANSPORT_ELEMENTS} per domain")
         if local == "listen-tcp":
-            if config.listen_tcp is not None or config.socket is not None:
-                raise MetadataError(f"{where}: only one <vpnnet:listen-tcp> or <vpnnet:socket> per domain")
             address = child.get("address") or DEFAULT_TCP[0]
             try:
                 ipaddress.ip_address(address)
             except ValueError:
                 raise MetadataError(f"{where}: bad address {address!r}") from None
             config.listen_tcp = (address, _port(_attr(child, "port", where), where))
-        elif local == "socket":
-            if config.listen_tcp is not None or config.socket is not None:
-                raise MetadataError(f"{where}: only one <vpnnet:listen-tcp> or <vpnnet:socket> per domain")
+        elif local in ("socket", "vhost-user"):
             path = child.get("path") or ""
             if path and not os.path.isabs(path):
                 raise MetadataError(f"{where}: path must be absolute, not {path!r}")
-            config.socket = path
+            if local == "socket":
+                config.socket = path
+            else:
+                config.vhost_user = path
         elif local == "hostfwd":
             rule = _attr(child, "rule", where)
             try:
@@ -175,9 +202,45 @@ def parse_net_element(net: ET.Element) -> DomainNet:
             config.options.append((name, value))
         else:
             raise MetadataError(f"<vpnnet:net>: unknown element <vpnnet:{local}>")
-    if config.listen_tcp is None and config.socket is None:
-        raise MetadataError("<vpnnet:net>: needs <vpnnet:listen-tcp address=... port=.../> or <vpnnet:socket/>")
+    if config.listen_tcp is None and config.socket is None and config.vhost_user is None:
+        raise MetadataError(
+            "<vpnnet:net>: needs <vpnnet:listen-tcp address=... port=.../>, <vpnnet:socket/> or <vpnnet:vhost-user/>"
+        )
     return config
+
+
+def check_vhost_user_domain(xml_text: str, path: str) -> None:
+    """MetadataError unless the domain can use the backend's vhost-user socket at `path`: an
+    <interface type='vhostuser'> whose QEMU connects to `path` (mode='client'), and guest RAM the
+    backend can map (<memoryBacking><access mode='shared'/>, or every NUMA cell memAccess='shared').
+    libvirt 9.0 starts a domain without shared memory, and its guest then has no network."""
+    try:
+        root = ET.fromstring(xml_text)
+    except ET.ParseError as exc:
+        raise MetadataError(f"cannot parse the domain XML: {exc}") from None
+    wanted = f"<interface type='vhostuser'><source type='unix' path={quoteattr(path)} mode='client'/>"
+    modes = [
+        source.get("mode", "")
+        for iface in root.findall("devices/interface[@type='vhostuser']")
+        for source in iface.findall("source")
+        if source.get("path") == path
+    ]
+    if not modes:
+        raise MetadataError(f"<vpnnet:vhost-user>: the domain has no {wanted} in <devices>")
+    if "client" not in modes:
+        raise MetadataError(
+            f"<vpnnet:vhost-user>: the interface on {path} has mode={quoteattr(modes[0])}: "
+            f"the backend listens, so QEMU must connect ({wanted})"
+        )
+    cells = root.findall("cpu/numa/cell")
+    shared = root.find("memoryBacking/access[@mode='shared']") is not None
+    if cells:
+        shared = all(cell.get("memAccess", "shared" if shared else "") == "shared" for cell in cells)
+    if not shared:
+        raise MetadataError(
+            "<vpnnet:vhost-user>: vhost-user needs the guest's memory shared with the backend: add "
+            "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking> to the domain"
+        )
 
 
 def backend_args(config: DomainNet, domain_dir: str) -> list[str]:
@@ -189,6 +252,9 @@ def backend_args(config: DomainNet, domain_dir: str) -> list[str]:
     socket_path = config.socket_path(domain_dir)
     if socket_path is not None:
         args += ["--socket", socket_path]
+    vhost_path = config.vhost_user_path(domain_dir)
+    if vhost_path is not None:
+        args += ["--vhost-user", vhost_path]
     for rule in config.hostfwd:
         args += ["--hostfwd", rule]
     for name, value in config.options:
@@ -209,6 +275,9 @@ def metadata_xml(config: DomainNet, indent: str = "") -> str:
     if config.socket is not None:
         path = f" path={quoteattr(config.socket)}" if config.socket else ""
         lines.append(f"{indent}    <vpnnet:socket{path}/>")
+    if config.vhost_user is not None:
+        path = f" path={quoteattr(config.vhost_user)}" if config.vhost_user else ""
+        lines.append(f"{indent}    <vpnnet:vhost-user{path}/>")
     for rule in config.hostfwd:
         lines.append(f"{indent}    <vpnnet:hostfwd rule={quoteattr(rule)}/>")
     for name, value in config.options:
@@ -236,6 +305,70 @@ def commandline_xml(socket_path: str, mac: str | None = None, netdev_id: str = "
     for value in ("-netdev", netdev, "-device", device):
         lines.append(f"{indent}  <qemu:arg value={quoteattr(value)}/>")
     lines.append(f"{indent}</qemu:commandline>")
+    return "\n".join(lines)
+
+
+def vhost_user_interface_xml(path: str, mac: str | None = None, indent: str = "") -> str:
+    """<interface type='vhostuser'>: QEMU connects to the backend's socket (and reconnects after 1 s
+    when the backend restarts); the alias is what <qemu:override> names."""
+    lines = [f"{indent}<interface type='vhostuser'>"]
+    if mac:
+        lines.append(f"{indent}  <mac address={quoteattr(mac)}/>")
+    lines += [
+        f"{indent}  <source type='unix' path={quoteattr(path)} mode='client'>",
+        f"{indent}    <reconnect enabled='yes' timeout='1'/>",
+        f"{indent}  </source>",
+        f"{indent}  <model type='virtio'/>",
+        f"{indent}  <alias name='{VHOST_ALIAS}'/>",
+        f"{indent}</interface>",
+    ]
+    return "\n".join(lines)
+
+
+def memory_backing_xml(indent: str = "") -> str:
+    """The guest's RAM in a shared memfd, which vhost-user maps."""
+    return "\n".join(
+        [
+            f"{indent}<memoryBacking>",
+            f"{indent}  <source type='memfd'/>",
+            f"{indent}  <access mode='shared'/>",
+            f"{indent}</memoryBacking>",
+        ]
+    )
+
+
+def vectors_override_xml(alias: str = VHOST_ALIAS, indent: str = "") -> str:
+    """vectors=0 (legacy INTx) on the NIC's virtio-net-pci device: QEMU 7.2 under TCG segfaults in
+    msix_set_vector_notifiers when a vhost-user NIC starts with MSI-X. libvirt >= 8.2; taints."""
+    return "\n".join(
+        [
+            f"{indent}<qemu:override>",
+            f"{indent}  <qemu:device alias={quoteattr(alias)}>",
+            f"{indent}    <qemu:frontend>",
+            f"{indent}      <qemu:property name='vectors' type='unsigned' value='0'/>",
+            f"{indent}    </qemu:frontend>",
+            f"{indent}  </qemu:device>",
+            f"{indent}</qemu:override>",
+        ]
+    )
+
+
+def vhost_user_snippet(config: DomainNet, path: str, mac: str | None, domain_type: str) -> str:
+    lines = [
+        "<!-- qemu-vpnnet over vhost-user (QEMU's virtio-net rings served from the backend, in shared guest RAM).",
+        "     Put <metadata> and <memoryBacking> in <domain> (merge with existing ones) and <interface> in <devices>.",
+    ]
+    if domain_type == "qemu":
+        lines += [
+            "     TCG (type='qemu'): <qemu:override> (in <domain>, after <devices>) sets vectors=0, since QEMU 7.2",
+            "     without KVM crashes when a vhost-user NIC starts with MSI-X; libvirt marks the domain 'tainted'.",
+            f"     The root element needs the qemu namespace: <domain type='qemu' xmlns:qemu='{QEMU_NS}'> -->",
+        ]
+    else:
+        lines[-1] += " -->"
+    lines += [metadata_xml(config), memory_backing_xml(), vhost_user_interface_xml(path, mac)]
+    if domain_type == "qemu":
+        lines.append(vectors_override_xml())
     return "\n".join(lines)
 
 
@@ -288,6 +421,12 @@ def cmd_xml(args: argparse.Namespace) -> int:
     domain = args.domain or "DOMAIN"
     check_domain_name(domain)
     snippets: list[str] = []
+    if args.vhost_user is not None:
+        vu = DomainNet(vhost_user=args.vhost_user, hostfwd=args.hostfwd, options=options)
+        path = vu.vhost_user_path(os.path.join(args.run_dir, domain))
+        assert path is not None
+        print(vhost_user_snippet(vu, path, args.mac, args.domain_type))
+        return 0
     if args.socket is None or args.tcp is not None:
         tcp = DomainNet(listen_tcp=args.tcp or DEFAULT_TCP, hostfwd=args.hostfwd, options=options)
         snippets.append(tcp_snippet(tcp, args.mac))
@@ -383,7 +522,7 @@ def start_backend(domain: str, config: DomainNet, run_dir: str, timeout: float =
         )
     with open(os.path.join(domain_dir, "backend.pid"), "w", encoding="ascii") as f:
         f.write(f"{proc.pid}\n")
-    socket_path = config.socket_path(domain_dir)
+    unix_paths = config.unix_paths(domain_dir)
     deadline = time.monotonic() + timeout
     listening = False
     while True:
@@ -393,8 +532,8 @@ def start_backend(domain: str, config: DomainNet, run_dir: str, timeout: float =
             shutil.rmtree(domain_dir, ignore_errors=True)
             raise IntegrationError(f"backend for {domain} exited with status {status}:\n{log_text}")
         if not listening:
-            listening = (config.listen_tcp is None or pid_listens_tcp(proc.pid, config.listen_tcp[1])) and (
-                socket_path is None or pid_listens_unix(proc.pid, socket_path)
+            listening = (config.listen_tcp is None or pid_listens_tcp(proc.pid, config.listen_tcp[1])) and all(
+                pid_listens_unix(proc.pid, path) for path in unix_paths
             )
         # The backend logs "serving ..." once every transport and forward is set up.
         if listening and "serving net=" in tail_file(log_path, 200):
@@ -407,11 +546,11 @@ def start_backend(domain: str, config: DomainNet, run_dir: str, timeout: float =
             shutil.rmtree(domain_dir, ignore_errors=True)
             raise IntegrationError(f"backend for {domain} did not listen within {timeout:g} s:\n{log_text}")
         time.sleep(0.02)
-    if socket_path is not None:
-        owner = qemu_owner()
+    owner = qemu_owner()
+    for path in unix_paths:
         if owner is not None:
-            os.chown(socket_path, *owner)
-            os.chmod(socket_path, 0o660)
+            os.chown(path, *owner)
+            os.chmod(path, 0o660)
     return proc.pid
 
 
@@ -426,6 +565,9 @@ def hook_run(argv: Sequence[str], xml_text: str, run_dir: str) -> int:
             _, config = parse_domain_xml(xml_text)
             if config is None:
                 return 0
+            vhost_path = config.vhost_user_path(os.path.join(run_dir, check_domain_name(domain)))
+            if vhost_path is not None:
+                check_vhost_user_domain(xml_text, vhost_path)
             pid = start_backend(domain, config, run_dir)
             print(f"qemu-vpnnet: backend {pid} started for {domain}", file=sys.stderr)
         elif (operation, sub) == ("release", "end"):
@@ -534,6 +676,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = x.add_mutually_exclusive_group()
     g.add_argument("--tcp", type=host_port_arg, metavar="HOST:PORT", help="<interface type='client'> to HOST:PORT")
     g.add_argument("--socket", nargs="?", const="", metavar="PATH", help="<qemu:commandline> -netdev stream on PATH")
+    g.add_argument(
+        "--vhost-user",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="<interface type='vhostuser'> on PATH (default RUN_DIR/DOMAIN/vhost-user.sock), with shared memory",
+    )
+    x.add_argument(
+        "--domain-type",
+        choices=("kvm", "qemu"),
+        default="kvm",
+        help="the domain's type= (vhost-user: 'qemu', TCG, adds the vectors=0 override; default kvm)",
+    )
     x.add_argument("--hostfwd", action="append", default=[], metavar="RULE", help="port forward (QEMU syntax)")
     x.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="backend option")
     x.add_argument("--mac", help="the NIC's MAC address")
