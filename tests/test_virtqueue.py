@@ -92,6 +92,17 @@ class Guest:
     def queue(self, last_avail_idx: int = 0) -> SplitQueue:
         return SplitQueue(self.memory, self.num, UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED, self.event_idx, last_avail_idx)
 
+    def held(self, q: SplitQueue, *heads: int) -> None:
+        """Offer one-descriptor chains at these heads and let q pop them (so it may push them)."""
+        if q.last_avail_idx != self.avail:
+            self.set_avail_idx(q.last_avail_idx)
+        for head in heads:
+            self.desc(head, 0x4000, 4)
+        self.offer(*heads)
+        for head in heads:
+            chain = q.pop()
+            assert chain is not None and chain.head == head
+
 
 def pieces(flat: list[int]) -> list[tuple[int, int, int]]:
     return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
@@ -248,11 +259,12 @@ def test_index_wraparound_num_256() -> None:
 def test_push_batch_writes_elements_then_one_index() -> None:
     g = Guest()
     q = g.queue()
+    g.held(q, 3, 5, 0, 1)
     q.push_batch([3, 30, 5, 50])
     assert g.used_idx() == 2
     assert g.used_elem(0) == (3, 30) and g.used_elem(1) == (5, 50)
     before = g.used_ring()
-    for bad in ([1], [8, 0], [0, 1 << 32], [0, -1], [0, 0] * 9):
+    for bad in ([1], [8, 0], [0, 1 << 32], [0, -1], [0, 0] * 9, [3, 0], [2, 0], [0, 0, 0, 0], [1, 0, 5, 0]):
         with pytest.raises(ValueError):
             q.push_batch(bad)
     assert g.used_ring() == before
@@ -266,6 +278,7 @@ def test_needs_notify_without_event_idx() -> None:
     q = g.queue()
     old = q.used_idx
     assert not q.needs_notify(old)  # nothing pushed
+    g.held(q, 0)
     q.push(0, 0)
     assert q.needs_notify(old)
     g.poke(AVAIL, struct.pack("<H", 1))  # VIRTQ_AVAIL_F_NO_INTERRUPT
@@ -279,6 +292,7 @@ def test_needs_notify_event_idx_across_wrap() -> None:
     q = g.queue(last_avail_idx=65534)
     g.poke(AVAIL, struct.pack("<H", 1))  # NO_INTERRUPT is ignored with EVENT_IDX
     g.poke(used_event, struct.pack("<H", 65535))  # interrupt once the element at index 65535 is used
+    g.held(q, 0, 1)
     q.push(0, 0)  # used.idx 65535
     assert not q.needs_notify(65534)
     q.push(1, 0)  # used.idx 0: element 65535 is used
@@ -507,8 +521,9 @@ def test_avail_idx_far_ahead(ahead: int) -> None:
 
 def test_avail_idx_exactly_num_ahead_is_fine() -> None:
     g = Guest()
-    g.desc(0, 0x4000, 4)
-    g.offer(*[0] * 8)
+    for i in range(8):
+        g.desc(i, 0x4000, 4)
+    g.offer(*range(8))
     q = g.queue()
     assert q.available() == 8
     for _ in range(8):
@@ -695,6 +710,7 @@ def test_random_descriptor_chains(
 def test_guest_scribbling_on_used_idx_is_ignored() -> None:
     g = Guest()
     q = g.queue()
+    g.held(q, 1, 2)
     q.push(1, 5)
     g.poke(USED + 2, struct.pack("<H", 0x7777))  # the guest writes our index
     q.push(2, 6)
@@ -711,3 +727,43 @@ def test_region_indices_follow_the_table_order() -> None:
     for addr in (0x0, 0x2000, 0x8FFF, 0xA000):
         with pytest.raises(RingError):
             m.translate_gpa(addr, 1)
+
+
+def test_a_head_offered_again_while_held_is_refused() -> None:
+    """A driver that makes a head available twice before getting it back would have us return it
+    twice (its own used ring garbled): refused at the second pop."""
+    g = Guest()
+    g.desc(2, 0x4000, 4)
+    g.offer(2, 2)
+    q = g.queue()
+    assert q.pop() is not None
+    hostile(g, q)
+
+
+def test_push_only_what_was_popped_and_give_back() -> None:
+    """push refuses a head not held (never popped, or pushed already): our own bug, caught before
+    the guest's used ring is touched. give_back un-pops the latest chains (RX: a frame that did
+    not fit) so that the next pops return them."""
+    g = Guest()
+    q = g.queue()
+    before = g.used_ring()
+    with pytest.raises(ValueError):
+        q.push(4, 0)
+    g.held(q, 4)
+    q.push(4, 1)
+    with pytest.raises(ValueError):
+        q.push(4, 1)
+    with pytest.raises(ValueError):
+        q.push_batch([4, 0])
+    assert g.used_idx() == 1 and g.used_ring() != before
+    for i in (5, 6):
+        g.desc(i, 0x4000, 4)
+    g.offer(5, 6)
+    a, b = q.pop(), q.pop()
+    assert a is not None and b is not None
+    q.give_back([a, b])
+    with pytest.raises(ValueError):
+        q.give_back([a])  # not held any more
+    again = q.pop()
+    assert again is not None and again.head == 5
+    q.push(5, 0)

@@ -254,6 +254,7 @@ class SplitQueue:
         self._last_avail = last_avail_idx
         used_idx: int = _U16.unpack_from(self._used_view, self._used_off + 2)[0]
         self._used_idx = used_idx
+        self._in_flight = bytearray(num)  # 1 for each head popped and not yet pushed
         self.broken = False
 
     @property
@@ -310,9 +311,22 @@ class SplitQueue:
         head: int = _U16.unpack_from(self._avail_view, self._avail_off + 4 + 2 * slot)[0]
         if head >= num:
             raise RingError(f"head index {head} out of a ring of {num}")
+        if self._in_flight[head]:
+            raise RingError(f"head {head} made available again while we still hold it")
         chain = self._walk(head)
+        self._in_flight[head] = 1
         self._last_avail = (self._last_avail + 1) & 0xFFFF
         return chain
+
+    def give_back(self, chains: list[Chain]) -> None:
+        """Un-pop the last len(chains) chains popped, unused (RX: a frame that did not fit): the
+        next pops return them again. They must be the latest popped, none of them pushed."""
+        for chain in chains:
+            if not self._in_flight[chain.head]:
+                raise ValueError(f"chain {chain.head} is not held")
+        for chain in chains:
+            self._in_flight[chain.head] = 0
+        self._last_avail = (self._last_avail - len(chains)) & 0xFFFF
 
     def _walk(self, head: int) -> Chain:
         memory = self.memory
@@ -412,6 +426,8 @@ class SplitQueue:
     def _check_used(self, head: int, length: int) -> None:
         if not 0 <= head < self.num:
             raise ValueError(f"used head {head} out of a ring of {self.num}")
+        if not self._in_flight[head]:
+            raise ValueError(f"used head {head} is not held (never popped, or pushed already)")
         if not 0 <= length <= MAX_CHAIN_BYTES:
             raise ValueError(f"used length {length} is not a u32")
 
@@ -420,6 +436,7 @@ class SplitQueue:
         if self.broken:
             raise RingError("queue is broken")
         self._check_used(head, length)
+        self._in_flight[head] = 0
         slot = self._used_idx & (self.num - 1)
         _USED_ELEM.pack_into(self._used_view, self._used_off + 4 + 8 * slot, head, length)
         # production: write barrier (smp_wmb) here, so the guest sees the element before the index
@@ -434,6 +451,7 @@ class SplitQueue:
             raise ValueError(f"{len(used)} values are not at most {self.num} (head, length) pairs")
         for i in range(0, len(used), 2):
             self._check_used(used[i], used[i + 1])
+            self._in_flight[used[i]] = 0  # (a head twice in one batch fails the check the second time)
         idx = self._used_idx
         for i in range(0, len(used), 2):
             slot = idx & (self.num - 1)

@@ -348,7 +348,7 @@ class VhostUserPort(QemuPort):
                     break
             queue.push_batch(used)
             notify = queue.needs_notify(old)
-        except RingError as exc:
+        except (RingError, ValueError) as exc:  # ValueError: a used element we must not write
             self.drop(f"TX ring: {exc}")
             return
         if notify:
@@ -463,7 +463,7 @@ class VhostUserPort(QemuPort):
                         used.append(0)
                         self._drop_pending("drop-vhost-rx-too-big")
                         continue
-                    queue.last_avail_idx = (queue.last_avail_idx - len(chains)) & 0xFFFF  # give back unused
+                    queue.give_back(chains)  # unused: the next pops return them
                     if used:
                         queue.push_batch(used)  # then try again with the whole ring
                         used = []
@@ -480,7 +480,7 @@ class VhostUserPort(QemuPort):
             if pending and self.event_idx:
                 queue.set_avail_event()
             notify = queue.needs_notify(old)
-        except RingError as exc:
+        except (RingError, ValueError) as exc:
             self.drop(f"RX ring: {exc}")
             return
         if notify:
