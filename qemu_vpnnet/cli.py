@@ -586,7 +586,8 @@ def qemu_hints(args: argparse.Namespace) -> list[str]:
         hints.append(
             "-object memory-backend-memfd,id=mem0,size=RAM,share=on -numa node,memdev=mem0 "
             f"-chardev socket,id=vpnnet0,path={path},reconnect=1 -netdev vhost-user,id=vpnnet0,chardev=vpnnet0 "
-            "-device virtio-net-pci,netdev=vpnnet0 (RAM: the same size as -m)"
+            "-device virtio-net-pci,netdev=vpnnet0 (RAM: the same size as -m; under TCG add vectors=0 "
+            "to the device: QEMU 7.2 without KVM crashes with MSI-X)"
         )
     for path in args.connect:
         hints.append(f"(QEMU listens) -netdev stream,id=vpnnet0,server=on,addr.type=unix,addr.path={path}")
