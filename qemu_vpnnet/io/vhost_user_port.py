@@ -4,7 +4,8 @@
 (`-chardev socket,path=PATH -netdev vhost-user,chardev=...`, with the guest's RAM in shared memory:
 `-object memory-backend-memfd,share=on`). Each accepted connection is one `VhostUserPort`, one port
 of the switch like a stream socket: its control messages go through core/vhost_user.py, its rings
-through core/virtqueue.py, its virtio-net headers through core/virtio_net.py. Frames then pass
+through core/virtqueue.py, and the per-frame work (TX chains to frames, frames to RX buffers,
+virtio-net headers) through core/vhost_net.py, compiled with the core. Frames then pass
 between the guest's memory and the core without QEMU's thread: the guest kicks an eventfd that we
 watch when it has sent, and we signal its call eventfd when we have used its buffers.
 
@@ -34,9 +35,8 @@ import stat
 from typing import TYPE_CHECKING, Final
 
 from qemu_vpnnet.core import vhost_user as vu
-from qemu_vpnnet.core import virtio_net as vnet
-from qemu_vpnnet.core.packets import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP
-from qemu_vpnnet.core.virtqueue import Chain, MemoryRegion, MemoryTable, RingError, SplitQueue
+from qemu_vpnnet.core.vhost_net import TX_MORE, TX_NOTIFY, NetDevice
+from qemu_vpnnet.core.virtqueue import MemoryRegion, MemoryTable, RingError, SplitQueue
 from qemu_vpnnet.io import ratelog
 from qemu_vpnnet.io.qemu_ports import WRITE_HARD_LIMIT, WRITE_HIGH_WATER, WRITE_LOW_WATER, PortIds, QemuPort
 
@@ -46,10 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("qemu_vpnnet.vhost_user")
 
 MAX_CONNECTIONS: Final = 4  # per socket: one VM, and room for a reconnect overlapping the old one
-TX_BUDGET: Final = 256
-# the largest frame a guest may send: Ethernet, IPv6 header and a 64 KiB TSO payload (a longer
-# chain is handed back unread: copying a driver's 4 GiB chain would exhaust our memory)
-MAX_TX_FRAME: Final = ETH_HLEN + 40 + 0xFFFF  # chains taken from the TX ring per turn of the loop (fairness)
+TX_BUDGET: Final = 256  # chains taken from the TX ring per turn of the loop (fairness)
 CONTROL_READ: Final = 4096
 F_GET_SEALS: Final = 1034  # Linux fcntl
 F_SEAL_SHRINK: Final = 0x0002
@@ -86,13 +83,8 @@ class VhostUserPort(QemuPort):
         self.dropping = False  # drop() was called: closed on the next turn of the loop
         self.tx_scheduled = False
         self.held = False
-        self.gateway_mac = shell.stack.config.gateway_mac
-        self.hdr_len = vnet.HEADER_LEN
-        self.mrg_rxbuf = False
-        self.guest_csum = False
-        self.guest_tso4 = False
-        self.guest_tso6 = False
-        self.host_offloads = False
+        stack = shell.stack
+        self.device = NetDevice(stack.config.gateway_mac, stack.config.mtu, stack.counters, stack.tcp.mss_toward)
         self.event_idx = False
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._control_readable)
@@ -169,15 +161,10 @@ class VhostUserPort(QemuPort):
                 self.close_device(f"cannot answer QEMU: {exc}")
 
     def _features_set(self) -> None:
-        features = self.backend.features
-        self.mrg_rxbuf = bool(features & vu.VIRTIO_NET_F_MRG_RXBUF)
-        self.hdr_len = vnet.header_len(bool(features & vu.VIRTIO_F_VERSION_1), self.mrg_rxbuf)
-        self.event_idx = bool(features & vu.VIRTIO_RING_F_EVENT_IDX)
-        self.guest_csum = bool(features & vu.VIRTIO_NET_F_GUEST_CSUM)
-        self.guest_tso4 = self.guest_csum and bool(features & vu.VIRTIO_NET_F_GUEST_TSO4)
-        self.guest_tso6 = self.guest_csum and bool(features & vu.VIRTIO_NET_F_GUEST_TSO6)
-        self.host_offloads = bool(features & vu.VIRTIO_NET_F_CSUM)  # HOST_TSO4/6 need CSUM
-        self.shell.port_offloads(self, self.guest_tso4, self.guest_tso6)
+        device = self.device
+        device.negotiate(self.backend.features)
+        self.event_idx = device.event_idx
+        self.shell.port_offloads(self, device.guest_tso4, device.guest_tso6)
 
     def _perform(self, effects: list[vu.Effect]) -> bool:
         """Carry out the back-end's effects; False when the device had to be dropped."""
@@ -323,71 +310,23 @@ class VhostUserPort(QemuPort):
         queue = self.queues[vu.TX]
         if queue is None or self.inactive or self.held:
             return
-        enabled = self.backend.rings[vu.TX].enabled
         frames: list[bytes] = []
-        used: list[int] = []
-        old = queue.used_idx
-        more = False
         try:
-            while True:
-                chain = queue.pop()
-                if chain is None:
-                    if self.event_idx:
-                        queue.set_avail_event()
-                        if queue.available():
-                            continue
-                    break
-                used.append(chain.head)
-                used.append(0)
-                if chain.readable_bytes > self.hdr_len + MAX_TX_FRAME:
-                    self.shell.stack.counters.add("drop-vhost-tx-too-big")  # never copied
-                elif enabled:
-                    self._tx_frame(queue.read(chain), frames)
-                if len(used) >= 2 * TX_BUDGET or len(used) >= 2 * queue.num:
-                    more = True
-                    break
-            queue.push_batch(used)
-            notify = queue.needs_notify(old)
+            status = self.device.take_tx(queue, self.backend.rings[vu.TX].enabled, frames, TX_BUDGET)
         except (RingError, ValueError) as exc:  # ValueError: a used element we must not write
             self.drop(f"TX ring: {exc}")
             return
-        if notify:
+        if self.device.last_error:
+            ratelog.warning(
+                log, f"vhost-header-{self.id}", "%s: frame dropped: %s", self.description, self.device.last_error
+            )
+            self.device.last_error = ""
+        if status & TX_NOTIFY:
             self._signal(vu.TX)
         if frames:
             self.shell.frames_received(self, frames)
-        if more:
+        if status & TX_MORE:
             self._schedule_tx()
-
-    def _tx_frame(self, data: bytes, frames: list[bytes]) -> None:
-        hdr = self.hdr_len
-        if len(data) < hdr + ETH_HLEN:
-            self.shell.stack.counters.add("drop-vhost-short-tx")
-            return
-        if not self.host_offloads or (data[0] == 0 and data[1] == 0):
-            frames.append(data[hdr:])
-            return
-        try:
-            flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.parse_header(data, hdr)
-            frame = data[hdr:]
-            gso = gso_type & ~vnet.GSO_ECN
-            to_gateway = frame[0:6] == self.gateway_mac
-            if gso != vnet.GSO_NONE:
-                if gso != vnet.GSO_TCPV4 and gso != vnet.GSO_TCPV6:
-                    raise vnet.VirtioNetError(f"gso_type {gso_type} was not offered")
-                if to_gateway:
-                    vnet.tcp_offsets(frame)  # the TCP engine takes the whole segment
-                    frames.append(frame)
-                else:
-                    frames.extend(vnet.segment_tcp(frame, gso_size))
-                return
-            if flags & vnet.F_NEEDS_CSUM and not (to_gateway and _tcp_or_udp(frame)):
-                whole = bytearray(frame)
-                vnet.complete_checksum(whole, csum_start, csum_offset)
-                frame = bytes(whole)
-            frames.append(frame)
-        except vnet.VirtioNetError as exc:
-            self.shell.stack.counters.add("drop-vhost-bad-header")
-            ratelog.warning(log, f"vhost-header-{self.id}", "%s: frame dropped: %s", self.description, exc)
 
     def hold_reading(self, seconds: float) -> None:
         if self.held or self.inactive:
@@ -413,22 +352,6 @@ class VhostUserPort(QemuPort):
         self._fill_rx()
         return dropped
 
-    def _rx_header(self, frame: bytes, num_buffers: int) -> bytes:
-        if not self.guest_csum or frame[6:12] != self.gateway_mac:
-            return vnet.rx_header(0, vnet.GSO_NONE, 0, 0, num_buffers)
-        ethertype = (frame[12] << 8) | frame[13]
-        if len(frame) > ETH_HLEN + self.shell.stack.config.mtu and (
-            (ethertype == ETH_P_IP and self.guest_tso4) or (ethertype == ETH_P_IPV6 and self.guest_tso6)
-        ):
-            try:
-                v6, start, hlen = vnet.tcp_offsets(frame)
-            except vnet.VirtioNetError:
-                return vnet.rx_header(vnet.F_DATA_VALID, vnet.GSO_NONE, 0, 0, num_buffers)
-            mss = self.shell.stack.tcp.mss_toward(frame, v6, start)
-            gso = vnet.GSO_TCPV6 if v6 else vnet.GSO_TCPV4
-            return vnet.rx_header(vnet.F_DATA_VALID, gso, start + hlen, mss, num_buffers)
-        return vnet.rx_header(vnet.F_DATA_VALID, vnet.GSO_NONE, 0, 0, num_buffers)
-
     def _fill_rx(self) -> None:
         queue = self.queues[vu.RX]
         if queue is None or self.inactive or not self.pending:
@@ -436,80 +359,15 @@ class VhostUserPort(QemuPort):
             return
         if not self.backend.rings[vu.RX].enabled:
             return  # frames wait (bounded) until QEMU enables the ring
-        hdr = self.hdr_len
-        pending = self.pending
-        old = queue.used_idx
-        used: list[int] = []
-        chains: list[Chain] = []
         try:
-            while pending:
-                frame = pending[0]
-                need = hdr + len(frame)
-                chains.clear()
-                room = 0
-                limit = queue.num - len(used) // 2  # push_batch takes at most num at once
-                while room < need and len(chains) < limit:
-                    chain = queue.pop()
-                    if chain is None:
-                        break
-                    chains.append(chain)
-                    room += chain.writable_bytes
-                    if not self.mrg_rxbuf:
-                        break
-                if room < need:
-                    if chains and not self.mrg_rxbuf:
-                        # its one buffer is too small for this frame: the guest gets it back empty
-                        used.append(chains[0].head)
-                        used.append(0)
-                        self._drop_pending("drop-vhost-rx-too-big")
-                        continue
-                    queue.give_back(chains)  # unused: the next pops return them
-                    if used:
-                        queue.push_batch(used)  # then try again with the whole ring
-                        used = []
-                        continue
-                    if len(chains) >= queue.num:
-                        self._drop_pending("drop-vhost-rx-too-big")  # the whole ring cannot hold it
-                        continue
-                    break  # wait for the guest to give more buffers (it kicks RX)
-                self._scatter(queue, chains, self._rx_header(frame, len(chains)), frame, used)
-                pending.popleft()
-                self.pending_bytes -= len(frame)
-            if used:
-                queue.push_batch(used)
-            if pending and self.event_idx:
-                queue.set_avail_event()
-            notify = queue.needs_notify(old)
+            taken, notify = self.device.fill_rx(queue, self.pending)
         except (RingError, ValueError) as exc:
             self.drop(f"RX ring: {exc}")
             return
+        self.pending_bytes -= taken
         if notify:
             self._signal(vu.RX)
         self._update_congestion()
-
-    def _drop_pending(self, counter: str) -> None:
-        frame = self.pending.popleft()
-        self.pending_bytes -= len(frame)
-        self.shell.stack.counters.add(counter)
-
-    @staticmethod
-    def _scatter(queue: SplitQueue, chains: list[Chain], header: bytes, frame: bytes, used: list[int]) -> None:
-        hdr = len(header)
-        total = hdr + len(frame)
-        pos = 0
-        head_view = memoryview(header)
-        frame_view = memoryview(frame)
-        for chain in chains:
-            written = 0
-            if pos < hdr:
-                written = queue.write(chain, head_view[pos:], 0)
-                pos += written
-            if pos >= hdr and pos < total and written < chain.writable_bytes:
-                n = queue.write(chain, frame_view[pos - hdr :], written)
-                written += n
-                pos += n
-            used.append(chain.head)
-            used.append(written)
 
     def _update_congestion(self) -> None:
         if not self.congested and self.pending_bytes > WRITE_HIGH_WATER:
@@ -556,16 +414,6 @@ class VhostUserPort(QemuPort):
 
     def close(self) -> None:
         self.close_device("backend shutting down")
-
-
-def _tcp_or_udp(frame: bytes) -> bool:
-    """Whether the frame carries TCP or UDP right after its IP header (the engine ignores their checksums)."""
-    ethertype = (frame[12] << 8) | frame[13]
-    if ethertype == ETH_P_IP and len(frame) > ETH_HLEN + 9:
-        return frame[ETH_HLEN + 9] in (IPPROTO_TCP, IPPROTO_UDP)
-    if ethertype == ETH_P_IPV6 and len(frame) > ETH_HLEN + 6:
-        return frame[ETH_HLEN + 6] in (IPPROTO_TCP, IPPROTO_UDP)
-    return False
 
 
 def _not_an_eventfd(fd: int) -> str:
