@@ -1,0 +1,123 @@
+"""vhost-user with a real VM beyond the tests run on both transports: a backend restarted under a
+running QEMU (``reconnect=``), and a guest whose NIC refuses the offloads.
+
+The VM tests that run over the stream socket and vhost-user alike are marked ``@BOTH_TRANSPORTS``
+(test_foundation, test_tcp_outbound, test_forwarding, test_ipv6, test_policy); hostile
+front-ends are in test_vhost_user_hostile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import time
+from pathlib import Path
+
+from integration import servers as srv
+from integration.fixtures import StartBackend, VmGuestFactory
+from integration.vmguest import DEFAULT_MAC, default_accel, vhost_user_args
+
+MB = 1 << 20
+PING_LOOP = """\
+i=0
+while [ $i -lt 120 ]; do
+    if ping -c 1 -W 1 10.0.2.2 >/dev/null 2>&1; then echo "PING-OK $i"; else echo "PING-FAIL $i"; fi
+    i=$((i + 1))
+    sleep 0.3
+done
+"""
+
+
+def nic_args(path: Path, *, reconnect: bool = False, device_extra: str = "") -> list[str]:
+    args = vhost_user_args(path, 256, DEFAULT_MAC, default_accel())
+    if reconnect:
+        i = args.index("-chardev") + 1
+        args[i] += ",reconnect=1"
+    if device_extra:
+        i = len(args) - 1
+        args[i] += "," + device_extra
+    return args
+
+
+def test_backend_restart_under_a_running_vm(
+    start_backend: StartBackend, vm_guest: VmGuestFactory, vpnnet_run_dir: Path
+) -> None:
+    """QEMU's chardev with reconnect=1: the backend goes away (the guest's pings fail) and a new
+    one comes up on the same socket; QEMU connects again, sets the device up afresh (rings
+    resumed where the guest's used ring stands) and the guest's pings answer again."""
+    path = vpnnet_run_dir / "restart.vu"
+    first = start_backend("--vhost-user", str(path))
+    vm = vm_guest(PING_LOOP, dhcp="once", qemu_args=nic_args(path, reconnect=True))
+    vm.wait_for(r"^PING-OK \d+\n", 60)
+    first.stop()
+    failed = vm.wait_for(r"^PING-FAIL \d+\n", 20)
+    second = start_backend("--vhost-user", str(path))
+    back = vm.wait_for(r"^PING-OK (\d+)\n", 30, pos=failed.end())
+    second.wait_for_log(r"guest connected: port=\d+ vhost-user", 5)
+    print(f"pings answered again at round {back.group(1)}, after the backend restart")
+    vm.kill()
+
+
+GUEST_FETCH = """\
+wget -q -O /tmp/f http://10.0.2.2:{http}/f.bin && echo "DOWN $(sha256sum < /tmp/f)"
+httpd -p 8080 -h /tmp && echo UP-READY
+sleep 120
+"""
+
+
+def fetch_back(port: int) -> tuple[int, str]:
+    """GET /f from the guest's httpd through a forward: (bytes, sha256) of the body."""
+    digest = hashlib.sha256()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b"GET /f HTTP/1.0\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            assert chunk, data
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        assert b" 200 " in head.split(b"\r\n")[0], head
+        size = len(body)
+        digest.update(body)
+        while chunk := conn.recv(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def test_a_guest_that_refuses_the_offloads_still_works(
+    start_backend: StartBackend, vm_guest: VmGuestFactory, vpnnet_run_dir: Path, tmp_path: Path
+) -> None:
+    """The NIC with csum=off,guest_csum=off (so no TSO either way): the offloads are negotiated
+    away, plain 1500-byte frames with full checksums both ways, 20 MB each way intact."""
+    size = 20 * MB
+    www = tmp_path / "www"
+    www.mkdir()
+    with open(www / "f.bin", "wb") as f:
+        for chunk in srv.pattern(size):
+            f.write(chunk)
+    servers = srv.Servers()
+    try:
+        http = servers.start("http", "127.0.0.1", "--dir", str(www))
+        path = vpnnet_run_dir / "plain.vu"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        backend = start_backend("--vhost-user", str(path), "--hostfwd", f"tcp:127.0.0.1:{port}-:8080")
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        vm = vm_guest(
+            GUEST_FETCH.format(http=http.port),
+            dhcp="once",
+            qemu_args=nic_args(path, device_extra="csum=off,guest_csum=off"),
+        )
+        down = vm.wait_for(r"^DOWN (\S+)  -\n", 90)
+        assert down.group(1) == srv.pattern_sha256(size)
+        vm.wait_for(r"^UP-READY\n", 20)
+        assert fetch_back(port) == (size, srv.pattern_sha256(size))
+        assert not re.search(r"drop-vhost|dropping this device", backend.log_text())
+        vm.kill()
+    finally:
+        servers.close()
