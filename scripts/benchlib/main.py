@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
 from integration.nsguest import NsGuest  # noqa: E402
+from scripts.benchlib import vm as vm_bench  # noqa: E402
 from scripts.benchlib.ceiling import HarnessCeiling  # noqa: E402
 from scripts.benchlib.flood import FloodPeers, flood_figures  # noqa: E402
 
@@ -539,6 +540,7 @@ def main() -> int:
         help="TCP congestion control of the iperf3 sockets (default cubic, a stock Linux guest's; "
         "'host' keeps this machine's default, which the namespace guest would otherwise inherit)",
     )
+    vm_bench.add_arguments(parser)
     args = parser.parse_args()
     # a plain kill ends the run like Ctrl-C: the finally blocks stop backends, guests and servers.
     # Only in this process: a child forked by a library (pyroute2 creating a namespace) inherits
@@ -547,14 +549,20 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143) if os.getpid() == bench_pid else os._exit(143))
     if args.quick:
         args.rounds, args.seconds, args.idle = 1, 3, min(args.idle, 2000)
+        args.vm_rounds = 1
+    if args.vm_only:  # the real-VM table alone
+        args.vm, args.rounds = True, 0
     backends = args.backends.split(",")
     mtus = [int(m) for m in args.mtu.split(",")]
     raise_nofile()
     servers = HostServers()
-    servers.start()
+    if args.rounds:
+        servers.start()
     args.flood = args.flood or args.flood_only
     args.flood_peers = FloodPeers() if args.flood else None
     results: dict[str, dict[str, list[float]]] = {}
+    vm_results: dict[str, dict[str, list[float]]] = {}
+    vm_console: dict[str, list[str]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="vpnnet-bench-"))
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     try:
@@ -570,6 +578,8 @@ def main() -> int:
                         setup.stop()
                     for metric, value in figures.items():
                         results.setdefault(f"{backend}@{mtu}", {}).setdefault(metric, []).append(value)
+        if args.vm:
+            vm_results, vm_console = vm_bench.run(args, workdir)
     finally:
         servers.stop()
         if args.flood_peers is not None:
@@ -580,16 +590,17 @@ def main() -> int:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    print(
-        f"## qemu-vpnnet vs libslirp — {started}, {os.cpu_count()} CPUs ({cpu}), {args.rounds} round(s), "
-        f"medians; iperf3 {args.seconds} s"
-    )
-    print(table(results, backends, mtus))
-    print(compiled_ratios(results, mtus))
+    rounds = f"{args.rounds} round(s), medians; iperf3 {args.seconds} s" if args.rounds else "real VM only"
+    print(f"## qemu-vpnnet vs libslirp — {started}, {os.cpu_count()} CPUs ({cpu}), {rounds}")
+    if results:
+        print(table(results, backends, mtus))
+        print(compiled_ratios(results, mtus))
+    if vm_results:
+        print(vm_bench.table(vm_results, args))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"date": started, "cpu": cpu, "args": vars(args), "samples": results}, indent=1)
-        )
+        document = {"date": started, "cpu": cpu, "args": vars(args), "samples": results}
+        document["vm"] = {"samples": vm_results, "odd console lines": vm_console}
+        Path(args.json).write_text(json.dumps(document, indent=1, default=str))
     return 0
 
 
