@@ -340,8 +340,8 @@ class VhostUserPort(QemuPort):
 
     # ---- us to the guest: the RX ring --------------------------------------------------
     def send_frames(self, frames: list[bytes]) -> int:
-        if self.inactive:
-            return len(frames)
+        if self.inactive or self.queues[vu.RX] is None or not self.backend.rings[vu.RX].enabled:
+            return len(frames)  # the guest's RX ring does not run: its link is down, nothing queues
         dropped = 0
         for frame in frames:
             if self.pending_bytes > WRITE_HARD_LIMIT:
