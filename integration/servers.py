@@ -108,6 +108,27 @@ def send_pattern(conn: socket.socket, size: int) -> None:
         conn.sendall(chunk)
 
 
+def http_fetch_sha256(host: str, port: int, path: str, timeout: float = 60.0) -> tuple[int, str]:
+    """GET path over HTTP/1.0 from host:port (a guest's busybox httpd through a forward): the
+    body's byte count and sha256, read to EOF; AssertionError unless the status is 200."""
+    digest = hashlib.sha256()
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            assert chunk, f"connection closed before the headers: {data!r}"
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        assert b" 200 " in head.split(b"\r\n")[0], head
+        size = len(body)
+        digest.update(body)
+        while chunk := conn.recv(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
 # ---- servers ---------------------------------------------------------------------------------
 
 

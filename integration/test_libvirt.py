@@ -285,6 +285,18 @@ def wait_file(path: Path, pattern: str, timeout: float) -> re.Match[str]:
         time.sleep(0.1)
 
 
+def destroy_and_check_released(setup: Setup, pid: int) -> None:
+    """virsh destroy; the hook's release must stop the backend and leave no run directory."""
+    out = run([*VIRSH, "destroy", setup.name])
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 15
+    while os.path.exists(f"/proc/{pid}") or (setup.run_dir / setup.name).exists():
+        assert time.monotonic() < deadline, "the hook did not stop the backend on release"
+        time.sleep(0.1)
+    assert not setup.domain_exists()
+    assert list(setup.run_dir.iterdir()) == []
+
+
 def test_libvirt_domain_with_hook_started_backend(
     libvirtd: None, vm_image: VmImage, vpnnet_run_dir: Path, record_property: Callable[[str, object], None]
 ) -> None:
@@ -314,14 +326,7 @@ def test_libvirt_domain_with_hook_started_backend(
         with urllib.request.urlopen(f"http://127.0.0.1:{fwd}/", timeout=10) as reply:
             assert b"hello from qemu-vpnnet guest" in reply.read()
 
-        out = run([*VIRSH, "destroy", setup.name])
-        assert out.returncode == 0, out.stderr
-        deadline = time.monotonic() + 15
-        while os.path.exists(f"/proc/{pid}") or (setup.run_dir / setup.name).exists():
-            assert time.monotonic() < deadline, "the hook did not stop the backend on release"
-            time.sleep(0.1)
-        assert not setup.domain_exists()
-        assert list(setup.run_dir.iterdir()) == []
+        destroy_and_check_released(setup, pid)
         record_property("virsh_create_seconds", round(create_seconds, 2))
         record_property("create_to_guest_httpd_seconds", round(ready_seconds, 2))
         print(f"virsh create {create_seconds:.2f} s; lease, fetch and guest httpd up after {ready_seconds:.2f} s")
@@ -402,14 +407,7 @@ def test_libvirt_vhost_user_domain_boots_leases_and_fetches_through_a_forward(
         qemu_log = (QEMU_LOGS / f"{setup.name}.log").read_text(errors="replace")
         assert '"vectors":0' in qemu_log and "memory-backend-memfd" in qemu_log, qemu_log[-3000:]
 
-        out = run([*VIRSH, "destroy", setup.name])
-        assert out.returncode == 0, out.stderr
-        deadline = time.monotonic() + 15
-        while os.path.exists(f"/proc/{pid}") or (setup.run_dir / setup.name).exists():
-            assert time.monotonic() < deadline, "the hook did not stop the backend on release"
-            time.sleep(0.1)
-        assert not setup.domain_exists()
-        assert list(setup.run_dir.iterdir()) == []
+        destroy_and_check_released(setup, pid)
         record_property("vhost_user_create_to_guest_httpd_seconds", round(ready_seconds, 2))
         print(f"vhost-user: lease, fetch and guest httpd up {ready_seconds:.2f} s after virsh create")
     finally:

@@ -203,27 +203,11 @@ def test_vm_200_mb_each_way_with_matching_sha256(
     assert down.group(1) == srv.pattern_sha256(BIG), vm.console_text()[-2000:]
     vm.wait_for(r"^UP-READY\n", 20)
     started = time.monotonic()
-    digest = hashlib.sha256()
-    size = 0
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
-        conn.sendall(b"GET /big.bin HTTP/1.0\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = conn.recv(65536)
-            assert chunk, head
-            head += chunk
-        head, body = head.split(b"\r\n\r\n", 1)
-        assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], head
-        digest.update(body)
-        size += len(body)
-        while chunk := conn.recv(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
+    size, sha = srv.http_fetch_sha256("127.0.0.1", port, "/big.bin")
     up_seconds = time.monotonic() - started
-    assert (size, digest.hexdigest()) == (BIG, srv.pattern_sha256(BIG))
+    assert (size, sha) == (BIG, srv.pattern_sha256(BIG))
     print(f"200 MB down {down.group(2)} s, up {up_seconds:.1f} s")
     vm.kill()
-
 
 
 def wait_listening(net: Net, port: int) -> None:

@@ -497,14 +497,19 @@ def _readable_after_writable(tx: vc.DriverRing, frame: int) -> int:
     return 0
 
 
-def _rx_desc_outside(c: VhostUserClient) -> None:
-    """RX buffers pointing outside the memory, and a frame for us so that the backend fills one."""
+def _rx_buffers_outside(c: VhostUserClient) -> None:
+    """A running device whose every RX buffer points outside the memory."""
     c.set_up(num=16, rx_buffers=0)
     rx = c.rings[vc.RX]
     for slot in range(rx.num):
         rx.set_desc(slot, OUTSIDE, 2048, vc.DESC_F_WRITE)
         rx.publish(slot)
     rx.do_kick()
+
+
+def _rx_desc_outside(c: VhostUserClient) -> None:
+    """RX buffers pointing outside the memory, and a frame for us so that the backend fills one."""
+    _rx_buffers_outside(c)
     c.send_frame(vc.arp_request(ATTACK_MAC, vc.GATEWAY_IP))
 
 
@@ -550,12 +555,7 @@ def _rx_desc_outside_healthy_sender(target: Target) -> Callable[[VhostUserClient
     """RX buffers outside the memory, filled with a broadcast that another (healthy) guest sends."""
 
     def attack(c: VhostUserClient) -> None:
-        c.set_up(num=16, rx_buffers=0)
-        rx = c.rings[vc.RX]
-        for slot in range(rx.num):
-            rx.set_desc(slot, OUTSIDE, 2048, vc.DESC_F_WRITE)
-            rx.publish(slot)
-        rx.do_kick()
+        _rx_buffers_outside(c)
         time.sleep(0.1)
         target.healthy.send_frame(vc.arp_request(HEALTHY_MAC, bytes([10, 0, 2, 77])))  # broadcast, no answer
 

@@ -8,7 +8,6 @@ front-ends are in test_vhost_user_hostile.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import socket
 import time
@@ -66,26 +65,6 @@ sleep 120
 """
 
 
-def fetch_back(port: int) -> tuple[int, str]:
-    """GET /f from the guest's httpd through a forward: (bytes, sha256) of the body."""
-    digest = hashlib.sha256()
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
-        conn.sendall(b"GET /f HTTP/1.0\r\n\r\n")
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
-            assert chunk, data
-            data += chunk
-        head, body = data.split(b"\r\n\r\n", 1)
-        assert b" 200 " in head.split(b"\r\n")[0], head
-        size = len(body)
-        digest.update(body)
-        while chunk := conn.recv(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
 def test_a_guest_that_refuses_the_offloads_still_works(
     start_backend: StartBackend, vm_guest: VmGuestFactory, vpnnet_run_dir: Path, tmp_path: Path
 ) -> None:
@@ -116,7 +95,7 @@ def test_a_guest_that_refuses_the_offloads_still_works(
         down = vm.wait_for(r"^DOWN (\S+)  -\n", 90)
         assert down.group(1) == srv.pattern_sha256(size)
         vm.wait_for(r"^UP-READY\n", 20)
-        assert fetch_back(port) == (size, srv.pattern_sha256(size))
+        assert srv.http_fetch_sha256("127.0.0.1", port, "/f") == (size, srv.pattern_sha256(size))
         assert not re.search(r"drop-vhost|dropping this device", backend.log_text())
         vm.kill()
     finally:
