@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from integration.common import with_pdeathsig
-from integration.vmguest import GuestError, VmGuest, ensure_vm_image
+from integration.vmguest import GuestError, VmGuest, default_accel, ensure_vm_image
 
 REPO = Path(__file__).resolve().parent.parent.parent
 VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -95,42 +95,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---- CPU accounting -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Cpu:
-    """CPU seconds used so far: QEMU's vCPU threads, QEMU's other threads, the backend."""
+    """CPU seconds used so far: QEMU's vCPU threads, QEMU's other threads, the backend (user and
+    system; and user alone, which the namespace rows' "backend user CPU s/GiB" count)."""
 
     vcpu: float
     qemu_other: float
     backend: float
+    backend_user: float
 
     def __sub__(self, other: Cpu) -> Cpu:
-        return Cpu(self.vcpu - other.vcpu, self.qemu_other - other.qemu_other, self.backend - other.backend)
+        return Cpu(
+            self.vcpu - other.vcpu,
+            self.qemu_other - other.qemu_other,
+            self.backend - other.backend,
+            self.backend_user - other.backend_user,
+        )
 
 
-def _stat(path: str) -> tuple[str, float]:
-    """(comm, utime + stime in seconds) of a /proc/.../stat file; ("", 0) when it is gone."""
+def _stat(path: str) -> tuple[str, float, float]:
+    """(comm, utime, stime), in seconds, of a /proc/.../stat file; ("", 0, 0) when it is gone."""
     try:
         text = Path(path).read_text()
     except OSError:
-        return "", 0.0
+        return "", 0.0, 0.0
     comm = text[text.index("(") + 1 : text.rindex(")")]
     fields = text.rsplit(")", 1)[1].split()
-    return comm, (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return comm, int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def cpu_now(qemu_pid: int, backend_pid: int | None) -> Cpu:
     """The process totals include threads that already ended; "other" is QEMU's total less its
     vCPU threads (named "CPU 0/TCG", "CPU 0/KVM" under ``-name debug-threads=on``)."""
-    _comm, qemu_total = _stat(f"/proc/{qemu_pid}/stat")
+    _comm, user, system = _stat(f"/proc/{qemu_pid}/stat")
+    qemu_total = user + system
     vcpu = 0.0
     try:
         tasks = os.listdir(f"/proc/{qemu_pid}/task")
     except OSError:
         tasks = []
     for tid in tasks:
-        comm, seconds = _stat(f"/proc/{qemu_pid}/task/{tid}/stat")
+        comm, user, system = _stat(f"/proc/{qemu_pid}/task/{tid}/stat")
         if re.match(r"CPU \d+/", comm):
-            vcpu += seconds
-    backend = _stat(f"/proc/{backend_pid}/stat")[1] if backend_pid is not None else 0.0
-    return Cpu(vcpu, qemu_total - vcpu, backend)
+            vcpu += user + system
+    _comm, user, system = _stat(f"/proc/{backend_pid}/stat") if backend_pid is not None else ("", 0.0, 0.0)
+    return Cpu(vcpu, qemu_total - vcpu, user + system, user)
 
 
 # ---- the host's side ------------------------------------------------------------------------
@@ -292,6 +300,7 @@ class Transport:
         self.add(f"{direction} QEMU other threads CPU s/GiB", used.qemu_other / gib)
         if self.backend is not None:
             self.add(f"{direction} backend CPU s/GiB", used.backend / gib)
+            self.add(f"{direction} backend user CPU s/GiB", used.backend_user / gib)
 
     def run(self, server: FileServer) -> dict[str, list[float]]:
         options, kind = TRANSPORTS[self.name]
@@ -299,7 +308,7 @@ class Transport:
         sock = self.dir / "net.sock"
         script = GUEST_SCRIPT.format(rounds=self.rounds, port=server.port, guest_port=GUEST_PORT)
         size_mib = -(-self.size // MIB)
-        memory_mb = max(512, 2 * size_mib + 128)  # the guest's tmpfs holds half its RAM
+        memory_mb = max(512, 2 * size_mib + 64)  # the guest's tmpfs holds half its RAM
         common = {
             "image": ensure_vm_image(rebuild_if_stale=False),
             "dhcp": "once",
@@ -406,9 +415,11 @@ ROWS = [
     "download QEMU vCPU CPU s/GiB",
     "download QEMU other threads CPU s/GiB",
     "download backend CPU s/GiB",
+    "download backend user CPU s/GiB",
     "upload QEMU vCPU CPU s/GiB",
     "upload QEMU other threads CPU s/GiB",
     "upload backend CPU s/GiB",
+    "upload backend user CPU s/GiB",
     "download into tmpfs Mbit/s",
     "boot to script s",
 ]
@@ -423,11 +434,12 @@ def table(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) 
     names = [n for n in args.vm_transports.split(",") if n in results]
     ratios = [(a, b) for a, b in (("vhost-user", "stream"), ("vhost-user", "slirp")) if a in names and b in names]
     lines = [
-        f"\n### real VM (tiny guest, {'TCG' if os.environ.get('VPNNET_TEST_ACCEL', 'tcg') == 'tcg' else 'KVM'}, "
-        f"MTU 1500): {args.vm_mb} MiB each way, median of {args.vm_rounds}\n",
+        f"\n### real VM (tiny guest, {default_accel().split(',')[0].upper()}, MTU 1500): "
+        f"{args.vm_mb} MiB each way, median of {args.vm_rounds}\n",
         "download: guest wget from a host HTTP server into /dev/null, timed in the guest; upload: the host "
         "fetches the file from the guest's busybox httpd (tmpfs) through a hostfwd forward. "
-        "CPU s/GiB over each transfer window; QEMU other threads = its main loop and helpers.\n",
+        "CPU s/GiB over each transfer window; QEMU other threads = its main loop and helpers; backend = user "
+        "+ system, backend user = its own code (as the namespace rows' backend user CPU s/GiB).\n",
     ]
     header = ["metric", *names, *(f"{a}/{b}" for a, b in ratios)]
     lines.append("| " + " | ".join(header) + " |")
