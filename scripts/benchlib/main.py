@@ -549,7 +549,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143) if os.getpid() == bench_pid else os._exit(143))
     if args.quick:
         args.rounds, args.seconds, args.idle = 1, 3, min(args.idle, 2000)
-        args.vm_rounds = 1
+    args.vm_rounds = args.vm_rounds or (1 if args.quick else 2)
     if args.vm_only:  # the real-VM table alone
         args.vm, args.rounds = True, 0
     backends = args.backends.split(",")
