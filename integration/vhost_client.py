@@ -267,10 +267,13 @@ class VhostUserClient:
     # ---- messages ------------------------------------------------------------------------------
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Bytes as they are, with `fds` as SCM_RIGHTS on them (one sendmsg)."""
-        if fds:
-            socket.send_fds(self.sock, [data], list(fds))
-        else:
-            self.sock.sendall(data)
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], list(fds))
+            else:
+                self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise VhostClientError(f"back-end closed the connection: {exc}") from exc
 
     def send(
         self,
@@ -310,7 +313,10 @@ class VhostUserClient:
     def _recv_exact(self, n: int) -> bytes:
         data = b""
         while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
+            try:
+                chunk = self.sock.recv(n - len(data))
+            except ConnectionResetError as exc:  # it closed with our requests unread
+                raise VhostClientError(f"back-end reset the connection ({len(data)} of {n} bytes read)") from exc
             if not chunk:
                 raise VhostClientError(f"back-end closed the connection ({len(data)} of {n} bytes read)")
             data += chunk
