@@ -25,13 +25,15 @@ from typing import Any
 import pytest
 
 from integration.common import REPO_ROOT, parse_leases
-from integration.vmguest import VmImage, encode_script
+from integration.vmguest import VmImage, default_accel, encode_script
 
 VIRSH = ["virsh", "-c", "qemu:///system"]
 IMAGES = Path("/var/lib/libvirt/images")
 QEMU_LOGS = Path("/var/log/libvirt/qemu")
 NS = "https://qemu-vpnnet.invalid/xmlns/1"
 DAEMONS = ("virtlogd", "libvirtd")
+NO_KVM = "/run/vpnnet-test-no-kvm"  # what libvirtd's /dev/kvm is (without_kvm)
+QEMU_CONF = "/run/vpnnet-test-qemu.conf"  # and its /etc/libvirt/qemu.conf
 
 
 def run(cmd: list[str], timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -71,6 +73,29 @@ def ensure_libvirt() -> str | None:
     return None
 
 
+
+def without_kvm(daemon: str) -> list[str]:
+    """The command that starts ``daemon`` (libvirtd) where it sees no usable /dev/kvm, unless the
+    tests run with KVM (VPNNET_TEST_ACCEL=kvm).
+
+    Without udev, /dev/kvm here is root's alone (0600) while libvirt's QEMU user is in group kvm:
+    libvirt then probes QEMU with KVM, finds KVM unusable for that user at every domain start,
+    and probes again, 45 s each time. In a mount namespace of its own, a root-only empty file
+    bind-mounted over /dev/kvm makes both answers "no KVM": one probe, TCG domains as before. The
+    machine's /dev/kvm is left as it is."""
+    if daemon != "libvirtd" or default_accel() == "kvm" or not os.path.exists("/dev/kvm"):
+        return [daemon]
+    # libvirt would move /dev's mounts into each QEMU's own /dev and fails on this one: its QEMU
+    # namespaces are off there, through a copy of qemu.conf bind-mounted in the same namespace.
+    # Both files stay until the fixture stops the libvirtd it started.
+    script = (
+        f"touch {NO_KVM} && chmod 600 {NO_KVM} && mount --bind {NO_KVM} /dev/kvm"
+        f" && cp /etc/libvirt/qemu.conf {QEMU_CONF} && echo 'namespaces = []' >> {QEMU_CONF}"
+        f' && mount --bind {QEMU_CONF} /etc/libvirt/qemu.conf && exec "$0" "$@"'
+    )
+    return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script, daemon]
+
+
 @pytest.fixture(scope="module")
 def libvirtd() -> Iterator[None]:
     """libvirtd and virtlogd running (started here if they were not; stopped at the end if so)."""
@@ -85,7 +110,7 @@ def libvirtd() -> Iterator[None]:
     try:
         for name in DAEMONS:
             if daemon_pid(name) is None:
-                result = run([name, "-d"], timeout=30)
+                result = run([*without_kvm(name), "-d"], timeout=30)
                 assert result.returncode == 0, f"{name} -d: {result.stderr}"
                 deadline = time.monotonic() + 10
                 while (pid := daemon_pid(name)) is None:
@@ -106,6 +131,10 @@ def libvirtd() -> Iterator[None]:
             deadline = time.monotonic() + 15
             while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
                 time.sleep(0.1)
+        if started:
+            for path in (NO_KVM, QEMU_CONF):
+                if os.path.exists(path):
+                    os.unlink(path)
 
 
 class HostHttp:
