@@ -54,10 +54,13 @@ TRANSPORTS: dict[str, tuple[list[str] | None, str]] = {
     "vhost-user-no-offloads": (["--vhost-user", "{sock}", "--no-offloads"], "vhost-user"),
 }
 DEFAULT_TRANSPORTS = "slirp,stream,vhost-user,vhost-user-no-offloads"
+PINGS = 100  # ICMP echo to the gateway address, 50 ms apart, before the transfers: the transport's latency
 
 GUEST_SCRIPT = """\
 up() {{ cut -d' ' -f1 /proc/uptime; }}
 echo "BENCH-MTU $(cat /sys/class/net/eth0/mtu)"
+ping -c {pings} -i 0.05 10.0.2.2 | sed -n 's/.*time=\\([0-9.]*\\) ms.*/BENCH-RTT \\1/p'
+echo BENCH-RTT-DONE
 i=1
 while [ $i -le {rounds} ]; do
   t0=$(up); timeout 300 wget -q -O /dev/null http://10.0.2.2:{port}/down$i; rc=$?; t1=$(up)
@@ -306,7 +309,7 @@ class Transport:
         options, kind = TRANSPORTS[self.name]
         fwd = free_port()
         sock = self.dir / "net.sock"
-        script = GUEST_SCRIPT.format(rounds=self.rounds, port=server.port, guest_port=GUEST_PORT)
+        script = GUEST_SCRIPT.format(rounds=self.rounds, port=server.port, guest_port=GUEST_PORT, pings=PINGS)
         size_mib = -(-self.size // MIB)
         memory_mb = max(512, 2 * size_mib + 64)  # the guest's tmpfs holds half its RAM
         common = {
@@ -332,6 +335,13 @@ class Transport:
         mtu = self.vm.wait_for(r"^BENCH-MTU (\d+)\n", 30).group(1)
         if mtu != "1500":
             raise RuntimeError(f"the guest's MTU is {mtu}, not 1500")
+        done = self.vm.wait_for(r"^BENCH-RTT-DONE\n", 60)
+        console = self.vm.console_text()[: done.end()]
+        rtts = sorted(float(t) for t in re.findall(r"^BENCH-RTT ([\d.]+)\n", console, re.MULTILINE))
+        if len(rtts) < PINGS // 2:
+            raise RuntimeError(f"only {len(rtts)} of {PINGS} pings to the gateway answered")
+        self.add("ping gateway RTT median ms", statistics.median(rtts))
+        self.add("ping gateway RTT p99 ms", rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))])
         for r in range(1, self.rounds + 1):
             m = self.vm.wait_for(_DOWN_RE.format(round=r), 320)
             used = self.cpu() - self.at_request[f"/down{r}"]
@@ -411,6 +421,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, dict[str, li
 
 # ---- the table ------------------------------------------------------------------------------
 ROWS = [
+    "ping gateway RTT median ms",
+    "ping gateway RTT p99 ms",
     "download Mbit/s",
     "upload Mbit/s",
     "download QEMU vCPU CPU s/GiB",
