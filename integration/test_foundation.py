@@ -166,18 +166,19 @@ def test_stream_socket_toward_qemu_gets_a_large_send_buffer(
 VM_PEER = """\
 ping -c 2 -W 3 {peer} && echo PEER-PING-OK
 ping -c 1 -W 3 10.0.2.2 && echo GATEWAY-PING-OK
-echo "TO-PEER $(dd if=/dev/zero bs=64k count=320 2>/dev/null | timeout 60 nc {peer} {port})"
-dd if=/dev/zero of=/tmp/f bs=64k count=320 2>/dev/null && httpd -p 8080 -h /tmp && echo HTTPD-READY
+echo "TO-PEER $(dd if=/dev/zero bs=64k count={blocks} 2>/dev/null | timeout 60 nc {peer} {port})"
+dd if=/dev/zero of=/tmp/f bs=64k count={blocks} 2>/dev/null && httpd -p 8080 -h /tmp && echo HTTPD-READY
 sleep 60
 """
-PEER_BYTES = 320 * 65536
+PEER_BLOCKS = 96  # 6 MiB: about a hundred 64 KiB TSO segments (busybox nc copies slowly under TCG)
+PEER_BYTES = PEER_BLOCKS * 65536
 
 
 @BOTH_TRANSPORTS
 def test_vm_and_namespace_guest_on_one_backend(
     start_backend: StartBackend, ns_guest: NsGuestFactory, vm_guest: VmGuestFactory, servers: srv.Servers
 ) -> None:
-    """A VM and a namespace guest on one switch: ping each other, and 20 MB of TCP each way
+    """A VM and a namespace guest on one switch: ping each other, and 6 MiB of TCP each way
     between them. Over vhost-user the VM's NIC hands us 64 KiB TSO segments with partial
     checksums, which the switch must cut and complete for the namespace guest's stream link
     (its kernel drops a frame with a bad checksum), and the namespace guest's frames fill the
@@ -186,7 +187,7 @@ def test_vm_and_namespace_guest_on_one_backend(
     ns = ns_guest(backend=backend, ipv6=False)
     ns_ip = ns.dhcp()["ip"]
     sink = servers.start("sink", ns_ip, ns=ns)
-    vm = vm_guest(VM_PEER.format(peer=ns_ip, port=sink.port), backend=backend)
+    vm = vm_guest(VM_PEER.format(peer=ns_ip, port=sink.port, blocks=PEER_BLOCKS), backend=backend)
     vm_ip = vm.lease()["ip"]
     assert vm_ip != ns_ip and vm_ip.startswith("10.0.2.")
     vm.wait_for(r"^GATEWAY-PING-OK\n", 30)
