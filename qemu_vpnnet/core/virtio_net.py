@@ -26,7 +26,7 @@ hdr_len pointing outside the frame is an error (VirtioNetError), never an index 
 import struct
 from typing import Final
 
-from qemu_vpnnet.core.checksum import finish, sum16
+from qemu_vpnnet.core.checksum import checksum, finish, pseudo_header_sum, sum16
 from qemu_vpnnet.core.packets import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP6_HLEN, IPPROTO_TCP, TCP_FIN, TCP_PSH
 
 F_NEEDS_CSUM: Final = 1
@@ -110,12 +110,11 @@ def _tcp_checksum(segment: bytearray, v6: bool, start: int) -> None:
     """The full TCP checksum of one segment built by segment_tcp."""
     segment[start + 16] = 0
     segment[start + 17] = 0
-    tcp_len = len(segment) - start
     if v6:
-        pseudo = sum16(bytes(segment[ETH_HLEN + 8 : ETH_HLEN + 40]), tcp_len + IPPROTO_TCP)
+        src, dst = bytes(segment[ETH_HLEN + 8 : ETH_HLEN + 24]), bytes(segment[ETH_HLEN + 24 : ETH_HLEN + 40])
     else:
-        pseudo = sum16(bytes(segment[ETH_HLEN + 12 : ETH_HLEN + 20]), tcp_len + IPPROTO_TCP)
-    value = finish(sum16(bytes(segment[start:]), pseudo))
+        src, dst = bytes(segment[ETH_HLEN + 12 : ETH_HLEN + 16]), bytes(segment[ETH_HLEN + 16 : ETH_HLEN + 20])
+    value = finish(sum16(bytes(segment[start:]), pseudo_header_sum(src, dst, IPPROTO_TCP, len(segment) - start)))
     segment[start + 16] = value >> 8
     segment[start + 17] = value & 0xFF
 
@@ -159,7 +158,7 @@ def segment_tcp(frame: bytes | bytearray, gso_size: int) -> list[bytes]:
             segment[ETH_HLEN + 4 : ETH_HLEN + 6] = (ident & 0xFFFF).to_bytes(2, "big")
             segment[ETH_HLEN + 10] = 0
             segment[ETH_HLEN + 11] = 0
-            ip_sum = finish(sum16(bytes(segment[ETH_HLEN:start])))
+            ip_sum = checksum(bytes(segment[ETH_HLEN:start]))
             segment[ETH_HLEN + 10] = ip_sum >> 8
             segment[ETH_HLEN + 11] = ip_sum & 0xFF
             ident += 1

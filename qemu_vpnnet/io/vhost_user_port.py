@@ -85,7 +85,6 @@ class VhostUserPort(QemuPort):
         self.held = False
         stack = shell.stack
         self.device = NetDevice(stack.config.gateway_mac, stack.config.mtu, stack.counters, stack.tcp.mss_toward)
-        self.event_idx = False
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._control_readable)
         self.shell.port_opened(self)
@@ -163,7 +162,6 @@ class VhostUserPort(QemuPort):
     def _features_set(self) -> None:
         device = self.device
         device.negotiate(self.backend.features)
-        self.event_idx = device.event_idx
         self.shell.port_offloads(self, device.guest_tso4, device.guest_tso6)
 
     def _perform(self, effects: list[vu.Effect]) -> bool:
@@ -250,7 +248,7 @@ class VhostUserPort(QemuPort):
         if self.memory is None:
             raise RingError(f"ring {index} started with no memory table")
         self.queues[index] = SplitQueue(
-            self.memory, ring.num, ring.desc_addr, ring.avail_addr, ring.used_addr, self.event_idx, ring.base
+            self.memory, ring.num, ring.desc_addr, ring.avail_addr, ring.used_addr, self.device.event_idx, ring.base
         )
 
     def _watch_kick(self, index: int, fd: int) -> None:
