@@ -186,7 +186,7 @@ class Forwarder:
         if forward.server is not None:
             forward.server.close()  # the port is free again at once: the listening socket is closed now
         if forward.udp is not None:
-            forward.udp.close()
+            await forward.udp.closed()
         if close_connections:
             self.close_flows(forward)
         info = forward.describe()
@@ -222,7 +222,7 @@ class Forwarder:
             if forward.server is not None:
                 forward.server.close()
             if forward.udp is not None:
-                forward.udp.close()
+                await forward.udp.closed()
             self.close_flows(forward)
         self.forwards.clear()
 
@@ -429,6 +429,7 @@ class UdpForward(asyncio.DatagramProtocol):
         self.forward = forward
         self.transport: asyncio.DatagramTransport | None = None
         self.peer_flows: dict[PeerAddr, int] = {}  # host peer address -> flow
+        self.socket_closed = asyncio.Event()  # set once the transport has closed its socket
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -466,6 +467,20 @@ class UdpForward(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp forward %s: %s", self.forward.spec.rule(), exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.socket_closed.set()
+
+    async def closed(self) -> None:
+        """Close, and return once the port is free: the transport closes its socket in a later
+        callback, so a QMP reply sent right after close() could reach a client that then finds
+        the port still bound."""
+        self.close()
+        if self.transport is not None:
+            try:
+                await asyncio.wait_for(self.socket_closed.wait(), 1.0)
+            except TimeoutError:
+                log.warning("udp forward %s: socket not closed after 1 s", self.forward.spec.rule())
 
     def close(self) -> None:
         stack = self.forwarder.shell.stack
