@@ -148,6 +148,7 @@ def test_vm_guest_demo_mode(vm_guest: VmGuestFactory) -> None:
     http, echo = free_port(), free_port()
     vm = vm_guest(netdev=f"user,hostfwd=tcp:127.0.0.1:{http}-:80,hostfwd=tcp:127.0.0.1:{echo}-:7")
     vm.wait_for(r"^VPNNET-READY http=80 echo=7\n", 60)
+    assert "VPNNET-ERROR" not in vm.console_text()  # both services were seen listening (IPv4 or IPv6)
     with urllib.request.urlopen(f"http://127.0.0.1:{http}/", timeout=10) as response:
         assert "hello from qemu-vpnnet guest" in response.read().decode()
     with socket.create_connection(("127.0.0.1", echo), timeout=10) as conn:
