@@ -1,6 +1,7 @@
 """Unit tests of the DNS server's decisions: host mode, zones, PTR of virtual addresses, split
 upstreams and the source address of answers (sans-IO: answers are checked as bytes)."""
 
+import random
 import socket
 from pathlib import Path
 
@@ -356,3 +357,21 @@ def test_dns_mode_default(argv: list[str], mode: str) -> None:
     from qemu_vpnnet.io.dns_host import dns_mode_of
 
     assert dns_mode_of(build_parser().parse_args(["--socket", "/tmp/x.sock", *argv])) == mode
+
+
+def test_add_and_remove_keep_the_merged_view_of_a_full_rebuild() -> None:
+    """add/remove update only the name they touch; the result must equal a rebuild from scratch."""
+    rng = random.Random(14)
+    zones = Z.DnsZones()
+    names = ["a.test", "b.test", "*.w.test", "*.v.test"]
+    for _ in range(2000):
+        source = rng.choice([Z.SOURCE_QMP, Z.SOURCE_COMMAND_LINE, "file"])
+        name = rng.choice(names)
+        addr = bytes((192, 0, 2, rng.randrange(4)))
+        if rng.random() < 0.6:
+            zones.add(source, name, addr)
+        else:
+            zones.remove(source, name, addr if rng.random() < 0.7 else None)
+        merged, wildcards = zones.merged, zones.has_wildcards
+        zones.rebuild()
+        assert (merged, wildcards) == (zones.merged, zones.has_wildcards)

@@ -131,7 +131,7 @@ class DnsZones:
         if len(addrs) >= MAX_ADDRESSES:
             raise ZoneError(f"DNS name '{name}' has {MAX_ADDRESSES} addresses already")
         addrs.append(addr)
-        self.rebuild()
+        self.rebuild_name(name)
         return True
 
     def remove(self, source: str, name: str, addr: bytes | None) -> list[bytes]:
@@ -152,7 +152,7 @@ class DnsZones:
             del zone[name]
         if not zone:
             self.sources.pop(source, None)
-        self.rebuild()
+        self.rebuild_name(name)
         return removed
 
     def rebuild(self) -> None:
@@ -165,6 +165,21 @@ class DnsZones:
                         into.append(addr)
         self.merged = merged
         self.has_wildcards = any(name.startswith("*.") for name in merged)
+
+    def rebuild_name(self, name: str) -> None:
+        """The merged view of one name again, after add or remove changed only it (a full
+        rebuild per QMP call would make filling a zone quadratic)."""
+        into: list[bytes] = []
+        for zone in self.sources.values():
+            for addr in zone.get(name, ()):
+                if addr not in into:
+                    into.append(addr)
+        if into:
+            self.merged[name] = into
+        else:
+            self.merged.pop(name, None)
+        if name.startswith("*."):
+            self.has_wildcards = any(other.startswith("*.") for other in self.merged)
 
     def lookup(self, name: str) -> list[bytes] | None:
         """The addresses of name (lower case, no trailing dot), or None when no zone has it."""
