@@ -161,7 +161,7 @@ def test_backend_restart_with_qemu_as_client_needs_reattach(
     backend.stop()
     start_backend(*NO_DNS, socket_path=sock)
     wait_console(vm, r"^NET-DOWN \d+\n", 10)
-    time.sleep(5)
+    time.sleep(2)
     text = vm.console_text()
     assert "NET-UP" not in text[text.rindex("NET-DOWN") :], "QEMU 7.2 reconnected by itself?"
 
