@@ -4,8 +4,11 @@ hints, and hostile rings (each must raise RingError and leave the used ring unto
 The rings are laid out here with struct, following virtio 1.x section 2.7, not with the module's code.
 """
 
+import ctypes
 import mmap
+import os
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -271,6 +274,53 @@ def test_push_batch_writes_elements_then_one_index() -> None:
     with pytest.raises(ValueError):
         q.push(8, 0)
     assert g.used_ring() == before
+
+
+def test_index_stores_are_never_seen_half_done() -> None:
+    """Another process reading avail_event while the queue rewrites it must see the old or the
+    new value, never one byte of each: struct's "<H" stores byte by byte, and a guest that read
+    used.idx half-written took stale used elements (Linux: "id N is not a head!"). Here a child
+    reads the field with single 16-bit loads for half a second while this process flips it
+    between 0x00FF and 0x0100 (both bytes change); with "<H" it saw thousands of torn values."""
+    shared = mmap.mmap(-1, 0x10000)  # MAP_SHARED | MAP_ANONYMOUS: the child sees our stores
+    memory = MemoryTable([MemoryRegion(0, 0x10000, UVA0, 0, shared)])
+    num = 256
+    q = SplitQueue(memory, num, UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED)
+    field = USED + 4 + 8 * num
+    old, new = 0x00FF, 0x0100
+    q.set_avail_event(old)
+    results_r, results_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the reader: counts torn values until the parent's flipping is over
+        code = 1
+        try:
+            cell = ctypes.c_uint16.from_buffer(shared, field)
+            torn = reads = 0
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:
+                for _ in range(1000):
+                    value = cell.value
+                    if value != old and value != new:
+                        torn += 1
+                reads += 1000
+            os.write(results_w, f"{torn} {reads}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(results_w)
+    flips = 0
+    end = time.monotonic() + 0.55
+    while time.monotonic() < end:
+        for _ in range(1000):
+            q.set_avail_event(new)
+            q.set_avail_event(old)
+        flips += 2000
+    assert os.waitpid(pid, 0)[1] == 0
+    torn, reads = map(int, os.read(results_r, 100).split())
+    os.close(results_r)
+    assert reads > 100_000 and flips > 100_000, "too few reads or stores to tell"
+    assert torn == 0, f"{torn} of {reads} reads saw a half-written index"
+    assert struct.unpack_from("<H", shared, field)[0] == old
 
 
 def test_needs_notify_without_event_idx() -> None:

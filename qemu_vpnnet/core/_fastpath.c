@@ -203,7 +203,16 @@ fail:
     return NULL;
 }
 
+/* A full memory barrier: a store to the shared rings made visible before a later load of the
+   guest's side (x86 may otherwise let the load pass the store). */
+static PyObject *fp_fence(PyObject *self, PyObject *unused)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"fence", fp_fence, METH_NOARGS, "A full memory barrier (for rings shared with another process)."},
     {"sum16", fp_sum16, METH_VARARGS, "One's-complement 16-bit sum of a bytes-like object, plus start."},
     {"tcp_segments", (PyCFunction)(void (*)(void))fp_tcp_segments, METH_FASTCALL,
      "Append checksummed TCP frames for buf[off:end] to a list; return how many."},

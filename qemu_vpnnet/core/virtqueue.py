@@ -66,18 +66,45 @@ available raises RingError, so nothing more reaches the guest's used ring; last_
 still be read. A queue holds views of the table's buffers: after SET_MEM_TABLE replaces the
 memory, release the old table and build the queues again (their ring addresses re-translated).
 
-Memory ordering. The guest's CPUs run concurrently with us. The production comments below mark
-where a C back-end needs barriers; in CPython and mypyc each load or store here is a separate
-call into memoryview/struct code that the C compiler cannot merge or reorder across, and on
-x86 (TSO) the CPU keeps stores in order and loads in order, so avail.idx is read before the
-ring entries and a used element is written before the used index. A store followed by a load
-(used.idx, then the guest's used_event or flags, in needs_notify) can be reordered even on x86:
-a wrong answer there costs at most a late interrupt, and the C fast path will add the fence.
+Memory ordering and atomicity. The guest's CPUs run concurrently with us. Every 16-bit field
+the other side may read or write meanwhile (avail.idx, avail.flags, used_event, used.idx,
+used.flags, avail_event) is accessed as one aligned 16-bit load or store: an item of a
+memoryview cast to "H" over the ring (a single memcpy of an unsigned short in CPython's
+memoryview; byte-swapped on a big-endian host). Never struct's pack_into there: it zeroes the
+target first and "<H" then stores byte by byte, and a guest reading used.idx in between saw an
+index 256 behind, took stale used elements ("id N is not a head!" in Linux) and stopped the
+queue. Elements,
+descriptors and ring entries are published by an index and are stable while it says so, so
+they may be read or written in any width. In CPython and mypyc each load or store here is a
+separate call into struct code that the C compiler cannot merge or reorder across, and on x86
+(TSO) the CPU keeps stores in order and loads in order, so avail.idx is read before the ring
+entries and a used element is written before the used index (other CPUs get a fence there). A store followed by a load
+(used.idx, then the guest's used_event or flags, in needs_notify; avail_event, then avail.idx,
+in the callers of set_avail_event) can be reordered even on x86, and then a kick or an
+interrupt is lost: `fence()` (a full barrier from the C fast path; nothing without it) sits
+between them.
 """
 
 import mmap
+import platform
 import struct
+import sys
 from typing import Final, final
+
+try:  # the full memory barrier of the C fast path (core/_fastpath.c); optional
+    from qemu_vpnnet.core._fastpath import fence as c_fence
+
+    HAVE_FENCE: Final = True
+except ImportError:
+    HAVE_FENCE = False  # type: ignore[misc]
+
+
+def fence() -> None:
+    """A full memory barrier; none without the C fast path (a lost kick or interrupt then waits
+    for the next one)."""
+    if HAVE_FENCE:
+        c_fence()
+
 
 MAX_QUEUE_SIZE: Final = 32768  # virtio's limit on num
 MAX_REGIONS: Final = 509  # libvhost-user's VHOST_USER_MAX_RAM_SLOTS
@@ -94,10 +121,22 @@ USED_F_NO_NOTIFY: Final = 1
 DESC_SIZE: Final = 16
 
 _DESC: Final = struct.Struct("<QIHH")  # addr, len, flags, next
-_U16: Final = struct.Struct("<H")
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"
+_TSO: Final = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # loads and stores stay in order
 _USED_ELEM: Final = struct.Struct("<II")  # id, len
 
 Buffer = bytearray | memoryview | mmap.mmap
+
+
+def load16(words: memoryview, index: int) -> int:
+    """The little-endian u16 words[index] of a memoryview cast to "H", read with one 16-bit load."""
+    value: int = words[index]
+    return value if _LITTLE_ENDIAN else ((value & 0xFF) << 8) | (value >> 8)
+
+
+def store16(words: memoryview, index: int, value: int) -> None:
+    """Write value as the little-endian u16 words[index] with one 16-bit store."""
+    words[index] = value if _LITTLE_ENDIAN else ((value & 0xFF) << 8) | (value >> 8)
 
 
 class RingError(ValueError):
@@ -147,9 +186,19 @@ class MemoryTable:
                 raise RingError(f"memory table: regions {a} and {b} overlap in user address space")
         self._gpa_order = order  # region indices by guest-physical address
         self._gpa_starts = [regions[i].gpa for i in order]
+        self._words: list[memoryview] = []  # the queues' 16-bit views (released with the table)
+
+    def words(self, index: int, offset: int, length: int) -> memoryview:
+        """Region index's bytes [offset, offset+length) (length even) as a memoryview of u16."""
+        view = self.regions[index].view[offset : offset + length].cast("H")
+        self._words.append(view)
+        return view
 
     def release(self) -> None:
         """Drop the views, so that the mmaps can be closed; the table and its queues are unusable after."""
+        for words in self._words:
+            words.release()
+        self._words.clear()
         for region in self.regions:
             region.view.release()
 
@@ -247,12 +296,14 @@ class SplitQueue:
         self.event_idx = event_idx
         region, self._desc_off = memory.translate_uva(desc_uva, DESC_SIZE * num)
         self._desc_view = memory.regions[region].view
-        region, self._avail_off = memory.translate_uva(avail_uva, 6 + 2 * num)
-        self._avail_view = memory.regions[region].view
+        region, avail_off = memory.translate_uva(avail_uva, 6 + 2 * num)
+        # flags, idx, ring[num], used_event as u16 items (see "atomicity" in the module docstring)
+        self._avail_words = memory.words(region, avail_off, 6 + 2 * num)
         region, self._used_off = memory.translate_uva(used_uva, 6 + 8 * num)
-        self._used_view = memory.regions[region].view
+        self._used_view = memory.regions[region].view  # the used elements, written with struct
+        self._used_words = memory.words(region, self._used_off, 6 + 8 * num)  # flags, idx, ..., avail_event
         self._last_avail = last_avail_idx
-        used_idx: int = _U16.unpack_from(self._used_view, self._used_off + 2)[0]
+        used_idx = load16(self._used_words, 1)
         self._used_idx = used_idx
         self._in_flight = bytearray(num)  # 1 for each head popped and not yet pushed
         self.broken = False
@@ -274,8 +325,7 @@ class SplitQueue:
         return self._used_idx
 
     def _avail_idx(self) -> int:
-        value: int = _U16.unpack_from(self._avail_view, self._avail_off + 2)[0]
-        return value
+        return load16(self._avail_words, 1)
 
     def available(self) -> int:
         """How many chains the guest has made available that pop() has not returned yet."""
@@ -306,9 +356,10 @@ class SplitQueue:
         if pending > num:
             last = self._last_avail
             raise RingError(f"avail.idx {avail_idx} is {pending} ahead of last_avail_idx {last}; ring size {num}")
-        # production: read barrier (smp_rmb) here, so the ring entry is read after avail.idx
+        if not _TSO:
+            fence()  # smp_rmb: the ring entry is read after avail.idx
         slot = self._last_avail & (num - 1)
-        head: int = _U16.unpack_from(self._avail_view, self._avail_off + 4 + 2 * slot)[0]
+        head = load16(self._avail_words, 2 + slot)
         if head >= num:
             raise RingError(f"head index {head} out of a ring of {num}")
         if self._in_flight[head]:
@@ -439,9 +490,10 @@ class SplitQueue:
         self._in_flight[head] = 0
         slot = self._used_idx & (self.num - 1)
         _USED_ELEM.pack_into(self._used_view, self._used_off + 4 + 8 * slot, head, length)
-        # production: write barrier (smp_wmb) here, so the guest sees the element before the index
+        if not _TSO:
+            fence()  # smp_wmb: the guest sees the element before the index
         self._used_idx = (self._used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used_view, self._used_off + 2, self._used_idx)
+        store16(self._used_words, 1, self._used_idx)
 
     def push_batch(self, used: list[int]) -> None:
         """push() for flat [head, length, head, length, ...], with one used-index store at the end."""
@@ -457,20 +509,21 @@ class SplitQueue:
             slot = idx & (self.num - 1)
             _USED_ELEM.pack_into(self._used_view, self._used_off + 4 + 8 * slot, used[i], used[i + 1])
             idx = (idx + 1) & 0xFFFF
-        # production: write barrier (smp_wmb) here, as in push()
+        if not _TSO:
+            fence()  # smp_wmb, as in push()
         self._used_idx = idx
-        _U16.pack_into(self._used_view, self._used_off + 2, idx)
+        store16(self._used_words, 1, idx)
 
     def needs_notify(self, old_used_idx: int) -> bool:
         """Whether the guest wants an interrupt for the chains pushed since used index old_used_idx."""
         new = self._used_idx
         if (new - old_used_idx) & 0xFFFF == 0:
             return False
-        # production: full barrier (smp_mb) here: used.idx must be visible before the guest's hint is read
+        fence()  # used.idx visible before the guest's hint is read (smp_mb)
         if self.event_idx:
-            event: int = _U16.unpack_from(self._avail_view, self._avail_off + 4 + 2 * self.num)[0]
+            event = load16(self._avail_words, 2 + self.num)
             return ((new - event - 1) & 0xFFFF) < ((new - old_used_idx) & 0xFFFF)  # vring_need_event
-        flags: int = _U16.unpack_from(self._avail_view, self._avail_off)[0]
+        flags = load16(self._avail_words, 0)
         return not flags & AVAIL_F_NO_INTERRUPT
 
     def set_avail_event(self, idx: int | None = None) -> None:
@@ -480,8 +533,9 @@ class SplitQueue:
         value = self._last_avail if idx is None else idx
         if not 0 <= value <= 0xFFFF:
             raise ValueError(f"avail_event {value} is not a u16")
-        _U16.pack_into(self._used_view, self._used_off + 4 + 8 * self.num, value)
+        store16(self._used_words, 2 + 4 * self.num, value)
+        fence()  # visible before the caller re-reads avail.idx
 
     def set_no_notify(self, no_notify: bool) -> None:
         """Without EVENT_IDX: VIRTQ_USED_F_NO_NOTIFY asks the guest not to kick (a hint only)."""
-        _U16.pack_into(self._used_view, self._used_off, USED_F_NO_NOTIFY if no_notify else 0)
+        store16(self._used_words, 0, USED_F_NO_NOTIFY if no_notify else 0)
