@@ -319,10 +319,10 @@ class VhostUserPort(QemuPort):
                 log, f"vhost-header-{self.id}", "%s: frame dropped: %s", self.description, self.device.last_error
             )
             self.device.last_error = ""
-        if status & TX_NOTIFY:
-            self._signal(vu.TX)
-        if frames:
+        if frames:  # first: a reply to the guest (its RX interrupt) need not wait for our TX signal
             self.shell.frames_received(self, frames)
+        if status & TX_NOTIFY and not self.inactive:
+            self._signal(vu.TX)
         if status & TX_MORE:
             self._schedule_tx()
 
