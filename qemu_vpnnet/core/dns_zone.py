@@ -156,30 +156,28 @@ class DnsZones:
         return removed
 
     def rebuild(self) -> None:
-        merged: dict[str, list[bytes]] = {}
-        for zone in self.sources.values():
-            for name, addrs in zone.items():
-                into = merged.setdefault(name, [])
-                for addr in addrs:
-                    if addr not in into:
-                        into.append(addr)
-        self.merged = merged
-        self.has_wildcards = any(name.startswith("*.") for name in merged)
+        self.merged = {name: self.addresses_of(name) for zone in self.sources.values() for name in zone}
+        self.has_wildcards = any(name.startswith("*.") for name in self.merged)
 
     def rebuild_name(self, name: str) -> None:
         """The merged view of one name again, after add or remove changed only it (a full
         rebuild per QMP call would make filling a zone quadratic)."""
-        into: list[bytes] = []
-        for zone in self.sources.values():
-            for addr in zone.get(name, ()):
-                if addr not in into:
-                    into.append(addr)
+        into = self.addresses_of(name)
         if into:
             self.merged[name] = into
         else:
             self.merged.pop(name, None)
         if name.startswith("*."):
             self.has_wildcards = any(other.startswith("*.") for other in self.merged)
+
+    def addresses_of(self, name: str) -> list[bytes]:
+        """name's addresses in all sources, in source order, each once."""
+        into: list[bytes] = []
+        for zone in self.sources.values():
+            for addr in zone.get(name, ()):
+                if addr not in into:
+                    into.append(addr)
+        return into
 
     def lookup(self, name: str) -> list[bytes] | None:
         """The addresses of name (lower case, no trailing dot), or None when no zone has it."""

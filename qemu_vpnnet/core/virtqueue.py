@@ -73,16 +73,14 @@ memoryview cast to "H" over the ring (a single memcpy of an unsigned short in CP
 memoryview; byte-swapped on a big-endian host). Never struct's pack_into there: it zeroes the
 target first and "<H" then stores byte by byte, and a guest reading used.idx in between saw an
 index 256 behind, took stale used elements ("id N is not a head!" in Linux) and stopped the
-queue. Elements,
-descriptors and ring entries are published by an index and are stable while it says so, so
-they may be read or written in any width. In CPython and mypyc each load or store here is a
-separate call into struct code that the C compiler cannot merge or reorder across, and on x86
-(TSO) the CPU keeps stores in order and loads in order, so avail.idx is read before the ring
-entries and a used element is written before the used index (other CPUs get a fence there). A store followed by a load
-(used.idx, then the guest's used_event or flags, in needs_notify; avail_event, then avail.idx,
-in the callers of set_avail_event) can be reordered even on x86, and then a kick or an
-interrupt is lost: `fence()` (a full barrier from the C fast path; nothing without it) sits
-between them.
+queue. Elements, descriptors and ring entries are published by an index and are stable while
+it says so, so struct may read and write them. Each load or store here is a separate call that
+the C compiler cannot merge or reorder across, and on x86 (TSO) the CPU keeps stores in order
+and loads in order, so avail.idx is read before the ring entries and a used element is written
+before the used index (other CPUs get a fence there). A store followed by a load (used.idx,
+then the guest's used_event or flags, in needs_notify; avail_event, then avail.idx, in the
+callers of set_avail_event) can be reordered even on x86, and then a kick or an interrupt is
+lost: `fence()` (a full barrier from the C fast path; nothing without it) sits between them.
 """
 
 import mmap
@@ -303,8 +301,7 @@ class SplitQueue:
         self._used_view = memory.regions[region].view  # the used elements, written with struct
         self._used_words = memory.words(region, self._used_off, 6 + 8 * num)  # flags, idx, ..., avail_event
         self._last_avail = last_avail_idx
-        used_idx = load16(self._used_words, 1)
-        self._used_idx = used_idx
+        self._used_idx = load16(self._used_words, 1)
         self._in_flight = bytearray(num)  # 1 for each head popped and not yet pushed
         self.broken = False
 

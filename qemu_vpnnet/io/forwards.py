@@ -186,7 +186,7 @@ class Forwarder:
         if forward.server is not None:
             forward.server.close()  # the port is free again at once: the listening socket is closed now
         if forward.udp is not None:
-            await forward.udp.closed()
+            await forward.udp.close()
         if close_connections:
             self.close_flows(forward)
         info = forward.describe()
@@ -222,7 +222,7 @@ class Forwarder:
             if forward.server is not None:
                 forward.server.close()
             if forward.udp is not None:
-                await forward.udp.closed()
+                await forward.udp.close()
             self.close_flows(forward)
         self.forwards.clear()
 
@@ -471,18 +471,10 @@ class UdpForward(asyncio.DatagramProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.socket_closed.set()
 
-    async def closed(self) -> None:
+    async def close(self) -> None:
         """Close, and return once the port is free: the transport closes its socket in a later
-        callback, so a QMP reply sent right after close() could reach a client that then finds
-        the port still bound."""
-        self.close()
-        if self.transport is not None:
-            try:
-                await asyncio.wait_for(self.socket_closed.wait(), 1.0)
-            except TimeoutError:
-                log.warning("udp forward %s: socket not closed after 1 s", self.forward.spec.rule())
-
-    def close(self) -> None:
+        callback, so a QMP reply sent right after transport.close() could reach a client that
+        then finds the port still bound."""
         stack = self.forwarder.shell.stack
         for flow in self.peer_flows.values():
             self.forwarder.udp_peers.pop(flow, None)
@@ -490,3 +482,7 @@ class UdpForward(asyncio.DatagramProtocol):
         self.peer_flows.clear()
         if self.transport is not None:
             self.transport.close()
+            try:
+                await asyncio.wait_for(self.socket_closed.wait(), 1.0)
+            except TimeoutError:
+                log.warning("udp forward %s: socket not closed after 1 s", self.forward.spec.rule())
