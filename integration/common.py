@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VM_IMAGES = REPO_ROOT / "vm-images"
@@ -117,6 +118,37 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+#: A refusal (RST or ICMP error) must come back at once, not after a connect timeout.
+PROMPT_MS = 1000
+
+
+def refused_fast(outcome: dict[str, Any], *how: str) -> bool:
+    """True if a guest client's ``outcome`` is one of the errors ``how`` within PROMPT_MS."""
+    return outcome["result"] in how and outcome["ms"] < PROMPT_MS
+
+
+def fastest_icmp_refusal(attempt: Callable[[], dict[str, Any]], *how: str, tries: int = 3) -> dict[str, Any]:
+    """A guest TCP connect the backend answers with an ICMP error: run ``attempt`` until one
+    outcome is ``refused_fast``, at most ``tries`` times, and return that one (else the last).
+
+    Each outcome must be one of the errors ``how`` (so ICMP came back each time; without it
+    connect() times out) -- only the time is given more than one chance, because Linux keeps
+    an ICMP error for a SYN_SENT socket as a soft error when it arrives while the connecting
+    thread still holds the socket lock (tcp_v4_err, tcp_v6_err), and connect() then fails on
+    the answer to the SYN retransmitted 1 s later. The backend answers in well under a
+    millisecond, so the guest thread has to be descheduled between sending its SYN and going
+    to sleep: rare, but seen once on a loaded CI machine. An RST is never lost that way (it is
+    queued to the socket's backlog), so refusals by RST are not given a second chance.
+    """
+    outcome: dict[str, Any] = {}
+    for _ in range(tries):
+        outcome = attempt()
+        assert outcome["result"] in how, outcome
+        if refused_fast(outcome, *how):
+            return outcome
+    return outcome
 
 
 def tail(text: str, lines: int = 60) -> str:
