@@ -788,6 +788,9 @@ def run_backend(argv: Sequence[str]) -> int:
         parser.error(str(exc))
     import uvloop
 
+    from qemu_vpnnet.io.malloc_tuning import tune_malloc
+
+    tune_malloc()
     return uvloop.run(serve(args, config))
 
 
