@@ -1,5 +1,11 @@
 """Host UDP sockets of the UDP NAT: performs OP_UDP_OPEN/SEND/CLOSE, feeds replies to the core.
 
+The datagrams a batch of guest frames sends on one socket go out in one sendmmsg (the C helper
+io/_batch_send.c, when built): the shell calls flush_sends after each batch of ops. A run of
+equal-sized datagrams to one address is one message with UDP GSO (UDP_SEGMENT), unless the path
+refused that once (then that flow sends one by one). A datagram the kernel does not take is
+sent again alone, on the path that reports its error.
+
 One non-blocking socket per flow, bound to an ephemeral port of 0.0.0.0 (an IPv4 flow, op.addr
 "") or of :: with IPV6_V6ONLY (an IPv6 flow, op.addr "::"), connected to nothing (so replies
 from any peer are accepted) and read with loop.add_reader. IP_RECVERR (IPV6_RECVERR) is set so
@@ -16,12 +22,20 @@ it at once instead of waiting for a reply.
 
 import errno
 import logging
+import os
 import socket
 import struct
 from typing import Final
 
 from qemu_vpnnet.core.actions import OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
 from qemu_vpnnet.io.shell import Shell
+
+try:  # a socket's datagrams of one batch in one sendmmsg (io/_batch_send.c); optional
+    from qemu_vpnnet.io._batch_send import send_datagrams
+
+    HAVE_BATCH_SEND = True
+except ImportError:  # the package was built without it: one sendto() per datagram
+    HAVE_BATCH_SEND = False
 
 log = logging.getLogger("qemu_vpnnet.udp")
 
@@ -34,6 +48,7 @@ SO_EE_ORIGIN_ICMP6: Final = 3
 MSG_ERRQUEUE: Final = 0x2000
 EXTENDED_ERR: Final = struct.Struct("=IBBBBII")  # struct sock_extended_err
 READS_PER_WAKEUP: Final = 64
+GSO_MAX: Final = 65507  # the largest segment a run of equal datagrams is sent with (UDP GSO)
 ERRORS_PER_WAKEUP: Final = 16
 
 # ICMPv4 as the core takes it (RFC 792)
@@ -133,11 +148,15 @@ class HostUdp:
         self.loop = shell.loop
         self.sockets: dict[int, socket.socket] = {}
         self.open_errors = 0
+        self.batching = HAVE_BATCH_SEND
+        self.queued: dict[int, list[HostOp]] = {}  # flow -> its sends of this batch of ops
+        self.no_gso: set[int] = set()  # flows whose path refused a segmented (UDP GSO) send
 
     def install(self) -> None:
         self.shell.op_performers[OP_UDP_OPEN] = self.open
-        self.shell.op_performers[OP_UDP_SEND] = self.send
+        self.shell.op_performers[OP_UDP_SEND] = self.queue if self.batching else self.send
         self.shell.op_performers[OP_UDP_CLOSE] = self.close
+        self.shell.ops_done.append(self.flush_sends)
 
     def open(self, op: HostOp) -> None:
         ipv6 = op.addr == "::"
@@ -159,6 +178,48 @@ class HostUdp:
             return
         self.sockets[op.flow] = sock
         self.loop.add_reader(sock.fileno(), self.readable, op.flow, sock)
+
+    def queue(self, op: HostOp) -> None:
+        """OP_UDP_SEND, batched: sent by flush_sends once the batch of ops is done."""
+        if op.flow not in self.sockets:
+            return
+        sends = self.queued.get(op.flow)
+        if sends is None:
+            self.queued[op.flow] = [op]
+        else:
+            sends.append(op)
+
+    def flush_sends(self) -> None:
+        """Send what queue() collected, one sendmmsg per socket and batch of 64."""
+        if not self.queued:
+            return
+        queued = self.queued
+        self.queued = {}
+        for flow, sends in queued.items():
+            self.send_queued(flow, sends)
+
+    def send_queued(self, flow: int, sends: list[HostOp]) -> None:
+        sock = self.sockets.get(flow)
+        if sock is None:
+            return
+        start = 0
+        while start < len(sends):
+            gso_max = 0 if flow in self.no_gso else GSO_MAX
+            sent, error, gso_refused = send_datagrams(sock.fileno(), sock.family, sends, start, gso_max)
+            start += sent
+            if start >= len(sends):
+                return
+            if gso_refused:  # this path takes no segmented sends: this flow sends one by one
+                self.no_gso.add(flow)
+                log.debug(
+                    "UDP flow %d: segmented send refused (%s); sending datagrams one by one", flow, os.strerror(error)
+                )
+                continue
+            if error in (errno.EAGAIN, errno.EWOULDBLOCK):  # the socket's buffer is full: as send() does
+                self.shell.stack.counters.add("udp-host-send-dropped", len(sends) - start)
+                return
+            self.send(sends[start])  # it fails again there (or not), with its error handled
+            start += 1
 
     def send(self, op: HostOp) -> None:
         sock = self.sockets.get(op.flow)
@@ -195,6 +256,10 @@ class HostUdp:
                 return
 
     def close(self, op: HostOp) -> None:
+        sends = self.queued.pop(op.flow, None)
+        if sends:
+            self.send_queued(op.flow, sends)
+        self.no_gso.discard(op.flow)
         sock = self.sockets.pop(op.flow, None)
         if sock is not None:
             self.loop.remove_reader(sock.fileno())

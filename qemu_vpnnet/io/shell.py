@@ -104,6 +104,9 @@ class Shell:
         self.port_ids = PortIds()
         self.event_listeners: list[EventListener] = []
         self.op_performers: dict[int, OpPerformer] = {}
+        # called after each batch of ops: a performer that queued work (io/host_udp.py batches
+        # a socket's datagrams into one sendmmsg) completes it there
+        self.ops_done: list[Callable[[], None]] = []
         self.servers: list[asyncio.AbstractServer] = []
         self.dgram_transports: list[asyncio.DatagramTransport] = []
         self.vhost_listeners: list[VhostUserListener] = []
@@ -220,6 +223,11 @@ class Shell:
                         performer(op)
                     except Exception:
                         self.internal_error(repr(op))
+                for done in self.ops_done:
+                    try:
+                        done()
+                    except Exception:
+                        self.internal_error("ops")
             out = stack.out.switch.out
             if self.capture is not None:
                 try:
