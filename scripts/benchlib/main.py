@@ -288,8 +288,12 @@ def iperf_lossy(setup: Setup, seconds: int, reverse: bool, guest_cc: str, per_mi
 
 
 def iperf_udp(setup: Setup, seconds: int) -> dict[str, float]:
-    """Raise the offered rate until loss passes 1%: the best received rate below the knee."""
+    """Raise the offered rate until loss passes 1%: the best received rate below the knee. And what
+    arrives of 500 Mbit/s and 1 Gbit/s offered, always measured: the knee alone swings with where
+    the host's receiver (iperf3, its default 208 KiB socket buffer) happens to drop 1%."""
     best = 0.0
+    below_knee = True
+    figures: dict[str, float] = {}
     length = min(setup.mtu, 9000) - 28
     for rate in ("200M", "500M", "1G", "2G", "4G"):
         cmd = [
@@ -313,10 +317,14 @@ def iperf_udp(setup: Setup, seconds: int) -> dict[str, float]:
             break
         summary = out["end"]["sum"]
         received = summary["bits_per_second"] * (1 - summary["lost_percent"] / 100) / 1e9
-        best = max(best, received)
-        if summary["lost_percent"] > 1.0:
+        if rate in ("500M", "1G"):
+            figures[f"udp guest->host Gbit/s received of {rate} offered"] = received
+        if below_knee:
+            best = max(best, received)  # the first rate past 1% loss still counts, as it always did
+            below_knee = summary["lost_percent"] <= 1.0
+        if not below_knee and rate not in ("200M", "500M"):
             break
-    return {"udp guest->host Gbit/s (<1% loss)": best}
+    return {"udp guest->host Gbit/s (<1% loss)": best, **figures}
 
 
 def sockperf(setup: Setup, seconds: int) -> dict[str, float]:
