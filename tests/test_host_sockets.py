@@ -344,6 +344,44 @@ def test_runs_of_equal_datagrams_go_out_segmented_and_arrive_as_they_were_sent()
     run(test)
 
 
+def test_a_flood_to_a_closed_port_is_reported_and_the_open_peer_still_gets_its_datagrams() -> None:
+    """A hostile guest's flood from one flow: batches of 100 to a closed port (each ICMP error
+    fails the next send: the failing datagram is resent alone and the error goes to the core),
+    interleaved with datagrams to an open peer, which all arrive in order; nothing is left
+    queued and no send counts as an error of ours."""
+    pytest.importorskip("qemu_vpnnet.io._batch_send")
+
+    async def test(shell: FakeShell) -> None:
+        host_udp = HostUdp(as_shell(shell))
+        host_udp.install()
+        server = echo_server(socket.AF_INET, "127.0.0.1")
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        port, closed = server.getsockname()[1], closed_port(socket.AF_INET, "127.0.0.1")
+        try:
+            shell.perform(HostOp(OP_UDP_OPEN, 1))
+            expected = []
+            for batch in range(5):
+                ops = []
+                for i in range(100):
+                    ops.append(HostOp(OP_UDP_SEND, 1, addr="127.0.0.1", port=closed, data=b"flood"))
+                    if i % 10 == 0:
+                        data = b"ok %d %d" % (batch, i)
+                        ops.append(HostOp(OP_UDP_SEND, 1, addr="127.0.0.1", port=port, data=data))
+                        expected.append(data)
+                shell.perform(*ops)
+                await asyncio.sleep(0.01)  # the ICMP errors come back between batches
+            assert await receive_all(server, len(expected)) == expected
+            await shell.call("host_error")
+            errors = [c for c in shell.calls if c[0] == "host_error"]
+            assert errors and all(c[1:4] == (1, "127.0.0.1", closed) for c in errors), errors[:3]
+            assert not host_udp.queued and "udp-host-send-errors" not in shell.stack.counters.values
+        finally:
+            server.close()
+            host_udp.close_all()
+
+    run(test)
+
+
 @dataclasses.dataclass
 class Shaped:
     addr: object
