@@ -159,12 +159,16 @@ class NetDevice:
         chains: list[Chain] = []
         taken = 0
         mrg = self.mrg_rxbuf
+        nb_at = vnet.NUM_BUFFERS_AT if hdr == vnet.HEADER_LEN else -1
         while pending:
             frame = pending[0]
+            limit = queue.num - len(used) // 2  # push_batch takes at most num at once
+            if queue.write_frame(self.rx_header(frame, 0)[:hdr], nb_at, frame, mrg, limit, used):
+                taken += len(pending.popleft())
+                continue
             need = hdr + len(frame)
             chains.clear()
             room = 0
-            limit = queue.num - len(used) // 2  # push_batch takes at most num at once
             while room < need and len(chains) < limit:
                 chain = queue.pop()
                 if chain is None:
@@ -191,7 +195,7 @@ class NetDevice:
                     self.counters.add("drop-vhost-rx-too-big")
                     continue
                 break  # wait for the guest to give more buffers (it kicks RX)
-            scatter(queue, chains, self.rx_header(frame, len(chains)), frame, used)
+            scatter(queue, chains, self.rx_header(frame, len(chains))[:hdr], frame, used)
             taken += len(pending.popleft())
         if used:
             queue.push_batch(used)

@@ -38,6 +38,7 @@ GSO_TCPV6: Final = 4
 GSO_ECN: Final = 0x80
 
 HEADER_LEN: Final = 12  # with VERSION_1 or MRG_RXBUF (num_buffers); 10 for a legacy guest
+NUM_BUFFERS_AT: Final = 10  # the offset of num_buffers in the 12-byte header
 LEGACY_HEADER_LEN: Final = 10
 MAX_GSO_SEGMENTS: Final = 1024  # a hostile gso_size of 1 must not make 64 Ki frames
 TCP_CWR: Final = 0x80

@@ -55,6 +55,11 @@ index and its readable and writable byte counts. `read(chain)` gathers the reada
 `write(chain, data, offset)` scatters into the writable pieces, never past them, and returns
 the bytes written. The guest may change its buffers after pop(); that only garbles its own data.
 
+`write_frame` is pop() and write() for one RX frame in C (core/_vring.c), when it is built: the
+common case only (direct, device-writable descriptors, each inside one region). For anything
+else it declines, having changed nothing, and the caller does the same with pop() and write(),
+which accept a superset with the same results and raise the RingErrors.
+
 `push(head, length)` (and `push_batch`) writes used elements, then the used index; nothing is
 written when an argument is bad. `needs_notify(old_used_idx)` says whether to signal the call
 eventfd after pushes since old_used_idx: with VIRTIO_RING_F_EVENT_IDX, vring_need_event over
@@ -97,6 +102,14 @@ except ImportError:
     HAVE_FENCE = False  # type: ignore[misc]
 
 
+try:  # one frame into the RX ring without a Python object per descriptor (core/_vring.c); optional
+    from qemu_vpnnet.core._vring import rx_fill as c_rx_fill
+
+    HAVE_RX_FILL: Final = True
+except ImportError:
+    HAVE_RX_FILL = False  # type: ignore[misc]
+
+
 def fence() -> None:
     """A full memory barrier; none without the C fast path (a lost kick or interrupt then waits
     for the next one)."""
@@ -122,6 +135,7 @@ _DESC: Final = struct.Struct("<QIHH")  # addr, len, flags, next
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"
 _TSO: Final = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # loads and stores stay in order
 _USED_ELEM: Final = struct.Struct("<II")  # id, len
+_REGION_ROW: Final = struct.Struct("=4Q")  # a row of MemoryTable.c_table, in the C code's byte order
 
 Buffer = bytearray | memoryview | mmap.mmap
 
@@ -184,6 +198,11 @@ class MemoryTable:
                 raise RingError(f"memory table: regions {a} and {b} overlap in user address space")
         self._gpa_order = order  # region indices by guest-physical address
         self._gpa_starts = [regions[i].gpa for i in order]
+        # the same for core/_vring.c: (gpa, size, mmap_offset, index) u64s by gpa, and the buffers
+        self.c_table = b"".join(
+            _REGION_ROW.pack(regions[i].gpa, regions[i].size, regions[i].mmap_offset, i) for i in order
+        )
+        self.c_views = [region.view for region in regions]
         self._words: list[memoryview] = []  # the queues' 16-bit views (released with the table)
 
     def words(self, index: int, offset: int, length: int) -> memoryview:
@@ -295,6 +314,8 @@ class SplitQueue:
         region, self._desc_off = memory.translate_uva(desc_uva, DESC_SIZE * num)
         self._desc_view = memory.regions[region].view
         region, avail_off = memory.translate_uva(avail_uva, 6 + 2 * num)
+        self._avail_view = memory.regions[region].view
+        self._avail_off = avail_off
         # flags, idx, ring[num], used_event as u16 items (see "atomicity" in the module docstring)
         self._avail_words = memory.words(region, avail_off, 6 + 2 * num)
         region, self._used_off = memory.translate_uva(used_uva, 6 + 8 * num)
@@ -304,6 +325,7 @@ class SplitQueue:
         self._used_idx = load16(self._used_words, 1)
         self._in_flight = bytearray(num)  # 1 for each head popped and not yet pushed
         self.broken = False
+        self.fast_rx = HAVE_RX_FILL  # write_frame may use core/_vring.c (tests compare it with the Python)
 
     @property
     def last_avail_idx(self) -> int:
@@ -365,6 +387,36 @@ class SplitQueue:
         self._in_flight[head] = 1
         self._last_avail = (self._last_avail + 1) & 0xFFFF
         return chain
+
+    def write_frame(
+        self, header: bytes, num_buffers_at: int, frame: bytes, mrg: bool, limit: int, used: list[int]
+    ) -> int:
+        """RX in one step where the C fast path can: pop the chains header + frame need (just one
+        without mrg, at most limit), write them (header bytes [num_buffers_at:+2] set to the number
+        of chains, unless it is negative) and append their (head, length) pairs to used for
+        push_batch. The number of chains taken; 0 when it declined (nothing changed): the caller
+        then does it with pop() and write(), which raise RingError where the ring is bad."""
+        if not self.fast_rx or self.broken:
+            return 0
+        taken: int = c_rx_fill(
+            self.memory.c_views,
+            self.memory.c_table,
+            self._desc_view,
+            self._desc_off,
+            self._avail_view,
+            self._avail_off,
+            self.num,
+            self._last_avail,
+            self._in_flight,
+            header,
+            num_buffers_at,
+            frame,
+            mrg,
+            limit,
+            used,
+        )
+        self._last_avail = (self._last_avail + taken) & 0xFFFF
+        return taken
 
     def give_back(self, chains: list[Chain]) -> None:
         """Un-pop the last len(chains) chains popped, unused (RX: a frame that did not fit): the

@@ -1,0 +1,18 @@
+def rx_fill(
+    views: list[memoryview],
+    gpa_table: bytes,
+    desc_view: memoryview,
+    desc_off: int,
+    avail_view: memoryview,
+    avail_off: int,
+    num: int,
+    last_avail: int,
+    in_flight: bytearray,
+    header: bytes,
+    num_buffers_at: int,
+    frame: bytes,
+    mrg: bool,
+    limit: int,
+    used: list[int],
+    /,
+) -> int: ...
