@@ -242,17 +242,7 @@ def test_same_result_as_python_on_hostile_rings(
         heads = list(dict.fromkeys(h for h in heads if h < num))
     held_heads = sorted({h for h in held if h < num})
 
-    def build(g: Guest) -> None:
-        for i, (addr, length, flags, nxt) in enumerate(ring[:num]):
-            g.desc(i, addr, length, flags, nxt)
-        for i, (addr, length, flags, nxt) in enumerate(indirect):
-            g.desc(i, addr, length, flags, nxt, table=TABLE)
-        g.set_avail_idx(start)
-        g.offer(*heads[:num])
-        if len(heads) > num:
-            g.set_avail_idx(start + len(heads))  # sometimes more than the ring holds
-
-    fast, slow = twins(build, num)
+    fast, slow = twins(lambda g: g.lay_out(ring, indirect, heads, start), num)
     queues = []
     for g in (fast, slow):
         # heads the device holds already: popped from an earlier offer, at a lower index

@@ -92,6 +92,23 @@ class Guest:
     def used_ring(self) -> bytes:
         return self.peek(USED, 6 + 8 * self.num)
 
+    def lay_out(
+        self,
+        ring: list[tuple[int, int, int, int]],
+        indirect: list[tuple[int, int, int, int]],
+        heads: list[int],
+        start: int,
+    ) -> None:
+        """Descriptors (addr, length, flags, next) in the table and at TABLE, heads offered from start."""
+        for i, (addr, length, flags, nxt) in enumerate(ring[: self.num]):
+            self.desc(i, addr, length, flags, nxt)
+        for i, (addr, length, flags, nxt) in enumerate(indirect):
+            self.desc(i, addr, length, flags, nxt, table=TABLE)
+        self.set_avail_idx(start)
+        self.offer(*heads[: self.num])
+        if len(heads) > self.num:
+            self.set_avail_idx(start + len(heads))  # sometimes more than the ring holds
+
     def queue(self, last_avail_idx: int = 0) -> SplitQueue:
         return SplitQueue(self.memory, self.num, UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED, self.event_idx, last_avail_idx)
 
@@ -746,14 +763,7 @@ def test_random_descriptor_chains(
     start: int,
 ) -> None:
     g = Guest(num=num)
-    for i, (addr, length, flags, nxt) in enumerate(ring[:num]):
-        g.desc(i, addr, length, flags, nxt)
-    for i, (addr, length, flags, nxt) in enumerate(indirect):
-        g.desc(i, addr, length, flags, nxt, table=TABLE)
-    g.set_avail_idx(start)
-    g.offer(*heads[:num])
-    if len(heads) > num:
-        g.set_avail_idx(start + len(heads))  # sometimes more than the ring holds
+    g.lay_out(ring, indirect, heads, start)
     drain(g, g.queue(last_avail_idx=start))
 
 
