@@ -28,12 +28,26 @@ def build(
     ident: int,
     remote: bytes = REMOTE,
     guest: bytes = GUEST,
+    checksum: bool = True,
 ) -> list[bytes]:
     header = tcp_wire.header_template(GUEST_MAC, GW_MAC, remote, guest, SPORT, DPORT)
     ip_base, tcp_base = tcp_wire.address_sums(remote, guest, SPORT, DPORT)
     frames: list[bytes] = []
     count = segments(  # type: ignore[operator]
-        frames, header, bytearray(payload), off, end, psh_end, mss, seq, 0xFEDCBA98, 4321, ident, ip_base, tcp_base
+        frames,
+        header,
+        bytearray(payload),
+        off,
+        end,
+        psh_end,
+        mss,
+        seq,
+        0xFEDCBA98,
+        4321,
+        ident,
+        ip_base,
+        tcp_base,
+        checksum,
     )
     assert count == len(frames)
     return frames
@@ -116,17 +130,27 @@ def test_single_ipv6_frame_matches_the_segment_loop() -> None:
 
 
 @pytest.mark.skipif(not tcp_wire.HAVE_C_SEGMENTS, reason="the C extension is not built (plain sources)")
+@pytest.mark.parametrize("checksum", [True, False])
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("length,off,end,psh_end,mss,seq,ident", CASES)
 def test_c_segments_equal_python(
-    family: int, length: int, off: int, end: int, psh_end: int, mss: int, seq: int, ident: int
+    family: int, length: int, off: int, end: int, psh_end: int, mss: int, seq: int, ident: int, checksum: bool
 ) -> None:
     payload = os.urandom(length)
     addrs = (REMOTE, GUEST) if family == 4 else (REMOTE6, GUEST6)
     mss = min(mss, 65535 - 60)
-    want = build(tcp_wire.tcp_segments_py, payload, off, end, psh_end, mss, seq, ident, *addrs)
-    got = build(tcp_wire.c_tcp_segments, payload, off, end, psh_end, mss, seq, ident, *addrs)
+    want = build(tcp_wire.tcp_segments_py, payload, off, end, psh_end, mss, seq, ident, *addrs, checksum)
+    got = build(tcp_wire.c_tcp_segments, payload, off, end, psh_end, mss, seq, ident, *addrs, checksum)
     assert got == want
+
+
+def test_segments_without_checksum_differ_only_there() -> None:
+    """checksum=False (a partial-checksum guest): the TCP checksum field is 0, all else the same."""
+    payload = os.urandom(5000)
+    full = build(tcp_wire.tcp_segments_py, payload, 0, 5000, 5000, 1460, 1, 2)
+    bare = build(tcp_wire.tcp_segments_py, payload, 0, 5000, 5000, 1460, 1, 2, REMOTE, GUEST, False)
+    assert [f[:50] + f[52:] for f in bare] == [f[:50] + f[52:] for f in full]
+    assert all(f[50:52] == b"\0\0" for f in bare) and all(f[50:52] != b"\0\0" for f in full)
 
 
 @pytest.mark.skipif(not tcp_wire.HAVE_C_SEGMENTS, reason="the C extension is not built (plain sources)")

@@ -6,15 +6,18 @@ the same, for normal rings and for hostile ones (the fast path declines those an
 raises). Needs the package built with its C extensions; skipped on the plain sources.
 """
 
+import socket
 import struct
 from collections import deque
 from collections.abc import Callable
 
+import dpkt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qemu_vpnnet.core import vhost_user as vu
+from qemu_vpnnet.core import virtio_net as vnet
 from qemu_vpnnet.core import virtqueue
 from qemu_vpnnet.core.actions import Counters
 from qemu_vpnnet.core.vhost_net import NetDevice
@@ -38,6 +41,23 @@ def frame_of(n: int, seed: int) -> bytes:
     """An n-byte frame from the gateway (its bytes differ from frame to frame)."""
     body = bytes((seed * 7 + i) & 0xFF for i in range(max(0, n - 14)))
     return bytes(6) + GATEWAY + b"\x08\x06" + body
+
+
+def tcp_to_guest(n: int, seed: int, v6: bool = False, pad: int = 0) -> bytes:
+    """A TCP segment with n payload bytes from the gateway, its checksums right (dpkt), and pad
+    bytes of Ethernet padding after the IP packet."""
+    data = bytes((seed * 13 + i) & 0xFF for i in range(n))
+    seg = dpkt.tcp.TCP(sport=80, dport=40000 + seed, seq=seed, ack=7, flags=dpkt.tcp.TH_ACK, win=65535, data=data)
+    if v6:
+        src, dst = socket.inet_pton(socket.AF_INET6, "fec0::2"), socket.inet_pton(socket.AF_INET6, "fec0::15")
+        packet: dpkt.Packet = dpkt.ip6.IP6(src=src, dst=dst, nxt=6, hlim=64, plen=20 + n, data=seg)
+        etype = dpkt.ethernet.ETH_TYPE_IP6
+    else:
+        packet = dpkt.ip.IP(src=socket.inet_aton("10.0.2.2"), dst=socket.inet_aton("10.0.2.15"), p=6, ttl=64, data=seg)
+        packet.len = 40 + n
+        etype = dpkt.ethernet.ETH_TYPE_IP
+    frame = bytes(dpkt.ethernet.Ethernet(dst=bytes(6), src=GATEWAY, type=etype, data=packet))
+    return frame + bytes(pad)
 
 
 def run(guest: Guest, queue: SplitQueue, features: int, frames: list[bytes]) -> tuple[object, ...]:
@@ -97,11 +117,11 @@ def test_fast_path_takes_a_64k_frame_into_mergeable_buffers() -> None:
     used: list[int] = []
     frame = frame_of(0x1000 * 16 - 12, 1)
     header = bytes(range(1, 11)) + b"\xff\xff"
-    assert q.write_frame(header, 10, frame, True, 16, used) == 16
+    assert q.write_frame(header, 10, frame, 50, 0xABCD, True, 16, used) == 16
     assert q.last_avail_idx == 16
     assert used == [x for i in range(16) for x in (i, 0x1000)]
     data = b"".join(g.peek(BUFS + i * 0x1000, 0x1000) for i in range(16))
-    assert data == bytes(range(1, 11)) + struct.pack("<H", 16) + frame
+    assert data == bytes(range(1, 11)) + struct.pack("<H", 16) + frame[:50] + b"\xab\xcd" + frame[52:]
     q.push_batch(used)  # the heads were marked held
     assert g.used_idx() == 16
 
@@ -113,12 +133,12 @@ def test_fast_path_declines_without_changing_anything() -> None:
     q = g.queue()
     before = [bytes(b) for b in g.bufs]
     used: list[int] = []
-    assert q.write_frame(bytes(12), 10, frame_of(0x400, 2), True, 4, used) == 0
+    assert q.write_frame(bytes(12), 10, frame_of(0x400, 2), -1, 0, True, 4, used) == 0
     assert used == [] and q.last_avail_idx == 0 and [bytes(b) for b in g.bufs] == before
     q.fast_rx = False
-    assert q.write_frame(bytes(12), 10, frame_of(0x80, 2), True, 4, used) == 0
+    assert q.write_frame(bytes(12), 10, frame_of(0x80, 2), -1, 0, True, 4, used) == 0
     q.fast_rx = True
-    assert q.write_frame(bytes(12), 10, frame_of(0x80, 2), True, 4, used) == 1
+    assert q.write_frame(bytes(12), 10, frame_of(0x80, 2), -1, 0, True, 4, used) == 1
     assert used == [0, 12 + 0x80]
 
 
@@ -126,7 +146,60 @@ def test_fast_path_declines_without_changing_anything() -> None:
 @pytest.mark.parametrize("size", [0x40, 0x600, 0x1000])
 def test_same_result_as_python_on_normal_rings(features: int, size: int) -> None:
     frames = [frame_of(n, k) for k, n in enumerate([60, 1514, 0x1000, 0x3000, 42])]
+    frames += [tcp_to_guest(0, 1, pad=6), tcp_to_guest(1460, 2), tcp_to_guest(0x2000, 3, v6=True)]
     compare(mergeable_ring(8, size), 8, features, frames)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(
+    ("frame", "ip_end"),
+    [
+        (tcp_to_guest(1000, 1), None),
+        (tcp_to_guest(0x3000, 2), None),  # larger than the MTU: GSO_TCPV4 as well
+        (tcp_to_guest(1000, 3, v6=True), None),
+        (tcp_to_guest(0x3000, 4, v6=True), None),
+        (tcp_to_guest(0, 5, pad=6), 14 + 40),  # a padded ACK: the TCP length is the IP header's
+    ],
+)
+def test_tcp_toward_the_guest_goes_as_a_partial_checksum(frame: bytes, ip_end: int | None, fast: bool) -> None:
+    """GUEST_CSUM: our TCP frames are NEEDS_CSUM with the pseudo-header sum in the field, whatever
+    it held (the engine leaves it 0 for such a guest); completing the checksum as a forwarding
+    guest would gives back the frame with its right checksum."""
+    g = Guest(num=16)
+    mergeable_ring(16, 0x1000)(g)
+    q = g.queue()
+    q.fast_rx = fast
+    start = 34 if frame[12:14] == b"\x08\x00" else 54
+    zeroed = frame[: start + 16] + b"\0\0" + frame[start + 18 :]
+    dev = device(MODERN | vu.VIRTIO_NET_F_GUEST_TSO6 | vu.VIRTIO_NET_F_MRG_RXBUF)
+    assert dev.fill_rx(q, deque([zeroed])) == (len(frame), True)
+    chains = (q.used_idx - 0) & 0xFFFF
+    got = b"".join(g.peek(BUFS + 0x1000 * i, g.used_elem(i)[1]) for i in range(chains))
+    flags, gso, hdr_len, gso_size, csum_start, csum_offset = vnet.parse_header(got, 12)
+    assert flags == vnet.F_NEEDS_CSUM and (csum_start, csum_offset) == (start, 16)
+    if len(frame) > 1514:
+        assert gso == (vnet.GSO_TCPV6 if start == 54 else vnet.GSO_TCPV4) and (hdr_len, gso_size) == (start + 20, 1448)
+    else:
+        assert gso == vnet.GSO_NONE
+    delivered = bytearray(got[12:])
+    assert bytes(delivered) != frame  # the field holds the partial sum, not the checksum
+    end = ip_end if ip_end is not None else len(delivered)
+    whole = delivered[:end]
+    vnet.complete_checksum(whole, csum_start, csum_offset)
+    assert bytes(whole) == frame[:end]
+
+
+def test_other_frames_keep_their_checksums() -> None:
+    """UDP and ARP from the gateway: DATA_VALID, untouched; a guest without GUEST_CSUM: unmarked."""
+    udp = bytearray(tcp_to_guest(100, 6))
+    udp[23] = 17  # the IPv4 protocol: UDP (its bytes are not looked at)
+    for features, frame, flags in [
+        (MODERN, bytes(udp), vnet.F_DATA_VALID),
+        (MODERN, frame_of(100, 1), vnet.F_DATA_VALID),
+        (vu.VIRTIO_F_VERSION_1, tcp_to_guest(100, 7), 0),
+    ]:
+        header, patch_at, _ = device(features).rx_offload(frame, 1)
+        assert patch_at == -1 and vnet.parse_header(header, 12)[0] == flags
 
 
 def test_legacy_guest_gets_a_10_byte_header() -> None:
@@ -194,7 +267,7 @@ def test_chains_the_c_must_refuse(build: Callable[[Guest], None]) -> None:
     """Each is the Python's to take or to refuse: the C declines, so both paths agree."""
     g = Guest(num=4)
     build(g)
-    assert g.queue().write_frame(bytes(12), 10, frame_of(0x80, 7), True, 4, []) == 0
+    assert g.queue().write_frame(bytes(12), 10, frame_of(0x80, 7), -1, 0, True, 4, []) == 0
     compare(build, 4, MODERN | vu.VIRTIO_NET_F_MRG_RXBUF, [frame_of(0x80, 7)])
 
 
@@ -252,5 +325,5 @@ def test_same_result_as_python_on_hostile_rings(
         q.last_avail_idx = start
         queues.append(q)
     queues[1].fast_rx = False
-    frames = [frame_of(n, k) for k, n in enumerate(sizes)]
+    frames = [tcp_to_guest(n, k, v6=bool(k & 2)) if k & 1 else frame_of(n, k) for k, n in enumerate(sizes)]
     assert run(fast, queues[0], features, frames) == run(slow, queues[1], features, frames)

@@ -56,8 +56,12 @@ class Guest:
         out = self.stack.switch.out[1]
         self.stack.switch.out[1] = []
         segs = []
+        tso = 1 in self.stack.switch.tso_ports
         for frame in out:
-            assert l4_checksum_ok(frame), "bad checksum in a frame the core built"
+            field = (54 if frame[12:14] == b"\x86\xdd" else 34) + 16
+            # data toward a TSO port may leave the checksum to the port (core/vhost_net.py)
+            partial = tso and bool(parse(frame).data.data.data) and frame[field : field + 2] == b"\0\0"
+            assert partial or l4_checksum_ok(frame), "bad checksum in a frame the core built"
             segs.append(parse(frame).data.data)
         return segs
 

@@ -134,6 +134,7 @@ def test_a_tso_guest_gets_64k_segments_of_whole_mss(tso: bool) -> None:
     if tso:
         assert sizes == [60000]  # under 65475 // 1460 * 1460 = 64240: one segment
         assert V.tcp_offsets(raw[0]) == (False, 34, 20)
+        assert raw[0][50:52] == b"\0\0"  # the payload not summed: the port sends it NEEDS_CSUM
         assert g.stack.tcp.mss_toward(raw[0], False, 34) == 1460
     else:
         assert max(sizes) == 1460

@@ -19,6 +19,9 @@
  *     A 74-byte template is Ethernet, IPv6 and TCP: then the payload length is set instead of
  *     total length, ident and the IP checksum (IPv6 has none), and tcp_base covers the IPv6
  *     pseudo-header's addresses; ip_base and ident are ignored.
+ *     A false 14th argument, checksum, leaves the TCP checksum 0 and the payload unsummed: for a
+ *     vhost-user guest that takes partial checksums (core/vhost_net.py writes the pseudo-header
+ *     sum into the field as it fills the guest's buffer, and marks the frame NEEDS_CSUM).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -122,10 +125,13 @@ static PyObject *fp_tcp_segments(PyObject *self, PyObject *const *args, Py_ssize
 {
     static const char *names[] = {"off", "end", "psh_end", "mss", "seq", "ack", "window", "ident", "ip_base", "tcp_base"};
     long long v[10];
-    if (nargs != 13) {
-        PyErr_SetString(PyExc_TypeError, "tcp_segments takes 13 positional arguments");
+    if (nargs != 13 && nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "tcp_segments takes 13 or 14 positional arguments");
         return NULL;
     }
+    int checksum = nargs == 14 ? PyObject_IsTrue(args[13]) : 1;
+    if (checksum < 0)
+        return NULL;
     PyObject *frames = args[0];
     if (!PyList_Check(frames) || !PyBytes_Check(args[1])
         || (PyBytes_GET_SIZE(args[1]) != HEADER_LEN && PyBytes_GET_SIZE(args[1]) != HEADER6_LEN)) {
@@ -183,9 +189,13 @@ static PyObject *fp_tcp_segments(PyObject *self, PyObject *const *args, Py_ssize
         put32(p + t + 8, ack);
         put16(p + t + 12, off_flags);
         put16(p + t + 14, window);
-        uint64_t total = tcp_base + tcp_len + (s >> 16) + (s & 0xFFFF) + ack_sum + off_flags + window
-            + sum_be(buf + off, (Py_ssize_t)n);
-        put16(p + t + 16, ~fold(total) & 0xFFFF);
+        if (checksum) {
+            uint64_t total = tcp_base + tcp_len + (s >> 16) + (s & 0xFFFF) + ack_sum + off_flags + window
+                + sum_be(buf + off, (Py_ssize_t)n);
+            put16(p + t + 16, ~fold(total) & 0xFFFF);
+        } else {
+            put16(p + t + 16, 0); /* the guest's NIC takes a partial checksum: vhost_net fills it in */
+        }
         put16(p + t + 18, 0);
         int rc = PyList_Append(frames, frame);
         Py_DECREF(frame);

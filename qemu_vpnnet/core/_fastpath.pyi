@@ -13,6 +13,7 @@ def tcp_segments(
     ident: int,
     ip_base: int,
     tcp_base: int,
+    checksum: bool = True,
     /,
 ) -> int: ...
 def fence() -> None: ...

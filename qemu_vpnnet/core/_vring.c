@@ -4,12 +4,13 @@
  * Optional: without it (or whenever it declines) the mypyc-compiled Python does the same work.
  *
  * rx_fill(views, gpa_table, desc_view, desc_off, avail_view, avail_off, num, last_avail,
- *         in_flight, header, num_buffers_at, frame, mrg, limit, used) -> int
+ *         in_flight, header, num_buffers_at, frame, patch_at, patch, mrg, limit, used) -> int
  *
  *     Pops the chains the guest made available from ring index last_avail on, as many as the
  *     header plus the frame need (one without mrg, at most limit), writes the header (its u16
  *     at num_buffers_at, when that is not negative, set to the number of chains) and then the
- *     frame across their writable buffers, marks their heads in in_flight and appends
+ *     frame (its big-endian u16 at patch_at replaced by patch, when patch_at is not negative: a
+ *     NEEDS_CSUM frame's checksum field) across their writable buffers, marks their heads in in_flight and appends
  *     (head, bytes written) of each to the list used. Returns the number of chains taken; the
  *     caller advances last_avail by it and pushes the used elements.
  *
@@ -123,19 +124,20 @@ static long long arg_ll(PyObject *obj, int *err)
 
 static PyObject *vr_rx_fill(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 15) {
-        PyErr_SetString(PyExc_TypeError, "rx_fill takes 15 positional arguments");
+    if (nargs != 17) {
+        PyErr_SetString(PyExc_TypeError, "rx_fill takes 17 positional arguments");
         return NULL;
     }
-    PyObject *views = args[0], *used = args[14];
+    PyObject *views = args[0], *used = args[16];
     if (!PyList_Check(views) || !PyBytes_Check(args[1]) || !PyBytes_Check(args[9]) || !PyList_Check(used)) {
         PyErr_SetString(PyExc_TypeError, "rx_fill: views and used must be lists, gpa_table and header bytes");
         return NULL;
     }
     int err = 0;
     long long desc_off = arg_ll(args[3], &err), avail_off = arg_ll(args[5], &err), num = arg_ll(args[6], &err);
-    long long last_avail = arg_ll(args[7], &err), nb_at = arg_ll(args[10], &err), limit = arg_ll(args[13], &err);
-    int mrg = PyObject_IsTrue(args[12]);
+    long long last_avail = arg_ll(args[7], &err), nb_at = arg_ll(args[10], &err), limit = arg_ll(args[15], &err);
+    long long patch_at = arg_ll(args[12], &err), patch = arg_ll(args[13], &err);
+    int mrg = PyObject_IsTrue(args[14]);
     if (err || mrg < 0)
         return NULL;
     Py_ssize_t table_len = PyBytes_GET_SIZE(args[1]);
@@ -175,7 +177,8 @@ static PyObject *vr_rx_fill(PyObject *self, PyObject *const *args, Py_ssize_t na
         goto out;
     have_frame = 1;
     if (desc_off > desc.len || desc.len - desc_off < 16 * num || avail_off > avail.len
-        || avail.len - avail_off < 4 + 2 * num || flight.len != num) {
+        || avail.len - avail_off < 4 + 2 * num || flight.len != num || patch_at > frame.len - 2 || patch < 0
+        || patch > 0xFFFF) {
         PyErr_SetString(PyExc_ValueError, "rx_fill: the rings lie outside their buffers");
         goto out;
     }
@@ -245,8 +248,13 @@ static PyObject *vr_rx_fill(PyObject *self, PyObject *const *args, Py_ssize_t na
         header[nb_at] = (unsigned char)(chains & 0xFF);
         header[nb_at + 1] = (unsigned char)(chains >> 8);
     }
-    const unsigned char *src[2] = {header, (const unsigned char *)frame.buf};
-    size_t src_len[2] = {(size_t)hdr_len, (size_t)frame.len};
+    /* the sources in order: header, the frame up to the patch, the patch, the rest of the frame */
+    const unsigned char *fbytes = (const unsigned char *)frame.buf;
+    unsigned char patched[2] = {(unsigned char)(patch >> 8), (unsigned char)patch};
+    size_t cut = patch_at >= 0 ? (size_t)patch_at : (size_t)frame.len;
+    size_t rest = patch_at >= 0 ? (size_t)patch_at + 2 : (size_t)frame.len;
+    const unsigned char *src[4] = {header, fbytes, patched, fbytes + rest};
+    size_t src_len[4] = {(size_t)hdr_len, cut, patch_at >= 0 ? 2 : 0, (size_t)frame.len - rest};
     int s = 0;
     size_t s_off = 0;
     int piece = 0;
@@ -254,7 +262,7 @@ static PyObject *vr_rx_fill(PyObject *self, PyObject *const *args, Py_ssize_t na
         size_t written = 0;
         for (; piece < ends[c]; piece++) {
             size_t done = 0;
-            while (done < pieces[piece].len && s < 2) {
+            while (done < pieces[piece].len && s < 4) {
                 size_t n = src_len[s] - s_off;
                 if (n > pieces[piece].len - done)
                     n = pieces[piece].len - done;

@@ -11,6 +11,8 @@ def rx_fill(
     header: bytes,
     num_buffers_at: int,
     frame: bytes,
+    patch_at: int,
+    patch: int,
     mrg: bool,
     limit: int,
     used: list[int],

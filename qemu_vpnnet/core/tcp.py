@@ -453,7 +453,12 @@ class TcpEngine:
         queue = switch.queue_for(conn.guest_mac)
         frames: list[bytes] = queue if queue is not None else []
         segment = conn.mss
-        if switch.tso_ports and switch.takes_tso(conn.guest_mac, TSO_V6 if len(conn.guest_ip) == 16 else TSO_V4):
+        # a guest NIC that takes large segments takes partial checksums too (GUEST_TSO needs
+        # GUEST_CSUM): core/vhost_net.py completes the pseudo-header part as it fills the buffer
+        tso = bool(switch.tso_ports) and switch.takes_tso(
+            conn.guest_mac, TSO_V6 if len(conn.guest_ip) == 16 else TSO_V4
+        )
+        if tso:
             segment = (TSO_PAYLOAD // segment) * segment  # whole MSS pieces, for the guest's NIC to cut
         count = tcp_segments(
             frames,
@@ -469,6 +474,7 @@ class TcpEngine:
             out.ip_ident + 1,
             conn.ip_base,
             conn.tcp_base,
+            not tso,
         )
         out.ip_ident = (out.ip_ident + count) & 0xFFFF
         if queue is not None:

@@ -200,12 +200,14 @@ def tcp_segments_py(
     ident: int,
     ip_base: int,
     tcp_base: int,
+    checksum: bool = True,
 ) -> int:
     """Append one frame per segment of buf[off:end] (at most mss bytes each) to frames.
 
     header comes from header_template(); idents count up from ident, sequence numbers from seq;
     the segment ending at psh_end carries PSH. Returns the number of frames. The plain version
     of core/_fastpath.c's tcp_segments (the same bytes), one build_tcp_frame_with() each.
+    Without checksum the TCP checksum field is 0 (a partial-checksum guest: core/vhost_net.py).
     """
     if len(header) == HEADER6_LEN:
         dst_mac, src_mac, src, dst = header[0:6], header[6:12], header[22:38], header[38:54]
@@ -220,25 +222,26 @@ def tcp_segments_py(
         n = end - off if end - off < mss else mss
         flags = TCP_ACK | TCP_PSH if off + n == psh_end else TCP_ACK
         payload = bytes(view[off : off + n])
-        frames.append(
-            build_tcp_frame_with(
-                dst_mac,
-                src_mac,
-                src,
-                dst,
-                sport,
-                dport,
-                seq,
-                ack,
-                flags,
-                window,
-                b"",
-                payload,
-                ident,
-                ip_base,
-                tcp_base,
-            )
+        frame = build_tcp_frame_with(
+            dst_mac,
+            src_mac,
+            src,
+            dst,
+            sport,
+            dport,
+            seq,
+            ack,
+            flags,
+            window,
+            b"",
+            payload,
+            ident,
+            ip_base,
+            tcp_base,
         )
+        if not checksum:
+            frame = frame[: t + 16] + b"\x00\x00" + frame[t + 18 :]
+        frames.append(frame)
         off += n
         seq += n
         ident += 1

@@ -134,21 +134,39 @@ class NetDevice:
             self.last_error = str(exc)
 
     # ---- us to the guest ---------------------------------------------------------------
-    def rx_header(self, frame: bytes, num_buffers: int) -> bytes:
-        """The header for one frame toward the guest: DATA_VALID for our own frames when the guest
-        takes it, and gso_type/gso_size for a TCP segment larger than the MTU."""
+    def rx_offload(self, frame: bytes, num_buffers: int) -> tuple[bytes, int, int]:
+        """The header for one frame toward the guest, and where to patch the frame: (header, offset
+        of its TCP checksum field or -1, the value to write there).
+
+        When the guest takes partial checksums (GUEST_CSUM), our own TCP frames go as NEEDS_CSUM:
+        the field holds the pseudo-header's sum, which the guest's stack takes as verified (and
+        completes should it forward the frame), so the TCP engine need not sum the payload. A TCP
+        segment larger than the MTU also gets gso_type/gso_size (GUEST_TSO4/6). Our other frames
+        are DATA_VALID; another guest's frames, and any frame of a guest without GUEST_CSUM, go
+        unmarked."""
         if not self.guest_csum or frame[6:12] != self.gateway_mac:
-            return vnet.rx_header(0, vnet.GSO_NONE, 0, 0, num_buffers)
-        if len(frame) > ETH_HLEN + self.mtu:
-            ethertype = (frame[12] << 8) | frame[13]
-            if (ethertype == ETH_P_IP and self.guest_tso4) or (ethertype == ETH_P_IPV6 and self.guest_tso6):
-                try:
-                    v6, start, hlen = vnet.tcp_offsets(frame)
-                except vnet.VirtioNetError:
-                    return vnet.rx_header(vnet.F_DATA_VALID, vnet.GSO_NONE, 0, 0, num_buffers)
-                gso = vnet.GSO_TCPV6 if v6 else vnet.GSO_TCPV4
-                return vnet.rx_header(vnet.F_DATA_VALID, gso, start + hlen, self.mss_of(frame, v6, start), num_buffers)
-        return vnet.rx_header(vnet.F_DATA_VALID, vnet.GSO_NONE, 0, 0, num_buffers)
+            return vnet.rx_header(0, vnet.GSO_NONE, 0, 0, num_buffers), -1, 0
+        ethertype = (frame[12] << 8) | frame[13]
+        if not (
+            (ethertype == ETH_P_IP and len(frame) > ETH_HLEN + 9 and frame[ETH_HLEN + 9] == IPPROTO_TCP)
+            or (ethertype == ETH_P_IPV6 and len(frame) > ETH_HLEN + 6 and frame[ETH_HLEN + 6] == IPPROTO_TCP)
+        ):
+            return vnet.rx_header(vnet.F_DATA_VALID, vnet.GSO_NONE, 0, 0, num_buffers), -1, 0
+        try:
+            v6, start, hlen = vnet.tcp_offsets(frame)
+        except vnet.VirtioNetError:
+            return vnet.rx_header(vnet.F_DATA_VALID, vnet.GSO_NONE, 0, 0, num_buffers), -1, 0
+        gso = vnet.GSO_NONE
+        gso_size = 0
+        head_len = 0
+        if len(frame) > ETH_HLEN + self.mtu and (self.guest_tso6 if v6 else self.guest_tso4):
+            gso = vnet.GSO_TCPV6 if v6 else vnet.GSO_TCPV4
+            gso_size = self.mss_of(frame, v6, start)
+            head_len = start + hlen
+        header = vnet.rx_header(
+            vnet.F_NEEDS_CSUM, gso, head_len, gso_size, num_buffers, start, vnet.TCP_CHECKSUM_OFFSET
+        )
+        return header, start + vnet.TCP_CHECKSUM_OFFSET, vnet.partial_tcp_checksum(frame, v6, start)
 
     def fill_rx(self, queue: SplitQueue, pending: deque[bytes]) -> tuple[int, bool]:
         """Move frames from the front of pending into the guest's RX buffers while they fit: (the
@@ -163,7 +181,8 @@ class NetDevice:
         while pending:
             frame = pending[0]
             limit = queue.num - len(used) // 2  # push_batch takes at most num at once
-            if queue.write_frame(self.rx_header(frame, 0)[:hdr], nb_at, frame, mrg, limit, used):
+            header, patch_at, patch = self.rx_offload(frame, 0)
+            if queue.write_frame(header[:hdr], nb_at, frame, patch_at, patch, mrg, limit, used):
                 taken += len(pending.popleft())
                 continue
             need = hdr + len(frame)
@@ -195,7 +214,14 @@ class NetDevice:
                     self.counters.add("drop-vhost-rx-too-big")
                     continue
                 break  # wait for the guest to give more buffers (it kicks RX)
-            scatter(queue, chains, self.rx_header(frame, len(chains))[:hdr], frame, used)
+            header, patch_at, patch = self.rx_offload(frame, len(chains))
+            if patch_at >= 0:
+                patched = bytearray(frame)
+                patched[patch_at] = patch >> 8
+                patched[patch_at + 1] = patch & 0xFF
+                scatter(queue, chains, header[:hdr], patched, used)
+            else:
+                scatter(queue, chains, header[:hdr], frame, used)
             taken += len(pending.popleft())
         if used:
             queue.push_batch(used)
@@ -204,7 +230,7 @@ class NetDevice:
         return taken, queue.needs_notify(old)
 
 
-def scatter(queue: SplitQueue, chains: list[Chain], header: bytes, frame: bytes, used: list[int]) -> None:
+def scatter(queue: SplitQueue, chains: list[Chain], header: bytes, frame: bytes | bytearray, used: list[int]) -> None:
     """Write header then frame across the chains, appending (head, bytes written) of each to used."""
     hdr = len(header)
     total = hdr + len(frame)

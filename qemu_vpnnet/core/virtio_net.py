@@ -39,6 +39,7 @@ GSO_ECN: Final = 0x80
 
 HEADER_LEN: Final = 12  # with VERSION_1 or MRG_RXBUF (num_buffers); 10 for a legacy guest
 NUM_BUFFERS_AT: Final = 10  # the offset of num_buffers in the 12-byte header
+TCP_CHECKSUM_OFFSET: Final = 16  # csum_offset of TCP: its checksum field from the start of its header
 LEGACY_HEADER_LEN: Final = 10
 MAX_GSO_SEGMENTS: Final = 1024  # a hostile gso_size of 1 must not make 64 Ki frames
 TCP_CWR: Final = 0x80
@@ -65,9 +66,26 @@ def parse_header(data: bytes, length: int) -> tuple[int, int, int, int, int, int
     return int(flags), int(gso_type), int(hdr_len), int(gso_size), int(csum_start), int(csum_offset)
 
 
-def rx_header(flags: int, gso_type: int, hdr_len: int, gso_size: int, num_buffers: int) -> bytes:
-    """A 12-byte header toward the guest (no partial checksum: csum_start and csum_offset 0)."""
-    return _HEADER.pack(flags, gso_type, hdr_len, gso_size, 0, 0, num_buffers)
+def rx_header(
+    flags: int, gso_type: int, hdr_len: int, gso_size: int, num_buffers: int, csum_start: int = 0, csum_offset: int = 0
+) -> bytes:
+    """A 12-byte header toward the guest (csum_start and csum_offset for F_NEEDS_CSUM)."""
+    return _HEADER.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers)
+
+
+def partial_tcp_checksum(frame: bytes | bytearray, v6: bool, start: int) -> int:
+    """What the checksum field of a NEEDS_CSUM TCP frame holds: the pseudo-header's sum, folded,
+    not complemented (the guest adds the TCP header and payload if it ever needs the checksum).
+    The TCP length is the IP header's, not the frame's (an Ethernet frame may be padded)."""
+    if v6:
+        length = (frame[18] << 8) | frame[19]
+        total = pseudo_header_sum(bytes(frame[22:38]), bytes(frame[38:54]), IPPROTO_TCP, length)
+    else:
+        length = ((frame[16] << 8) | frame[17]) - (start - ETH_HLEN)
+        total = pseudo_header_sum(bytes(frame[26:30]), bytes(frame[30:34]), IPPROTO_TCP, length)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
 
 
 def complete_checksum(frame: bytearray, csum_start: int, csum_offset: int) -> None:

@@ -389,11 +389,20 @@ class SplitQueue:
         return chain
 
     def write_frame(
-        self, header: bytes, num_buffers_at: int, frame: bytes, mrg: bool, limit: int, used: list[int]
+        self,
+        header: bytes,
+        num_buffers_at: int,
+        frame: bytes,
+        patch_at: int,
+        patch: int,
+        mrg: bool,
+        limit: int,
+        used: list[int],
     ) -> int:
         """RX in one step where the C fast path can: pop the chains header + frame need (just one
         without mrg, at most limit), write them (header bytes [num_buffers_at:+2] set to the number
-        of chains, unless it is negative) and append their (head, length) pairs to used for
+        of chains, unless it is negative; the frame's big-endian u16 at patch_at, unless that is
+        negative, replaced by patch) and append their (head, length) pairs to used for
         push_batch. The number of chains taken; 0 when it declined (nothing changed): the caller
         then does it with pop() and write(), which raise RingError where the ring is bad."""
         if not self.fast_rx or self.broken:
@@ -411,6 +420,8 @@ class SplitQueue:
             header,
             num_buffers_at,
             frame,
+            patch_at,
+            patch,
             mrg,
             limit,
             used,
