@@ -10,6 +10,11 @@ from qemu_vpnnet.io import busy_poll
 from qemu_vpnnet.io.busy_poll import BusyPoller
 
 
+def no_yield() -> None:
+    """The tests' yield: never late (a real sched_yield on a loaded machine may be, and would end
+    the window as contended; test_a_contended_cpu_ends_the_window_and_pauses_polling has that)."""
+
+
 async def turns_while(poller: BusyPoller, seconds: float) -> int:
     """Loop turns (sleep(0) round trips) completed in `seconds` of wall time."""
     turns = 0
@@ -22,7 +27,7 @@ async def turns_while(poller: BusyPoller, seconds: float) -> int:
 
 def test_light_activity_polls_for_the_window_then_stops() -> None:
     async def main() -> None:
-        poller = BusyPoller(asyncio.get_running_loop(), 0.002)
+        poller = BusyPoller(asyncio.get_running_loop(), 0.002, yield_cpu=no_yield)
         poller.activity(200)
         assert poller.spinning and poller.windows == 1
         await asyncio.sleep(0.01)  # the window passes: it stops by itself
@@ -33,7 +38,7 @@ def test_light_activity_polls_for_the_window_then_stops() -> None:
 
 def test_bulk_turns_never_start_a_window() -> None:
     async def main() -> None:
-        poller = BusyPoller(asyncio.get_running_loop(), 0.002)
+        poller = BusyPoller(asyncio.get_running_loop(), 0.002, yield_cpu=no_yield)
         poller.activity(busy_poll.LIGHT_BYTES)
         assert not poller.spinning and poller.windows == 0
 
@@ -43,7 +48,7 @@ def test_bulk_turns_never_start_a_window() -> None:
 def test_light_turns_amid_bulk_traffic_do_not_poll() -> None:
     async def main() -> None:
         now = [100.0]
-        poller = BusyPoller(asyncio.get_running_loop(), 0.001, clock=lambda: now[0])
+        poller = BusyPoller(asyncio.get_running_loop(), 0.001, clock=lambda: now[0], yield_cpu=no_yield)
         for _ in range(busy_poll.BULK_BYTES // 3000 + 1):  # light turns, 64 KiB within 2 ms
             poller.activity(3000)
             now[0] += 0.00005
@@ -64,7 +69,7 @@ def test_light_turns_amid_bulk_traffic_do_not_poll() -> None:
 
 def test_activity_inside_a_window_is_a_hit_and_extends_it() -> None:
     async def main() -> None:
-        poller = BusyPoller(asyncio.get_running_loop(), 0.005)
+        poller = BusyPoller(asyncio.get_running_loop(), 0.005, yield_cpu=no_yield)
         poller.activity(100)
         await turns_while(poller, 0.003)
         poller.activity(100)  # a reply caught while polling
@@ -79,7 +84,7 @@ def test_activity_inside_a_window_is_a_hit_and_extends_it() -> None:
 
 def test_windows_that_catch_nothing_pause_polling() -> None:
     async def main() -> None:
-        poller = BusyPoller(asyncio.get_running_loop(), 0.0005)
+        poller = BusyPoller(asyncio.get_running_loop(), 0.0005, yield_cpu=no_yield)
         for _ in range(busy_poll.MAX_MISSES):
             poller.activity(100)
             await asyncio.sleep(0.003)
@@ -92,7 +97,7 @@ def test_windows_that_catch_nothing_pause_polling() -> None:
 
 def test_zero_window_is_off() -> None:
     async def main() -> None:
-        poller = BusyPoller(asyncio.get_running_loop(), 0.0)
+        poller = BusyPoller(asyncio.get_running_loop(), 0.0, yield_cpu=no_yield)
         poller.activity(1)
         assert not poller.spinning and poller.windows == 0
 
@@ -105,3 +110,37 @@ def test_busy_poll_option_is_checked(bad: str, capsys: pytest.CaptureFixture[str
         build_parser().parse_args(["--socket", "/tmp/x.sock", "--busy-poll", bad])
     assert exc.value.code == 2
     assert "--busy-poll" in capsys.readouterr().err
+
+
+def test_a_contended_cpu_ends_the_window_and_pauses_polling() -> None:
+    """A yield that returns late (another task ran on our CPU): polling stops at once and pauses
+    for CONTENDED_PAUSE; a prompt yield goes on polling."""
+
+    async def main() -> None:
+        now = [50.0]
+        late = [False]
+
+        def yield_cpu() -> None:
+            now[0] += 2 * busy_poll.CONTENDED if late[0] else busy_poll.CONTENDED / 10
+
+        poller = BusyPoller(asyncio.get_running_loop(), 0.01, clock=lambda: now[0], yield_cpu=yield_cpu)
+        poller.activity(100)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert poller.spinning and poller.contended == 0  # prompt yields: still polling
+        late[0] = True
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not poller.spinning and poller.contended == 1
+        assert poller.paused_until == pytest.approx(now[0] - 2 * busy_poll.CONTENDED + busy_poll.CONTENDED_PAUSE)
+        poller.activity(100)
+        assert not poller.spinning and poller.windows == 1  # paused
+        now[0] += busy_poll.CONTENDED_PAUSE
+        late[0] = False
+        poller.activity(100)
+        assert poller.spinning and poller.windows == 2  # the pause is over
+        now[0] += 1.0
+        await asyncio.sleep(0.001)
+        assert not poller.spinning
+
+    asyncio.run(main())

@@ -8,6 +8,12 @@ a reply that comes back within it is handled at once. Bulk transfers never start
 turns move many kilobytes, and so do the last few milliseconds around their lighter turns, such
 as an ACK that releases nothing), and when windows keep expiring with nothing caught (sparse traffic)
 polling pauses, so an idle or bulk backend spends nothing on it. Off with a window of 0.
+
+Polling also pauses when the CPU is contended: each poll yields the CPU, and when that yield
+returns only after CONTENDED seconds, another task wanted our CPU. There the poller gains nothing
+(events arrive all the time) and costs much: a task that yields goes behind the others, while one
+that sleeps in epoll is woken ahead of them. Measured with wrk's 32 connections on 2 CPUs: 2100-2570
+connections/s polling, 2220-3350 without.
 """
 
 import asyncio
@@ -21,23 +27,31 @@ RATE_SPAN: Final = 0.002  # seconds per bucket of the recent byte rate
 BULK_BYTES: Final = 65536  # bytes in the last bucket and this one that mean bulk: no polling
 MAX_MISSES: Final = 8  # windows in a row that caught nothing: pause
 PAUSE: Final = 1.0  # seconds without polling after MAX_MISSES
+CONTENDED: Final = 0.0002  # a yield that took this long: another task ran on our CPU meanwhile
+CONTENDED_PAUSE: Final = 0.1  # seconds without polling after that
 
 
 class BusyPoller:
     """Keeps the event loop polling (never blocking) for `window` seconds after light activity."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, window: float, clock: Callable[[], float] = time.perf_counter
+        self,
+        loop: asyncio.AbstractEventLoop,
+        window: float,
+        clock: Callable[[], float] = time.perf_counter,
+        yield_cpu: Callable[[], None] = os.sched_yield,
     ) -> None:
         self.loop = loop
         self.window = window
         self.clock = clock
+        self.yield_cpu = yield_cpu
         self.until = 0.0
         self.spinning = False
         self.misses = 0
         self.paused_until = 0.0
         self.hits = 0  # windows that caught an event (introspection and tests)
         self.windows = 0
+        self.contended = 0  # windows ended because another task wanted the CPU
         self.bucket_start = 0.0
         self.bucket_bytes = 0
         self.last_bucket_bytes = 0
@@ -76,7 +90,12 @@ class BusyPoller:
             # scheduler often keeps QEMU or the guest's process on our CPU, and a poller that
             # does not yield delays the very frames it waits for (measured: round-trip p99
             # 380-400 -> 170-200 us right after iperf3 runs; median unchanged)
-            os.sched_yield()
+            self.yield_cpu()
+            if self.clock() - now >= CONTENDED:
+                self.spinning = False
+                self.contended += 1
+                self.paused_until = now + CONTENDED_PAUSE
+                return
             self.loop.call_soon(self._poll)
             return
         self.spinning = False
