@@ -83,9 +83,7 @@ def partial_tcp_checksum(frame: bytes | bytearray, v6: bool, start: int) -> int:
     else:
         length = ((frame[16] << 8) | frame[17]) - (start - ETH_HLEN)
         total = pseudo_header_sum(bytes(frame[26:30]), bytes(frame[30:34]), IPPROTO_TCP, length)
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
+    return finish(total) ^ 0xFFFF  # folded, and the complement undone
 
 
 def complete_checksum(frame: bytearray, csum_start: int, csum_offset: int) -> None:
