@@ -1,6 +1,7 @@
 """Unit tests of the TCP splice engine, read as the RFC: handshake, data, windows, teardown."""
 
 import errno
+import random
 
 import dpkt
 import pytest
@@ -439,7 +440,7 @@ def test_acknowledged_front_of_the_send_buffer_is_cut_in_steps_and_data_stays_ri
     acked = 0
     sent = bytearray()
     while acked < 700_000:
-        if fed < len(pattern) and len(conn.snd_buf) - conn.snd_off < T.SND_BUF_LIMIT // 2:
+        if fed < len(pattern) and conn.snd_end - conn.snd_off < T.SND_BUF_LIMIT // 2:
             g.stack.tcp.host_data(flow, pattern[fed : fed + 65536], g.now)
             fed += 65536
         for seg in g.frames():
@@ -447,8 +448,8 @@ def test_acknowledged_front_of_the_send_buffer_is_cut_in_steps_and_data_stays_ri
                 sent += seg.data
         acked = min(len(sent), acked + 50_000)
         g.send(ACK, ack=(first_seq + acked) & 0xFFFFFFFF, window=65535)
-        assert conn.snd_off <= max(T.SND_BUF_COMPACT, len(conn.snd_buf) - conn.snd_off) + 50_000  # bounded front
-        assert len(conn.snd_buf) - conn.snd_off == fed - acked
+        assert len(conn.snd_buf) <= T.SND_BUF_MAX  # bounded, the acknowledged front with it
+        assert conn.snd_end - conn.snd_off == fed - acked
     assert bytes(sent) == pattern[: len(sent)]
     g.frames()
     g.now = g.stack.next_deadline() + 0.01  # a retransmission comes from the right offset
@@ -456,6 +457,90 @@ def test_acknowledged_front_of_the_send_buffer_is_cut_in_steps_and_data_stays_ri
     again = g.frames()[0]
     assert again.seq == (first_seq + acked) & 0xFFFFFFFF
     assert again.data == pattern[acked : acked + len(again.data)]
+
+
+def deliver(g: Guest, flow: int, first_seq: int, sent: bytearray, ack_step: int) -> None:
+    """Take the in-order data the core sent, acknowledge up to ack_step more bytes of it."""
+    conn = g.conn(flow)
+    for seg in g.frames():
+        if seg.data and seg.seq == (first_seq + len(sent)) & 0xFFFFFFFF:
+            sent += seg.data
+    acked = (conn.snd_una - first_seq) + ack_step
+    g.send(ACK, ack=(first_seq + min(len(sent), acked)) & 0xFFFFFFFF, window=65535)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_host_reads_into_the_send_buffer_itself_keep_the_stream_right_and_bounded(seed: int) -> None:
+    """Reads straight into the room at the send buffer's end (a buffered protocol), mixed with
+    data handed over as bytes, while the guest acknowledges in uneven steps: the guest gets the
+    host's bytes in order, the buffer stays within SND_BUF_MAX, and reading pauses at the limit."""
+    rng = random.Random(seed)
+    g = Guest()
+    # odd seeds: no window scaling, so at most 64 KiB in flight and the rest waits in the buffer
+    # (moved by its cuts before it is sent); even seeds: all of it in flight at once
+    flow = g.connect(MSS_1460_WS7 if seed % 2 == 0 else b"\x02\x04\x05\xb4")
+    conn = g.conn(flow)
+    pattern = rng.randbytes((3 if seed % 2 == 0 else 8) << 20)
+    first_seq = conn.snd_nxt
+    fed = 0
+    sent = bytearray()
+    paused = False
+    while conn.snd_una - first_seq < len(pattern):
+        if fed < len(pattern) and not paused:
+            view = g.stack.tcp.host_read_buffer(flow)
+            if view is None or rng.random() < 0.1:
+                assert view is not None or conn.snd_end == conn.snd_off
+                if view is not None:
+                    view.release()
+                n = min(rng.randrange(1, 100_000), len(pattern) - fed)
+                g.stack.tcp.host_data(flow, pattern[fed : fed + n], g.now)
+            else:
+                assert T.READ_ROOM_MIN <= len(view) <= T.READ_ROOM
+                n = min(rng.randrange(1, len(view) + 1), len(pattern) - fed)
+                view[:n] = pattern[fed : fed + n]
+                # the reader still holds its view while the core takes the data (uvloop releases it
+                # after buffer_updated): nothing may resize the buffer in place meanwhile
+                g.stack.tcp.host_data_read(flow, n, g.now)
+                view.release()
+            fed += n
+        for op in g.ops():
+            if op.kind == A.OP_PAUSE_READING:
+                paused = True
+            elif op.kind == A.OP_RESUME_READING:
+                paused = False
+        deliver(g, flow, first_seq, sent, rng.randrange(1, 200_000))
+        assert len(conn.snd_buf) <= T.SND_BUF_MAX
+        assert conn.snd_end - conn.snd_off <= T.SND_BUF_LIMIT + T.READ_ROOM
+        assert conn.snd_end - conn.snd_off == fed - (conn.snd_una - first_seq)
+    assert bytes(sent) == pattern
+    assert len(conn.snd_buf) == 0  # all acknowledged: nothing held
+
+
+def test_no_read_room_for_an_empty_buffer_or_a_gone_flow() -> None:
+    g = Guest()
+    flow = g.connect()
+    assert g.stack.tcp.host_read_buffer(flow) is None  # an idle connection holds no buffer
+    g.stack.tcp.host_data(flow, b"x" * 1000, g.now)
+    view = g.stack.tcp.host_read_buffer(flow)
+    assert view is not None and len(view) == T.READ_ROOM_MIN  # room grows with what is held
+    view.release()
+    assert g.stack.tcp.host_read_buffer(flow + 1) is None
+
+
+def test_a_read_not_where_its_room_was_given_resets_the_connection() -> None:
+    g = Guest()
+    flow = g.connect()
+    g.stack.tcp.host_data(flow, b"x" * 1000, g.now)
+    g.frames()
+    view = g.stack.tcp.host_read_buffer(flow)
+    assert view is not None
+    view.release()
+    g.stack.tcp.host_data(flow, b"y" * 10, g.now)  # the data's end moved meanwhile
+    g.stack.tcp.host_data_read(flow, 100, g.now)
+    assert flow not in g.stack.tcp.flows
+    assert any(seg.flags & RST for seg in g.frames())
+    assert [op.kind for op in g.ops()] == [A.OP_TCP_ABORT]
+    assert g.stack.counters.get("tcp-read-misplaced") == 1
 
 
 MSS_SACK_WS7 = b"\x02\x04\x05\xb4\x04\x02\x01\x01\x01\x03\x03\x07"  # MSS 1460, SACK permitted, wscale 7

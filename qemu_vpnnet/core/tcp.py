@@ -82,6 +82,9 @@ RCV_WINDOW: Final = 1 << 20  # what we let the guest have in flight toward us
 RCV_WSCALE: Final = 5
 SND_BUF_LIMIT: Final = 1 << 20  # bytes from the host waiting for the guest before we stop reading
 SND_BUF_COMPACT: Final = 256 << 10  # acknowledged bytes at the send buffer's front before a cut
+READ_ROOM: Final = 256 << 10  # the most room one host read is given at the send buffer's end
+READ_ROOM_MIN: Final = 16 << 10  # ... and the least, also past SND_BUF_LIMIT (reading pauses there)
+SND_BUF_MAX: Final = 2 * (SND_BUF_LIMIT + READ_ROOM)  # the largest a send buffer grows
 OOO_LIMIT: Final = RCV_WINDOW
 # Segments held out of order, and ranges on the SACK scoreboard: a guest sending tiny segments or
 # SACK blocks must not make either grow past these (CPU and memory stay bounded per connection)
@@ -163,6 +166,37 @@ def lost_rexmit_wait(conn: "TcpConn") -> float:
     return wait if wait > LOST_REXMIT_MIN else LOST_REXMIT_MIN
 
 
+def make_room(conn: "TcpConn", room: int) -> None:
+    """At least room bytes free past conn.snd_end, without resizing the buffer in place (a host
+    read may hold a view of it). The acknowledged front is cut off when that moves no more bytes
+    than were acknowledged since the last cut; otherwise the data moves to a buffer twice as
+    large, up to SND_BUF_MAX, where cutting always pays (what the guest has not acknowledged
+    stays under SND_BUF_LIMIT + READ_ROOM). Each byte is moved a bounded number of times."""
+    buf = conn.snd_buf
+    end = conn.snd_end
+    if len(buf) - end >= room:
+        return
+    off = conn.snd_off
+    live = end - off
+    if off > 0 and len(buf) - live >= room and (off >= live or len(buf) >= SND_BUF_MAX):
+        view = memoryview(buf)
+        view[:live] = view[off:end]
+        view.release()
+    else:
+        size = 2 * len(buf)
+        if size > SND_BUF_MAX:
+            size = SND_BUF_MAX
+        if size < live + room:
+            size = live + room
+        grown = bytearray(size)
+        if live:
+            grown[:live] = memoryview(buf)[off:end]
+        conn.snd_buf = grown
+    conn.snd_off = 0
+    conn.snd_end = live
+    conn.read_at = -1  # room handed out before points elsewhere now
+
+
 @final
 class TcpConn:
     """One spliced connection: the guest-facing TCP state plus its host socket's flags."""
@@ -198,11 +232,14 @@ class TcpConn:
         self.snd_una = 0
         self.snd_nxt = 0
         self.snd_max = 0
-        # from the host, not yet acknowledged by the guest: snd_buf[snd_off:]. The acknowledged
-        # front is cut off in large steps: a bytearray whose front is deleted at every ACK is
-        # copied whole each time it then grows (measured: 50x the cost with 64 KiB segments).
+        # from the host, not yet acknowledged by the guest: snd_buf[snd_off:snd_end]. Past
+        # snd_end is room the host socket reads into (host_read_buffer): the bytearray is never
+        # resized in place, a read may hold a view of it. The acknowledged front is cut off in
+        # large steps (make_room): cutting at every ACK moves the whole buffer each time.
         self.snd_buf = bytearray()
         self.snd_off = 0
+        self.snd_end = 0
+        self.read_at = -1  # snd_end when host_read_buffer handed out room there (-1: none since)
         self.snd_wnd = 0
         self.snd_wl1 = 0
         self.snd_wl2 = 0
@@ -301,6 +338,7 @@ class TcpEngine:
         self.dirty.pop(conn.flow, None)
         conn.snd_buf = bytearray()
         conn.snd_off = 0
+        conn.snd_end = 0
         conn.ooo.clear()
         conn.sack_ranges.clear()
 
@@ -508,7 +546,7 @@ class TcpEngine:
         """
         if conn.state == CONNECTING or conn.state == SYN_RECEIVED or conn.state == SYN_SENT:
             return
-        buf_len = len(conn.snd_buf) - conn.snd_off
+        buf_len = conn.snd_end - conn.snd_off
         buf_end = conn.snd_una + buf_len
         win_end = conn.snd_una + conn.snd_wnd
         sent = False
@@ -800,17 +838,14 @@ class TcpEngine:
             window_changed = False
         if ack64 > conn.snd_una:
             acked = ack64 - conn.snd_una
-            buffered = len(conn.snd_buf) - conn.snd_off
+            buffered = conn.snd_end - conn.snd_off
             data_acked = acked if acked <= buffered else buffered
             if data_acked:
                 conn.snd_off += data_acked
-                if conn.snd_off == len(conn.snd_buf):
+                if conn.snd_off == conn.snd_end:
                     conn.snd_buf = bytearray()  # all acknowledged: an idle connection holds nothing
                     conn.snd_off = 0
-                elif conn.snd_off >= SND_BUF_COMPACT and conn.snd_off >= len(conn.snd_buf) - conn.snd_off:
-                    # no more bytes move than were acknowledged since the last cut
-                    del conn.snd_buf[: conn.snd_off]
-                    conn.snd_off = 0
+                    conn.snd_end = 0
             conn.snd_una = ack64
             if conn.snd_nxt < ack64:
                 conn.snd_nxt = ack64
@@ -828,7 +863,7 @@ class TcpEngine:
                 self.set_deadline(conn, conn.deadline)
             else:
                 conn.deadline = INF
-            if conn.reading_paused and len(conn.snd_buf) - conn.snd_off < SND_BUF_LIMIT // 2:
+            if conn.reading_paused and conn.snd_end - conn.snd_off < SND_BUF_LIMIT // 2:
                 conn.reading_paused = False
                 self.out.op(HostOp(OP_RESUME_READING, conn.flow))
             if conn.fin_seq >= 0 and ack64 > conn.fin_seq:
@@ -894,7 +929,7 @@ class TcpEngine:
                 if sacked[k][0] > limit:
                     limit = sacked[k][0]
                 break
-        buf_end = conn.snd_una + len(conn.snd_buf) - conn.snd_off
+        buf_end = conn.snd_una + conn.snd_end - conn.snd_off
         if limit > buf_end:
             limit = buf_end
         if limit > conn.snd_nxt:
@@ -942,6 +977,7 @@ class TcpEngine:
         conn.state = TIME_WAIT
         conn.snd_buf = bytearray()
         conn.snd_off = 0
+        conn.snd_end = 0
         conn.deadline = now + TIME_WAIT_TIME
         self.set_deadline(conn, conn.deadline)
 
@@ -1146,14 +1182,58 @@ class TcpEngine:
         self.out.op(HostOp(OP_TCP_CONNECT, conn.flow, conn.host_addr, conn.host_port, b"", conn.route))
         return True
 
-    def host_data(self, flow: int, data: bytes, now: float) -> None:
+    def host_data(self, flow: int, data: bytes | memoryview, now: float) -> None:
         conn = self.flows.get(flow)
         if conn is None or conn.fin_queued or conn.state == CLOSED:
             return
-        conn.snd_buf += data
-        if len(conn.snd_buf) - conn.snd_off >= SND_BUF_LIMIT and not conn.reading_paused:
+        n = len(data)
+        make_room(conn, n)
+        end = conn.snd_end
+        conn.snd_buf[end : end + n] = data  # same length: a copy, no resize
+        conn.snd_end = end + n
+        self.buffered(conn, now)
+
+    def host_read_buffer(self, flow: int) -> memoryview | None:
+        """Room at the end of flow's send buffer for the host socket's next read to fill (then
+        host_data_read), so that a bulk download is not copied once more on its way in; None when
+        the flow is gone or its buffer is empty (the read goes through host_data: an idle
+        connection keeps no buffer)."""
+        conn = self.flows.get(flow)
+        if conn is None or conn.fin_queued or conn.state == CLOSED or conn.snd_end == conn.snd_off:
+            return None
+        # as much room as it holds already (a buffer grows in steps, not at once for a 1 KiB reply),
+        # short of the limit where reading pauses
+        live = conn.snd_end - conn.snd_off
+        room = SND_BUF_LIMIT - live if live > SND_BUF_LIMIT - live else live
+        if room > READ_ROOM:
+            room = READ_ROOM
+        elif room < READ_ROOM_MIN:
+            room = READ_ROOM_MIN
+        make_room(conn, room)
+        conn.read_at = conn.snd_end
+        return memoryview(conn.snd_buf)[conn.snd_end : conn.snd_end + room]
+
+    def host_data_read(self, flow: int, nbytes: int, now: float) -> None:
+        """The host socket's read put nbytes where host_read_buffer said."""
+        conn = self.flows.get(flow)
+        if conn is None or conn.fin_queued or conn.state == CLOSED:
+            return
+        if conn.read_at != conn.snd_end or nbytes < 0 or conn.snd_end + nbytes > len(conn.snd_buf):
+            # not where the room was handed out (nothing should move it meanwhile): the stream
+            # toward the guest would have a hole, so the connection is reset instead
+            self.counters.add("tcp-read-misplaced")
+            self.send_rst(conn)
+            self.out.op(HostOp(OP_TCP_ABORT, flow))
+            self.remove(conn)
+            return
+        conn.read_at = -1
+        conn.snd_end += nbytes
+        self.buffered(conn, now)
+
+    def buffered(self, conn: TcpConn, now: float) -> None:
+        if conn.snd_end - conn.snd_off >= SND_BUF_LIMIT and not conn.reading_paused:
             conn.reading_paused = True
-            self.out.op(HostOp(OP_PAUSE_READING, flow))
+            self.out.op(HostOp(OP_PAUSE_READING, conn.flow))
         self.transmit(conn, now)
 
     def host_eof(self, flow: int, now: float) -> None:
@@ -1301,7 +1381,7 @@ class TcpEngine:
                 self.send_syn_ack(conn)
             self.set_deadline(conn, now + conn.rto)
             return
-        buf_end = conn.snd_una + len(conn.snd_buf) - conn.snd_off
+        buf_end = conn.snd_una + conn.snd_end - conn.snd_off
         if conn.recovery_end > conn.snd_una and conn.recovery_probes < RECOVERY_PROBES:
             conn.recovery_probes += 1
             self.counters.add("tcp-recovery-timer")
@@ -1360,7 +1440,7 @@ class TcpEngine:
                     "bytes-to-guest": conn.bytes_to_guest,
                     "guest-window": conn.snd_wnd,
                     "in-flight": conn.snd_nxt - conn.snd_una,
-                    "buffered-to-guest": len(conn.snd_buf) - conn.snd_off,
+                    "buffered-to-guest": conn.snd_end - conn.snd_off,
                     "host-reading-paused": conn.reading_paused,
                     "host-writing-blocked": conn.host_write_paused,
                     "age": round(now - conn.created, 3),

@@ -61,11 +61,20 @@ def tune_stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
     return stream
 
 
+SCRATCH_SIZE: Final = 256 << 10  # bytes one read of a host socket takes at most, outside a download
 EARLY_LIMIT: Final = 256 << 10  # bytes an accepted connection may send before it has a flow
 
 
-class HostConnection(asyncio.Protocol):
-    """The host socket of one spliced flow."""
+class HostConnection(asyncio.BufferedProtocol):
+    """The host socket of one spliced flow.
+
+    A buffered protocol: while the flow's send buffer toward the guest holds data (a download
+    under way), the socket is read straight into the room at that buffer's end (TcpEngine.
+    host_read_buffer), not into a bytes object that is then copied there (measured on a vhost-user
+    download: the two copies took 15 % of the backend's CPU). Otherwise the read goes into the
+    HostTcp's scratch buffer and from there through host_data, as from the DNS and proxy sessions
+    that call data_received.
+    """
 
     def __init__(self, host: "HostTcp", flow: int, on_made: "Callable[[HostConnection], None] | None" = None) -> None:
         self.host = host
@@ -77,17 +86,35 @@ class HostConnection(asyncio.Protocol):
         # wait for an IPv6 guest's neighbour advertisement): handed on by HostTcp.adopt
         self.early: list[bytes] = []
         self.early_bytes = 0
+        self.direct = False  # the last get_buffer handed out room in the flow's own send buffer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tune_stream(transport)
         if self.on_made is not None:
             self.on_made(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        room = None
+        if not self.gone and self.flow >= 0:
+            room = self.host.tcp.host_read_buffer(self.flow)
+        self.direct = room is not None
+        return room if room is not None else self.host.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.direct:
+            self.direct = False
+            if not self.gone:
+                host = self.host
+                host.tcp.host_data_read(self.flow, nbytes, host.shell.now())
+                host.shell.flush()  # the segments go out now (see Shell.frames_received)
+        else:
+            self.data_received(self.host.scratch[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.gone:
             return
         if self.flow < 0:  # no flow yet: keep it (bounded: reading stops past EARLY_LIMIT)
-            self.early.append(data)
+            self.early.append(bytes(data))
             self.early_bytes += len(data)
             if self.early_bytes >= EARLY_LIMIT and self.transport is not None:
                 self.transport.pause_reading()
@@ -148,6 +175,9 @@ class HostTcp:
         self.commands: dict[int, asyncio.subprocess.Process] = {}  # cmd: forwards, by flow
         self.warned: dict[str, float] = {}  # forward target -> when its failure was last logged
         self.proxy: HttpProxy | None = None  # the HTTP proxy (io/http_proxy.py), set by start_proxy
+        # what a host socket reads into when its flow's send buffer is empty (one read at a time:
+        # the data is copied out before the next read)
+        self.scratch = memoryview(bytearray(SCRATCH_SIZE))
         performers = shell.op_performers
         performers[OP_TCP_CONNECT] = self.op_connect
         performers[OP_TCP_SEND] = self.op_send
