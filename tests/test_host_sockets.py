@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import uvloop
 
 from qemu_vpnnet.core.actions import OP_PING_SEND, OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
 from qemu_vpnnet.io.host_ping import HostPing
@@ -420,6 +421,34 @@ def test_batch_send_checks_what_it_is_given() -> None:
 
 
 # ---- TCP connector ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_spliced_host_socket_has_no_nagle_delay(loop: str) -> None:
+    """tune_stream leaves TCP_NODELAY to the event loop's TCP transports: both loops set it."""
+
+    async def test(shell: FakeShell) -> None:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        host_tcp = HostTcp(as_shell(shell))
+        shell.stack.tcp.flows[5] = object()
+        try:
+            await host_tcp.connect(5, "127.0.0.1", port)
+            transport = host_tcp.conns[5].transport
+            assert transport is not None
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            host_tcp.close_all()
+            server.close()
+
+    async def main() -> None:
+        await test(FakeShell())
+
+    if loop == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 @needs_ipv6

@@ -49,15 +49,10 @@ MAX_COMMANDS: Final = 128  # cmd: forward processes at once: a guest must not fo
 
 
 def tune_stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
-    """A host stream socket as every splice wants it: bounded write buffer, no Nagle delay."""
+    """A host stream socket as every splice wants it: a bounded write buffer. (No Nagle delay:
+    uvloop's TCP transports, like asyncio's, set TCP_NODELAY themselves.)"""
     stream = cast(asyncio.Transport, transport)
     stream.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # a Unix socket (unix: and cmd: targets) has no Nagle
     return stream
 
 
