@@ -81,7 +81,6 @@ STATE_NAMES: Final = (
 RCV_WINDOW: Final = 1 << 20  # what we let the guest have in flight toward us
 RCV_WSCALE: Final = 5
 SND_BUF_LIMIT: Final = 1 << 20  # bytes from the host waiting for the guest before we stop reading
-SND_BUF_COMPACT: Final = 256 << 10  # acknowledged bytes at the send buffer's front before a cut
 READ_ROOM: Final = 256 << 10  # the most room one host read is given at the send buffer's end
 READ_ROOM_MIN: Final = 16 << 10  # ... and the least, also past SND_BUF_LIMIT (reading pauses there)
 SND_BUF_MAX: Final = 2 * (SND_BUF_LIMIT + READ_ROOM)  # the largest a send buffer grows
