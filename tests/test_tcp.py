@@ -513,7 +513,59 @@ def test_host_reads_into_the_send_buffer_itself_keep_the_stream_right_and_bounde
         assert conn.snd_end - conn.snd_off <= T.SND_BUF_LIMIT + T.READ_ROOM
         assert conn.snd_end - conn.snd_off == fed - (conn.snd_una - first_seq)
     assert bytes(sent) == pattern
-    assert len(conn.snd_buf) == 0  # all acknowledged: nothing held
+    assert conn.snd_end == conn.snd_off == 0  # all acknowledged; the buffer is kept a little while
+    g.now += T.SND_BUF_KEEP
+    g.stack.timer(g.now)
+    assert len(conn.snd_buf) == 0  # ... then nothing held
+
+
+def ack_all(g: Guest, flow: int) -> None:
+    conn = g.conn(flow)
+    g.frames()
+    g.send(ACK, ack=conn.snd_nxt & 0xFFFFFFFF, window=65535)
+    assert conn.snd_una == conn.snd_nxt
+
+
+def test_an_emptied_send_buffer_takes_the_next_read_then_is_released_when_idle() -> None:
+    """A download empties the buffer whenever the guest catches up: the next read lands in the
+    same buffer (regrowing it would copy at every step); one left empty for SND_BUF_KEEP goes."""
+    g = Guest()
+    flow = g.connect()
+    conn = g.conn(flow)
+    g.now += 5.0
+    g.stack.timer(g.now)
+    g.stack.tcp.host_data(flow, b"a" * 50_000, g.now)
+    view = g.stack.tcp.host_read_buffer(flow)
+    assert view is not None
+    view[:40_000] = b"b" * 40_000
+    g.stack.tcp.host_data_read(flow, 40_000, g.now)
+    view.release()
+    kept = conn.snd_buf
+    start = g.now
+    ack_all(g, flow)
+    assert conn.snd_buf is kept and conn.snd_end == 0
+    assert g.stack.next_deadline() <= start + T.SND_BUF_KEEP
+    g.now = start + T.SND_BUF_KEEP / 2  # the host's next read comes before the sweep
+    view = g.stack.tcp.host_read_buffer(flow)
+    assert view is not None and view.obj is kept and len(view) >= 40_000  # the free room, at the front
+    view[:30_000] = b"c" * 30_000
+    g.stack.tcp.host_data_read(flow, 30_000, g.now)
+    view.release()
+    data = b"".join(seg.data for seg in g.frames())
+    assert data == b"c" * 30_000
+    ack_all(g, flow)  # emptied again: released SND_BUF_KEEP after this, not after the first time
+    g.stack.timer(start + T.SND_BUF_KEEP)
+    assert conn.snd_buf is kept
+    g.now = start + 1.2 * T.SND_BUF_KEEP
+    g.stack.tcp.host_data(flow, b"d" * 10, g.now)
+    assert g.stack.tcp.sweep_at == start + 2 * T.SND_BUF_KEEP  # a sweep a second while any is listed
+    g.now = g.stack.tcp.sweep_at
+    g.stack.timer(g.now)  # the sweep: data held, the buffer stays
+    assert conn.snd_buf is kept and g.stack.tcp.emptied == {}
+    ack_all(g, flow)
+    g.stack.timer(g.now + T.SND_BUF_KEEP)
+    assert len(conn.snd_buf) == 0 and g.stack.tcp.host_read_buffer(flow) is None
+    assert g.stack.tcp.emptied == {} and g.stack.tcp.sweep_at == T.INF
 
 
 def test_no_read_room_for_an_empty_buffer_or_a_gone_flow() -> None:

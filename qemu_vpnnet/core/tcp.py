@@ -84,6 +84,7 @@ SND_BUF_LIMIT: Final = 1 << 20  # bytes from the host waiting for the guest befo
 READ_ROOM: Final = 256 << 10  # the most room one host read is given at the send buffer's end
 READ_ROOM_MIN: Final = 16 << 10  # ... and the least, also past SND_BUF_LIMIT (reading pauses there)
 SND_BUF_MAX: Final = 2 * (SND_BUF_LIMIT + READ_ROOM)  # the largest a send buffer grows
+SND_BUF_KEEP: Final = 1.0  # seconds an emptied send buffer waits for the host's next read
 OOO_LIMIT: Final = RCV_WINDOW
 # Segments held out of order, and ranges on the SACK scoreboard: a guest sending tiny segments or
 # SACK blocks must not make either grow past these (CPU and memory stay bounded per connection)
@@ -239,6 +240,7 @@ class TcpConn:
         self.snd_off = 0
         self.snd_end = 0
         self.read_at = -1  # snd_end when host_read_buffer handed out room there (-1: none since)
+        self.emptied_at = 0.0  # when the guest last acknowledged all of snd_buf
         self.snd_wnd = 0
         self.snd_wl1 = 0
         self.snd_wl2 = 0
@@ -307,6 +309,11 @@ class TcpEngine:
         self.timers: list[tuple[float, int]] = []
         self.delayed_acks: dict[int, TcpConn] = {}
         self.delayed_ack_at = INF
+        # connections whose send buffer the guest acknowledged in full: kept SND_BUF_KEEP for the
+        # next host read (a download empties it often, and regrowing it copies at every step),
+        # then released at the sweep, so an idle connection holds nothing
+        self.emptied: dict[int, TcpConn] = {}
+        self.sweep_at = INF
         self.next_flow = 0
         self.iss_seed = 0x5EED1234
 
@@ -335,6 +342,7 @@ class TcpEngine:
         if self.by_key.get(conn.key) is conn:
             del self.by_key[conn.key]
         self.dirty.pop(conn.flow, None)
+        self.emptied.pop(conn.flow, None)
         conn.snd_buf = bytearray()
         conn.snd_off = 0
         conn.snd_end = 0
@@ -841,10 +849,14 @@ class TcpEngine:
             data_acked = acked if acked <= buffered else buffered
             if data_acked:
                 conn.snd_off += data_acked
-                if conn.snd_off == conn.snd_end:
-                    conn.snd_buf = bytearray()  # all acknowledged: an idle connection holds nothing
+                if conn.snd_off == conn.snd_end:  # all acknowledged: the buffer waits for more
                     conn.snd_off = 0
                     conn.snd_end = 0
+                    conn.read_at = -1
+                    conn.emptied_at = now
+                    self.emptied[conn.flow] = conn
+                    if self.sweep_at == INF:
+                        self.sweep_at = now + SND_BUF_KEEP
             conn.snd_una = ack64
             if conn.snd_nxt < ack64:
                 conn.snd_nxt = ack64
@@ -1195,15 +1207,19 @@ class TcpEngine:
     def host_read_buffer(self, flow: int) -> memoryview | None:
         """Room at the end of flow's send buffer for the host socket's next read to fill (then
         host_data_read), so that a bulk download is not copied once more on its way in; None when
-        the flow is gone or its buffer is empty (the read goes through host_data: an idle
-        connection keeps no buffer)."""
+        the flow is gone or has no buffer (the read goes through host_data: an idle connection
+        keeps none)."""
         conn = self.flows.get(flow)
-        if conn is None or conn.fin_queued or conn.state == CLOSED or conn.snd_end == conn.snd_off:
+        if conn is None or conn.fin_queued or conn.state == CLOSED or not conn.snd_buf:
             return None
-        # as much room as it holds already (a buffer grows in steps, not at once for a 1 KiB reply),
-        # short of the limit where reading pauses
+        # as much room as it holds already, or has free at its end (a buffer grows in steps, not
+        # at once for a 1 KiB reply), short of the limit where reading pauses
         live = conn.snd_end - conn.snd_off
-        room = SND_BUF_LIMIT - live if live > SND_BUF_LIMIT - live else live
+        room = len(conn.snd_buf) - conn.snd_end
+        if room < live:
+            room = live
+        if room > SND_BUF_LIMIT - live:
+            room = SND_BUF_LIMIT - live
         if room > READ_ROOM:
             room = READ_ROOM
         elif room < READ_ROOM_MIN:
@@ -1338,6 +1354,8 @@ class TcpEngine:
     def timer(self, now: float) -> None:
         if self.delayed_ack_at <= now:
             self.send_delayed_acks()
+        if self.sweep_at <= now:
+            self.release_emptied(now)
         timers = self.timers
         while timers and timers[0][0] <= now:
             when, flow = heapq.heappop(timers)
@@ -1417,8 +1435,25 @@ class TcpEngine:
             conn.rto = min(RTO_MAX, conn.rto * 2)
             self.set_deadline(conn, now + conn.rto)
 
+    def release_emptied(self, now: float) -> None:
+        """Release the send buffers left empty for SND_BUF_KEEP; forget those filled again."""
+        emptied = self.emptied
+        for flow in list(emptied):
+            conn = emptied[flow]
+            if conn.snd_end != conn.snd_off:
+                del emptied[flow]  # in use again: listed anew when next emptied
+            elif now - conn.emptied_at >= SND_BUF_KEEP:
+                conn.snd_buf = bytearray()
+                conn.snd_off = 0
+                conn.snd_end = 0
+                conn.read_at = -1
+                del emptied[flow]
+        self.sweep_at = now + SND_BUF_KEEP if emptied else INF
+
     def next_deadline(self) -> float:
         first = self.timers[0][0] if self.timers else INF
+        if self.sweep_at < first:
+            first = self.sweep_at
         return first if first < self.delayed_ack_at else self.delayed_ack_at
 
     # ---- introspection -----------------------------------------------------------------
