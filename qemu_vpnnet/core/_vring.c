@@ -34,6 +34,10 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) && defined(__SSE2__)
+#include <emmintrin.h>
+#define HAVE_STREAM_STORES 1
+#endif
 
 #define MAX_CHAINS 256
 #define MAX_PIECES 512
@@ -52,6 +56,36 @@
 #define LE32(x) (x)
 #define LE64(x) (x)
 #endif
+
+/* Into guest memory: the RX buffers are cold (scattered pages the guest handed over some time
+   ago), so a plain memcpy first reads each line in to own it. Non-temporal stores skip that read
+   (measured here: 8 against 4-5 GB/s into random pages of a 2 GiB memfd). They are weakly
+   ordered: rx_fill ends with an sfence, before the caller publishes the used elements. */
+#define STREAM_MIN 1024
+static int guest_copy(unsigned char *dst, const unsigned char *src, size_t n)
+{
+#ifdef HAVE_STREAM_STORES
+    if (n >= STREAM_MIN) {
+        size_t lead = (16 - ((uintptr_t)dst & 15)) & 15;
+        memcpy(dst, src, lead);
+        dst += lead;
+        src += lead;
+        n -= lead;
+        for (; n >= 64; dst += 64, src += 64, n -= 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)src), b = _mm_loadu_si128((const __m128i *)(src + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(src + 32)), d = _mm_loadu_si128((const __m128i *)(src + 48));
+            _mm_stream_si128((__m128i *)dst, a);
+            _mm_stream_si128((__m128i *)(dst + 16), b);
+            _mm_stream_si128((__m128i *)(dst + 32), c);
+            _mm_stream_si128((__m128i *)(dst + 48), d);
+        }
+        memcpy(dst, src, n);
+        return 1;
+    }
+#endif
+    memcpy(dst, src, n);
+    return 0;
+}
 
 /* Single loads of the guest's words (relaxed atomics: never torn, never re-read). Every address
    is aligned: the rings by their checks in virtqueue.py, a descriptor by the 16-aligned table. */
@@ -258,6 +292,7 @@ static PyObject *vr_rx_fill(PyObject *self, PyObject *const *args, Py_ssize_t na
     int s = 0;
     size_t s_off = 0;
     int piece = 0;
+    int streamed = 0;
     for (long c = 0; c < chains; c++) {
         size_t written = 0;
         for (; piece < ends[c]; piece++) {
@@ -266,7 +301,7 @@ static PyObject *vr_rx_fill(PyObject *self, PyObject *const *args, Py_ssize_t na
                 size_t n = src_len[s] - s_off;
                 if (n > pieces[piece].len - done)
                     n = pieces[piece].len - done;
-                memcpy(pieces[piece].ptr + done, src[s] + s_off, n);
+                streamed |= guest_copy(pieces[piece].ptr + done, src[s] + s_off, n);
                 done += n;
                 s_off += n;
                 if (s_off == src_len[s]) {
@@ -290,6 +325,12 @@ static PyObject *vr_rx_fill(PyObject *self, PyObject *const *args, Py_ssize_t na
             goto out;
         }
     }
+#ifdef HAVE_STREAM_STORES
+    if (streamed)
+        _mm_sfence(); /* the frame is in guest memory before the caller reports it as used */
+#else
+    (void)streamed;
+#endif
     taken = chains;
     result = PyLong_FromLong(taken);
     goto out;
