@@ -73,7 +73,6 @@ def ensure_libvirt() -> str | None:
     return None
 
 
-
 def without_kvm(daemon: str) -> list[str]:
     """The command that starts ``daemon`` (libvirtd) where it sees no usable /dev/kvm, unless the
     tests run with KVM (VPNNET_TEST_ACCEL=kvm).
