@@ -214,7 +214,8 @@ class NetDevice:
                     self.counters.add("drop-vhost-rx-too-big")
                     continue
                 break  # wait for the guest to give more buffers (it kicks RX)
-            header, patch_at, patch = self.rx_offload(frame, len(chains))
+            if nb_at >= 0:  # the header as rx_offload made it above, with the chains counted
+                header = header[:nb_at] + len(chains).to_bytes(2, "little") + header[nb_at + 2 :]
             if patch_at >= 0:
                 patched = bytearray(frame)
                 patched[patch_at] = patch >> 8
