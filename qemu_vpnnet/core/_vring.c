@@ -62,7 +62,7 @@
    (measured here: 8 against 4-5 GB/s into random pages of a 2 GiB memfd). They are weakly
    ordered: rx_fill ends with an sfence, before the caller publishes the used elements. */
 #define STREAM_MIN 1024
-static int guest_copy(unsigned char *dst, const unsigned char *src, size_t n)
+static void guest_copy(unsigned char *dst, const unsigned char *src, size_t n)
 {
 #ifdef HAVE_STREAM_STORES
     if (n >= STREAM_MIN) {
@@ -80,11 +80,10 @@ static int guest_copy(unsigned char *dst, const unsigned char *src, size_t n)
             _mm_stream_si128((__m128i *)(dst + 48), d);
         }
         memcpy(dst, src, n);
-        return 1;
+        return;
     }
 #endif
     memcpy(dst, src, n);
-    return 0;
 }
 
 /* Single loads of the guest's words (relaxed atomics: never torn, never re-read). Every address
@@ -292,7 +291,6 @@ static PyObject *vr_rx_fill(PyObject *self, PyObject *const *args, Py_ssize_t na
     int s = 0;
     size_t s_off = 0;
     int piece = 0;
-    int streamed = 0;
     for (long c = 0; c < chains; c++) {
         size_t written = 0;
         for (; piece < ends[c]; piece++) {
@@ -301,7 +299,7 @@ static PyObject *vr_rx_fill(PyObject *self, PyObject *const *args, Py_ssize_t na
                 size_t n = src_len[s] - s_off;
                 if (n > pieces[piece].len - done)
                     n = pieces[piece].len - done;
-                streamed |= guest_copy(pieces[piece].ptr + done, src[s] + s_off, n);
+                guest_copy(pieces[piece].ptr + done, src[s] + s_off, n);
                 done += n;
                 s_off += n;
                 if (s_off == src_len[s]) {
@@ -326,10 +324,7 @@ static PyObject *vr_rx_fill(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
     }
 #ifdef HAVE_STREAM_STORES
-    if (streamed)
-        _mm_sfence(); /* the frame is in guest memory before the caller reports it as used */
-#else
-    (void)streamed;
+    _mm_sfence(); /* the frame is in guest memory before the caller reports it as used */
 #endif
     taken = chains;
     result = PyLong_FromLong(taken);

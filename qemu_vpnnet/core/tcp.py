@@ -197,6 +197,14 @@ def make_room(conn: "TcpConn", room: int) -> None:
     conn.read_at = -1  # room handed out before points elsewhere now
 
 
+def release_send_buffer(conn: "TcpConn") -> None:
+    """The connection holds no send buffer any more (nothing in it is still wanted)."""
+    conn.snd_buf = bytearray()
+    conn.snd_off = 0
+    conn.snd_end = 0
+    conn.read_at = -1
+
+
 @final
 class TcpConn:
     """One spliced connection: the guest-facing TCP state plus its host socket's flags."""
@@ -343,9 +351,7 @@ class TcpEngine:
             del self.by_key[conn.key]
         self.dirty.pop(conn.flow, None)
         self.emptied.pop(conn.flow, None)
-        conn.snd_buf = bytearray()
-        conn.snd_off = 0
-        conn.snd_end = 0
+        release_send_buffer(conn)
         conn.ooo.clear()
         conn.sack_ranges.clear()
 
@@ -986,9 +992,7 @@ class TcpEngine:
     def enter_time_wait(self, conn: TcpConn, now: float) -> None:
         self.host_op(conn, OP_TCP_CLOSE)
         conn.state = TIME_WAIT
-        conn.snd_buf = bytearray()
-        conn.snd_off = 0
-        conn.snd_end = 0
+        release_send_buffer(conn)
         conn.deadline = now + TIME_WAIT_TIME
         self.set_deadline(conn, conn.deadline)
 
@@ -1443,10 +1447,7 @@ class TcpEngine:
             if conn.snd_end != conn.snd_off:
                 del emptied[flow]  # in use again: listed anew when next emptied
             elif now - conn.emptied_at >= SND_BUF_KEEP:
-                conn.snd_buf = bytearray()
-                conn.snd_off = 0
-                conn.snd_end = 0
-                conn.read_at = -1
+                release_send_buffer(conn)
                 del emptied[flow]
         self.sweep_at = now + SND_BUF_KEEP if emptied else INF
 
