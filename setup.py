@@ -23,6 +23,7 @@ if os.environ.get("QEMU_VPNNET_PURE") != "1":
     else:
         core = sorted(p for p in glob.glob("qemu_vpnnet/core/*.py") if not p.endswith("__init__.py"))
         core.append("qemu_vpnnet/io/framing.py")  # per-frame work of the shell
+        core += ["qemu_vpnnet/io/shell.py", "qemu_vpnnet/io/qemu_ports.py", "qemu_vpnnet/io/vhost_user_port.py"]
         ext_modules += mypycify(["--ignore-missing-imports", *core], opt_level="3")
 
 setup(

@@ -203,10 +203,12 @@ def guest_ns_frame(src: bytes, target: bytes) -> bytes:
     return bytes(dpkt.ethernet.Ethernet(dst=mcast, src=GUEST_MAC, type=dpkt.ethernet.ETH_TYPE_IP6, data=bytes(pkt)))
 
 
-class FramePort:
+class FramePort(QemuPort):
     """A QEMU port that keeps what it is sent."""
 
     def __init__(self) -> None:
+        self.id = 1
+        self.description = "frames kept by the test"
         self.frames: list[bytes] = []
 
     def send_frames(self, frames: list[bytes]) -> int:
@@ -232,7 +234,7 @@ def test_real_core_neighbours_leases_and_a_forward_to_the_guests_ipv6_address(tm
         client = await env.client()
         port = FramePort()
         stack.attach_port(1)
-        env.shell.ports[1] = cast(QemuPort, port)
+        env.shell.ports[1] = port
         now = env.shell.now()
         bind_lease(stack, GUEST_MAC, b"debian", now)
         stack.frame_received(1, guest_ns_frame(guest6, stack.config.host_ip6), now)

@@ -10,6 +10,8 @@ import logging
 import socket
 from typing import Final, Protocol, cast
 
+from mypy_extensions import mypyc_attr
+
 from qemu_vpnnet.io import ratelog
 from qemu_vpnnet.io.framing import FramingError, frame_parts, split_frames
 
@@ -59,6 +61,7 @@ class FrameSink(Protocol):
     def port_congested(self, port: "QemuPort", congested: bool) -> None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests' fake ports
 class QemuPort:
     """One QEMU netdev attached to the switch."""
 

@@ -76,20 +76,25 @@ def prepare_unix_path(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise StartupError(f"{path}: exists and is not a socket")
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        probe = socket.socket(socket.AF_UNIX, kind)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            continue
-        except OSError as exc:
-            if exc.errno in (errno.EPROTOTYPE, errno.ECONNREFUSED):
-                continue
-            raise StartupError(f"{path}: cannot probe socket: {exc}") from exc
-        else:
+        if _accepting(path, kind):
             raise StartupError(f"{path}: socket is in use by a running process")
-        finally:
-            probe.close()
     os.unlink(path)
+
+
+def _accepting(path: str, kind: int) -> bool:
+    """Whether a process listens on the Unix socket path with this socket type."""
+    probe = socket.socket(socket.AF_UNIX, kind)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EPROTOTYPE, errno.ECONNREFUSED):
+            return False
+        raise StartupError(f"{path}: cannot probe socket: {exc}") from exc
+    finally:
+        probe.close()
+    return True
 
 
 class Shell:
@@ -115,6 +120,9 @@ class Shell:
         self.flush_scheduled = False
         self.timer_handle: asyncio.Handle | None = None
         self.timer_when = 0.0
+        # the core's timer, through these two (a test gives its own deadlines)
+        self.next_deadline: Callable[[], float] = stack.next_deadline
+        self.deadline_passed: Callable[[float], None] = stack.timer
         self.internal_errors = 0
         self.capture: Capture | None = None  # io/capture.py; checked once per batch, not per frame
         # the host-side handlers, set by io.host_side.install_host_side
@@ -308,7 +316,7 @@ class Shell:
         The time it is set for is kept here: uvloop's call_at returns a plain Handle, with no
         when(), for a deadline already past.
         """
-        deadline = self.stack.next_deadline()
+        deadline = self.next_deadline()
         if deadline == NO_DEADLINE:
             return
         handle = self.timer_handle
@@ -322,7 +330,7 @@ class Shell:
     def on_timer(self) -> None:
         self.timer_handle = None
         try:
-            self.stack.timer(self.loop.time())
+            self.deadline_passed(self.loop.time())
         except Exception:
             self.internal_error("timer")
         self.flush()
