@@ -27,6 +27,19 @@ def test_core_modules_are_compiled_extensions() -> None:
     assert checksum.COMPILED
 
 
+#: the shell's modules on the per-frame path, compiled too (setup.py)
+SHELL_PER_FRAME = ("framing", "shell", "qemu_ports", "vhost_user_port")
+
+
+@pytest.mark.skipif(os.environ.get("VPNNET_EXPECT_COMPILED") != "1", reason="checking the uncompiled sources")
+def test_the_shells_per_frame_modules_are_compiled_extensions() -> None:
+    for name in SHELL_PER_FRAME:
+        module = importlib.import_module(f"qemu_vpnnet.io.{name}")
+        assert module.__file__ is not None and module.__file__.endswith(".so"), (
+            f"io.{name} is not compiled: {module.__file__}"
+        )
+
+
 def test_checksum_implementation_matches_build() -> None:
     from qemu_vpnnet.core import checksum
 
