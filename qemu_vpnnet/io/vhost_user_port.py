@@ -279,7 +279,8 @@ class VhostUserPort(QemuPort):
             self.drop(f"kick descriptor of ring {index}: {exc}")
             return
         started = self.backend.kicked(index)
-        if not self._perform(self.backend.take_effects()) or not started:
+        effects = self.backend.take_effects()  # none, but on a ring's first kick
+        if (effects and not self._perform(effects)) or not started:
             return
         if index == vu.TX:
             self._process_tx()
