@@ -489,7 +489,9 @@ class ProxySession(asyncio.Transport):
                 self.pump_responses()  # a close-delimited body ends here
             except h11.ProtocolError:
                 pass
-            if self.closing or self.client is not client or client.their_state is h11.DONE:
+            # (their_state first: after `self.client is not client` mypy takes client for self.client's
+            # Optional type, and an isolated build has no h11 stubs to say more)
+            if self.closing or client.their_state is h11.DONE or self.client is not client:
                 return
         what = self.target_text or "upstream"
         if self.mode == HTTP and self.server.our_state is h11.SEND_RESPONSE:
