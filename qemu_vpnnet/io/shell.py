@@ -86,8 +86,6 @@ def _accepting(path: str, kind: int) -> bool:
     probe = socket.socket(socket.AF_UNIX, kind)
     try:
         probe.connect(path)
-    except ConnectionRefusedError:
-        return False
     except OSError as exc:
         if exc.errno in (errno.EPROTOTYPE, errno.ECONNREFUSED):
             return False

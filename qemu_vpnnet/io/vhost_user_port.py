@@ -278,9 +278,10 @@ class VhostUserPort(QemuPort):
         except OSError as exc:
             self.drop(f"kick descriptor of ring {index}: {exc}")
             return
-        started = self.backend.kicked(index)
-        effects = self.backend.take_effects()  # none, but on a ring's first kick
-        if (effects and not self._perform(effects)) or not started:
+        backend = self.backend
+        started = backend.kicked(index)
+        # effects only on a ring's first kick: the others take no list and walk none
+        if (backend.effects and not self._perform(backend.take_effects())) or not started:
             return
         if index == vu.TX:
             self._process_tx()
