@@ -711,9 +711,11 @@ def check_chain(g: Guest, q: SplitQueue, chain: Chain) -> None:
 
 
 def drain(g: Guest, q: SplitQueue) -> None:
-    """pop() until None or RingError: at most num chains, each well-formed, and only RingError raised."""
-    before = g.used_ring()
+    """pop() until None or RingError: at most num chains, each well-formed, and only RingError raised;
+    a pop that raises leaves the used ring as it was (check_chain's own writes may land there: a
+    hostile chain can point at the used ring)."""
     for _ in range(g.num + 1):
+        before = g.used_ring()
         try:
             chain = q.pop()
         except RingError:
