@@ -22,8 +22,10 @@ if os.environ.get("QEMU_VPNNET_PURE") != "1":
         print("qemu-vpnnet: mypyc not available, installing the uncompiled core")
     else:
         core = sorted(p for p in glob.glob("qemu_vpnnet/core/*.py") if not p.endswith("__init__.py"))
-        # the shell's modules every frame crosses (tests/test_compiled.py lists them too)
-        core += [f"qemu_vpnnet/io/{m}.py" for m in ("framing", "shell", "qemu_ports", "vhost_user_port")]
+        # the shell's modules every frame crosses, and the host sockets' (tests/test_compiled.py
+        # lists them too)
+        shell = ("framing", "shell", "qemu_ports", "vhost_user_port", "host_tcp", "host_udp", "host_ping")
+        core += [f"qemu_vpnnet/io/{m}.py" for m in shell]
         ext_modules += mypycify(["--ignore-missing-imports", *core], opt_level="3")
 
 setup(

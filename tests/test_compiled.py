@@ -27,8 +27,8 @@ def test_core_modules_are_compiled_extensions() -> None:
     assert checksum.COMPILED
 
 
-#: the shell's modules on the per-frame path, compiled too (setup.py)
-SHELL_PER_FRAME = ("framing", "shell", "qemu_ports", "vhost_user_port")
+#: the shell's modules on the per-frame path and the host sockets', compiled too (setup.py)
+SHELL_PER_FRAME = ("framing", "shell", "qemu_ports", "vhost_user_port", "host_tcp", "host_udp", "host_ping")
 
 
 @pytest.mark.skipif(os.environ.get("VPNNET_EXPECT_COMPILED") != "1", reason="checking the uncompiled sources")

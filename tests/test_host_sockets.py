@@ -1,6 +1,7 @@
 """The host-side sockets of the UDP NAT, the ping proxy and the TCP connector, on real sockets over
-loopback (127.0.0.1 and ::1) with a recording stand-in for the core: what the core is told about
-replies and ICMP/ICMPv6 errors, for both families.
+loopback (127.0.0.1 and ::1) and a real Shell, with a recording stand-in for the core engines (the
+host-side classes call them as io/core_calls.py describes): what the core is told about replies
+and ICMP/ICMPv6 errors, for both families. Compiled or not, the same classes run.
 
 Ping sockets and "no route" failures need a network namespace of our own (the ping sysctl is per
 namespace, and this host may have IPv6 routes): those checks run in `unshare -n` when the kernel
@@ -23,6 +24,9 @@ import pytest
 import uvloop
 
 from qemu_vpnnet.core.actions import OP_PING_SEND, OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
+from qemu_vpnnet.core.config import NetConfig
+from qemu_vpnnet.core.stack import Stack
+from qemu_vpnnet.io.core_calls import IcmpCalls, TcpCalls, UdpCalls
 from qemu_vpnnet.io.host_ping import HostPing
 from qemu_vpnnet.io.host_tcp import HostTcp
 from qemu_vpnnet.io.host_udp import HostUdp, icmp6_as_icmp4
@@ -51,53 +55,40 @@ class Recorder:
         return record
 
 
-class Counters:
-    def __init__(self) -> None:
-        self.values: dict[str, int] = {}
-
-    def add(self, name: str, amount: int = 1) -> None:
-        self.values[name] = self.values.get(name, 0) + amount
-
-
-class FakeStack:
-    def __init__(self, log: list[Call], event: asyncio.Event) -> None:
-        self.udp = Recorder(log, event)
-        self.icmp = Recorder(log, event)
-        self.tcp = Recorder(log, event)
-        self.counters = Counters()
-
-
-class FakeShell:
-    """What the host-side handlers use of a Shell."""
+class HostSide:
+    """The host-side handlers on a real Shell (its loop, op performers and counters), with one
+    Recorder in place of the core engines they call."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.shell = Shell(Stack(NetConfig()))
+        self.loop = self.shell.loop
         self.calls: list[Call] = []
         self.called = asyncio.Event()
-        self.stack = FakeStack(self.calls, self.called)
-        self.op_performers: dict[int, Callable[[HostOp], None]] = {}
-        self.ops_done: list[Callable[[], None]] = []
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.dns_upstreams = None
+        self.core = Recorder(self.calls, self.called)
+        self.op_performers = self.shell.op_performers
+        self.counters = self.shell.stack.counters
 
-    def now(self) -> float:
-        return self.loop.time()
+    def host_tcp(self) -> HostTcp:
+        host = HostTcp(self.shell)
+        host.tcp = cast(TcpCalls, self.core)
+        return host
+
+    def host_udp(self) -> HostUdp:
+        host = HostUdp(self.shell)
+        host.udp = cast(UdpCalls, self.core)
+        return host
+
+    def host_ping(self) -> HostPing:
+        host = HostPing(self.shell)
+        host.icmp = cast(IcmpCalls, self.core)
+        return host
 
     def perform(self, *ops: HostOp) -> None:
         """One batch of ops, as Shell.flush performs them."""
         for op in ops:
             self.op_performers[op.kind](op)
-        for done in self.ops_done:
+        for done in self.shell.ops_done:
             done()
-
-    def schedule_flush(self) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def out_of_descriptors(self, what: str, exc: OSError) -> None:
-        raise AssertionError(f"out of descriptors: {what}: {exc}")
 
     async def call(self, name: str) -> Call:
         """The first recorded call to core method name (waiting for it)."""
@@ -110,9 +101,9 @@ class FakeShell:
                 await self.called.wait()
 
 
-def run(test: Callable[[FakeShell], Awaitable[None]]) -> None:
+def run(test: Callable[[HostSide], Awaitable[None]]) -> None:
     async def main() -> None:
-        await test(FakeShell())
+        await test(HostSide())
 
     asyncio.run(main())
 
@@ -127,10 +118,6 @@ def have_ipv6_loopback() -> bool:
 
 
 needs_ipv6 = pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
-
-
-def as_shell(shell: FakeShell) -> Shell:
-    return cast(Shell, shell)
 
 
 # ---- the ICMPv6 -> ICMPv4 table ---------------------------------------------------------------
@@ -166,22 +153,22 @@ def echo_server(family: int, host: str) -> socket.socket:
     return server
 
 
-async def udp_roundtrip(shell: FakeShell, family: int, host: str, open_addr: str) -> None:
-    host_udp = HostUdp(as_shell(shell))
+async def udp_roundtrip(side: HostSide, family: int, host: str, open_addr: str) -> None:
+    host_udp = side.host_udp()
     host_udp.install()
     server = echo_server(family, host)
     port = server.getsockname()[1]
     try:
-        shell.perform(HostOp(OP_UDP_OPEN, 7, addr=open_addr))
+        side.perform(HostOp(OP_UDP_OPEN, 7, addr=open_addr))
         sock = host_udp.sockets[7]
         assert sock.family == family
-        shell.perform(HostOp(OP_UDP_SEND, 7, addr=host, port=port, data=b"ping"))
-        data, peer = await shell.loop.sock_recvfrom(server, 100)
+        side.perform(HostOp(OP_UDP_SEND, 7, addr=host, port=port, data=b"ping"))
+        data, peer = await side.loop.sock_recvfrom(server, 100)
         assert data == b"ping"
-        await shell.loop.sock_sendto(server, b"pong", peer)
-        call = await shell.call("host_datagram")
+        await side.loop.sock_sendto(server, b"pong", peer)
+        call = await side.call("host_datagram")
         assert call == ("host_datagram", 7, b"pong", host, port)
-        shell.perform(HostOp(OP_UDP_CLOSE, 7))
+        side.perform(HostOp(OP_UDP_CLOSE, 7))
         assert not host_udp.sockets
     finally:
         server.close()
@@ -189,21 +176,21 @@ async def udp_roundtrip(shell: FakeShell, family: int, host: str, open_addr: str
 
 
 def test_ipv4_flow_gets_an_ipv4_socket_and_its_replies() -> None:
-    run(lambda shell: udp_roundtrip(shell, socket.AF_INET, "127.0.0.1", ""))
+    run(lambda side: udp_roundtrip(side, socket.AF_INET, "127.0.0.1", ""))
 
 
 @needs_ipv6
 def test_ipv6_flow_gets_a_v6only_socket_and_its_replies() -> None:
-    async def test(shell: FakeShell) -> None:
-        await udp_roundtrip(shell, socket.AF_INET6, "::1", "::")
+    async def test(side: HostSide) -> None:
+        await udp_roundtrip(side, socket.AF_INET6, "::1", "::")
 
     run(test)
 
 
 @needs_ipv6
 def test_ipv6_socket_is_bound_to_any_and_v6_only() -> None:
-    async def test(shell: FakeShell) -> None:
-        host_udp = HostUdp(as_shell(shell))
+    async def test(side: HostSide) -> None:
+        host_udp = side.host_udp()
         host_udp.open(HostOp(OP_UDP_OPEN, 1, addr="::"))
         sock = host_udp.sockets[1]
         assert sock.getsockname()[0] == "::" and sock.getsockname()[1] > 0
@@ -222,30 +209,30 @@ def closed_port(family: int, host: str) -> int:
     return port
 
 
-async def port_unreachable(shell: FakeShell, family: int, host: str, open_addr: str) -> None:
-    host_udp = HostUdp(as_shell(shell))
+async def port_unreachable(side: HostSide, family: int, host: str, open_addr: str) -> None:
+    host_udp = side.host_udp()
     host_udp.install()
     port = closed_port(family, host)
     try:
-        shell.perform(HostOp(OP_UDP_OPEN, 3, addr=open_addr), HostOp(OP_UDP_SEND, 3, addr=host, port=port, data=b"x"))
-        call = await shell.call("host_error")
+        side.perform(HostOp(OP_UDP_OPEN, 3, addr=open_addr), HostOp(OP_UDP_SEND, 3, addr=host, port=port, data=b"x"))
+        call = await side.call("host_error")
         assert call == ("host_error", 3, host, port, 3, 3, 0)  # ICMPv4 port unreachable, either family
-        assert not [c for c in shell.calls if c[0] == "host_refused"]
+        assert not [c for c in side.calls if c[0] == "host_refused"]
     finally:
         host_udp.close_all()
 
 
 def test_ipv4_port_unreachable_reaches_the_core_with_its_destination() -> None:
-    run(lambda shell: port_unreachable(shell, socket.AF_INET, "127.0.0.1", ""))
+    run(lambda side: port_unreachable(side, socket.AF_INET, "127.0.0.1", ""))
 
 
 @needs_ipv6
 def test_icmpv6_port_unreachable_reaches_the_core_as_icmpv4() -> None:
-    run(lambda shell: port_unreachable(shell, socket.AF_INET6, "::1", "::"))
+    run(lambda side: port_unreachable(side, socket.AF_INET6, "::1", "::"))
 
 
 async def receive_all(server: socket.socket, count: int) -> list[bytes]:
-    got = []
+    got: list[bytes] = []
     async with asyncio.timeout(TIMEOUT):
         while len(got) < count:
             data, _peer = await asyncio.get_running_loop().sock_recvfrom(server, 70000)
@@ -266,8 +253,8 @@ def test_a_batch_of_datagrams_arrives_whole_and_in_order(
     if family == socket.AF_INET6 and not have_ipv6_loopback():
         pytest.skip("no IPv6 loopback")
 
-    async def test(shell: FakeShell) -> None:
-        host_udp = HostUdp(as_shell(shell))
+    async def test(side: HostSide) -> None:
+        host_udp = side.host_udp()
         if not batching:
             host_udp.batching = False
         elif not host_udp.batching:
@@ -280,12 +267,12 @@ def test_a_batch_of_datagrams_arrives_whole_and_in_order(
             sends = [HostOp(OP_UDP_SEND, 1, addr=host, port=port, data=b"%d" % i) for i in range(300)]
             sends.insert(150, HostOp(OP_UDP_SEND, 1, addr=host, port=port, data=bytes(70000)))
             sends.insert(10, HostOp(OP_UDP_SEND, 2, addr=host, port=other_port, data=b"other"))
-            shell.perform(HostOp(OP_UDP_OPEN, 1, addr=open_addr), HostOp(OP_UDP_OPEN, 2, addr=open_addr), *sends)
+            side.perform(HostOp(OP_UDP_OPEN, 1, addr=open_addr), HostOp(OP_UDP_OPEN, 2, addr=open_addr), *sends)
             assert await receive_all(server, 300) == [b"%d" % i for i in range(300)]
             assert await receive_all(other, 1) == [b"other"]
-            assert shell.stack.counters.values == {"udp-host-send-errors": 1}
+            assert side.counters.values == {"udp-host-send-errors": 1}
             closing = [HostOp(OP_UDP_SEND, 1, addr=host, port=port, data=b"last %d" % i) for i in range(3)]
-            shell.perform(*closing, HostOp(OP_UDP_CLOSE, 1))
+            side.perform(*closing, HostOp(OP_UDP_CLOSE, 1))
             assert await receive_all(server, 3) == [b"last 0", b"last 1", b"last 2"]
             assert list(host_udp.sockets) == [2] and not host_udp.queued
         finally:
@@ -324,19 +311,19 @@ def test_runs_of_equal_datagrams_go_out_segmented_and_arrive_as_they_were_sent()
         assert batch_send.send_datagrams(sock.fileno(), socket.AF_INET, ops[:10], 0, 0) == (10, 0, 0)
         assert [server.recv(70000) for _ in range(10)] == [bytes([i % 256]) * 1000 for i in range(10)]
 
-    async def test(shell: FakeShell) -> None:
-        host_udp = HostUdp(as_shell(shell))
+    async def test(side: HostSide) -> None:
+        host_udp = side.host_udp()
         host_udp.install()
         server = echo_server(socket.AF_INET, "127.0.0.1")
         server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         port = server.getsockname()[1]
         try:
-            shell.perform(HostOp(OP_UDP_OPEN, 1))
+            side.perform(HostOp(OP_UDP_OPEN, 1))
             host_udp.sockets[1].setsockopt(socket.SOL_SOCKET, 11, 1)
-            shell.perform(*(HostOp(OP_UDP_SEND, 1, addr="127.0.0.1", port=port, data=b"%03d" % i) for i in range(200)))
+            side.perform(*(HostOp(OP_UDP_SEND, 1, addr="127.0.0.1", port=port, data=b"%03d" % i) for i in range(200)))
             assert await receive_all(server, 200) == [b"%03d" % i for i in range(200)]
-            assert host_udp.no_gso == {1} and not shell.stack.counters.values
-            shell.perform(HostOp(OP_UDP_CLOSE, 1))
+            assert host_udp.no_gso == {1} and not side.counters.values
+            side.perform(HostOp(OP_UDP_CLOSE, 1))
             assert not host_udp.no_gso
         finally:
             server.close()
@@ -352,14 +339,14 @@ def test_a_flood_to_a_closed_port_is_reported_and_the_open_peer_still_gets_its_d
     queued and no send counts as an error of ours."""
     pytest.importorskip("qemu_vpnnet.io._batch_send")
 
-    async def test(shell: FakeShell) -> None:
-        host_udp = HostUdp(as_shell(shell))
+    async def test(side: HostSide) -> None:
+        host_udp = side.host_udp()
         host_udp.install()
         server = echo_server(socket.AF_INET, "127.0.0.1")
         server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         port, closed = server.getsockname()[1], closed_port(socket.AF_INET, "127.0.0.1")
         try:
-            shell.perform(HostOp(OP_UDP_OPEN, 1))
+            side.perform(HostOp(OP_UDP_OPEN, 1))
             expected = []
             for batch in range(5):
                 ops = []
@@ -369,13 +356,13 @@ def test_a_flood_to_a_closed_port_is_reported_and_the_open_peer_still_gets_its_d
                         data = b"ok %d %d" % (batch, i)
                         ops.append(HostOp(OP_UDP_SEND, 1, addr="127.0.0.1", port=port, data=data))
                         expected.append(data)
-                shell.perform(*ops)
+                side.perform(*ops)
                 await asyncio.sleep(0.01)  # the ICMP errors come back between batches
             assert await receive_all(server, len(expected)) == expected
-            await shell.call("host_error")
-            errors = [c for c in shell.calls if c[0] == "host_error"]
+            await side.call("host_error")
+            errors = [c for c in side.calls if c[0] == "host_error"]
             assert errors and all(c[1:4] == (1, "127.0.0.1", closed) for c in errors), errors[:3]
-            assert not host_udp.queued and "udp-host-send-errors" not in shell.stack.counters.values
+            assert not host_udp.queued and "udp-host-send-errors" not in side.counters.values
         finally:
             server.close()
             host_udp.close_all()
@@ -427,11 +414,11 @@ def test_batch_send_checks_what_it_is_given() -> None:
 def test_a_spliced_host_socket_has_no_nagle_delay(loop: str) -> None:
     """tune_stream leaves TCP_NODELAY to the event loop's TCP transports: both loops set it."""
 
-    async def test(shell: FakeShell) -> None:
+    async def test(side: HostSide) -> None:
         server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        host_tcp = HostTcp(as_shell(shell))
-        shell.stack.tcp.flows[5] = object()
+        host_tcp = side.host_tcp()
+        side.core.flows[5] = object()
         try:
             await host_tcp.connect(5, "127.0.0.1", port)
             transport = host_tcp.conns[5].transport
@@ -443,7 +430,7 @@ def test_a_spliced_host_socket_has_no_nagle_delay(loop: str) -> None:
             server.close()
 
     async def main() -> None:
-        await test(FakeShell())
+        await test(HostSide())
 
     if loop == "uvloop":
         uvloop.run(main())
@@ -453,14 +440,14 @@ def test_a_spliced_host_socket_has_no_nagle_delay(loop: str) -> None:
 
 @needs_ipv6
 def test_tcp_connect_to_an_ipv6_address() -> None:
-    async def test(shell: FakeShell) -> None:
+    async def test(side: HostSide) -> None:
         server = await asyncio.start_server(lambda r, w: w.close(), "::1", 0)
         port = server.sockets[0].getsockname()[1]
-        host_tcp = HostTcp(as_shell(shell))
-        shell.stack.tcp.flows[5] = object()
+        host_tcp = side.host_tcp()
+        side.core.flows[5] = object()
         try:
             await host_tcp.connect(5, "::1", port)
-            assert shell.calls[0] == ("host_connected", 5)
+            assert side.calls[0] == ("host_connected", 5)
             assert 5 in host_tcp.conns
         finally:
             host_tcp.close_all()
@@ -471,14 +458,14 @@ def test_tcp_connect_to_an_ipv6_address() -> None:
 
 @needs_ipv6
 def test_tcp_connect_to_a_closed_ipv6_port_is_refused() -> None:
-    async def test(shell: FakeShell) -> None:
+    async def test(side: HostSide) -> None:
         probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         probe.bind(("::1", 0))
         port = probe.getsockname()[1]
         probe.close()
-        host_tcp = HostTcp(as_shell(shell))
+        host_tcp = side.host_tcp()
         await host_tcp.connect(5, "::1", port)
-        assert shell.calls == [("host_refused", 5, errno.ECONNREFUSED)]
+        assert side.calls == [("host_refused", 5, errno.ECONNREFUSED)]
 
     run(test)
 
@@ -490,44 +477,44 @@ def in_namespace() -> None:
     """Run inside `unshare -n` (lo brought up, ping sockets allowed): prints what failed, if anything."""
     import uvloop
 
-    async def checks(shell: FakeShell) -> None:
+    async def checks(side: HostSide) -> None:
         # a ping socket per family: the echo reply (type 0 / 129) reaches the core as the kernel gives it
-        host_ping = HostPing(as_shell(shell))
+        host_ping = side.host_ping()
         host_ping.install()
         echo4 = bytes((8, 0, 0, 0, 0, 0, 0, 1)) + b"abc"
         echo6 = bytes((128, 0, 0, 0, 0, 0, 0, 1)) + b"abc"
-        shell.op_performers[OP_PING_SEND](HostOp(OP_PING_SEND, 1, addr="127.0.0.1", data=echo4))
-        shell.op_performers[OP_PING_SEND](HostOp(OP_PING_SEND, 2, addr="::1", data=echo6))
+        side.op_performers[OP_PING_SEND](HostOp(OP_PING_SEND, 1, addr="127.0.0.1", data=echo4))
+        side.op_performers[OP_PING_SEND](HostOp(OP_PING_SEND, 2, addr="::1", data=echo6))
         assert host_ping.sockets[1].family == socket.AF_INET
         assert host_ping.sockets[2].family == socket.AF_INET6
         async with asyncio.timeout(TIMEOUT):
-            while len([c for c in shell.calls if c[0] == "host_reply"]) < 2:
-                shell.called.clear()
-                await shell.called.wait()
-        replies = {c[1]: c for c in shell.calls if c[0] == "host_reply"}
+            while len([c for c in side.calls if c[0] == "host_reply"]) < 2:
+                side.called.clear()
+                await side.called.wait()
+        replies = {c[1]: c for c in side.calls if c[0] == "host_reply"}
         assert replies[1][2][0] == 0 and replies[1][3] == "127.0.0.1", replies
         assert replies[2][2][0] == 129 and replies[2][2][8:] == b"abc" and replies[2][3] == "::1", replies
         # no IPv6 route: ping, UDP and TCP fail at once, as network unreachable
-        shell.calls.clear()
-        shell.op_performers[OP_PING_SEND](HostOp(OP_PING_SEND, 3, addr="2001:db8::1", data=echo6))
-        assert shell.calls == [("host_error", 3, "2001:db8::1", 3, 0, 0, echo6)], shell.calls
+        side.calls.clear()
+        side.op_performers[OP_PING_SEND](HostOp(OP_PING_SEND, 3, addr="2001:db8::1", data=echo6))
+        assert side.calls == [("host_error", 3, "2001:db8::1", 3, 0, 0, echo6)], side.calls
         host_ping.close_all()
-        shell.calls.clear()
-        host_udp = HostUdp(as_shell(shell))
+        side.calls.clear()
+        host_udp = side.host_udp()
         host_udp.install()
-        shell.perform(HostOp(OP_UDP_OPEN, 4, addr="::"), HostOp(OP_UDP_SEND, 4, addr="2001:db8::1", port=53, data=b"q"))
-        assert shell.calls == [("host_error", 4, "2001:db8::1", 53, 3, 0, 0)], shell.calls
+        side.perform(HostOp(OP_UDP_OPEN, 4, addr="::"), HostOp(OP_UDP_SEND, 4, addr="2001:db8::1", port=53, data=b"q"))
+        assert side.calls == [("host_error", 4, "2001:db8::1", 53, 3, 0, 0)], side.calls
         host_udp.close_all()
-        shell.calls.clear()
-        host_tcp = HostTcp(as_shell(shell))
-        started = shell.loop.time()
+        side.calls.clear()
+        host_tcp = side.host_tcp()
+        started = side.loop.time()
         host_tcp.op_connect(HostOp(1, 5, addr="2001:db8::1", port=443))
-        await shell.call("host_refused")
-        assert shell.calls == [("host_refused", 5, errno.ENETUNREACH)], shell.calls
-        assert shell.loop.time() - started < 1.0
+        await side.call("host_refused")
+        assert side.calls == [("host_refused", 5, errno.ENETUNREACH)], side.calls
+        assert side.loop.time() - started < 1.0
 
     async def main() -> None:
-        await checks(FakeShell())
+        await checks(HostSide())
 
     asyncio.run(main())
     uvloop.run(main())  # the backend's loop: its create_connection must keep the errno too

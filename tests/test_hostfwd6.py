@@ -1,7 +1,8 @@
 """Port forwards with IPv6 on either side: QEMU's bracket syntax, which guest address a forward
 picks (IPv4 for an empty guest address whatever the host side, an IPv6 literal over IPv6, `[::]`
 for the first guest's IPv6 address), and the source address the core is asked to connect from.
-The listeners are real (on ::1 and 127.0.0.1); the core is a stand-in that records."""
+The listeners are real (on ::1 and 127.0.0.1); the core is a stand-in that records, and the
+host-side TCP handler (which may be compiled) runs on a real Shell with that stand-in's engine."""
 
 import asyncio
 import re
@@ -12,7 +13,9 @@ from typing import Any, cast
 import pytest
 
 from qemu_vpnnet.core.config import NetConfig, ip6_bytes, ip_bytes
+from qemu_vpnnet.core.stack import Stack
 from qemu_vpnnet.hostfwd import HostFwdSyntaxError, parse_hostfwd, parse_hostfwd_remove
+from qemu_vpnnet.io.core_calls import TcpCalls
 from qemu_vpnnet.io.forwards import Forwarder, ForwardError
 from qemu_vpnnet.io.host_tcp import HostTcp
 from qemu_vpnnet.io.shell import Shell
@@ -179,7 +182,9 @@ class FakeShell:
 def run(test: Callable[[FakeShell, Forwarder], Awaitable[None]], config: NetConfig | None = None) -> None:
     async def main() -> None:
         shell = FakeShell(config or NetConfig())
-        shell.host_tcp = HostTcp(cast(Shell, shell))
+        # HostTcp may be compiled: it runs on a real Shell, calling the stand-in core's TCP engine
+        shell.host_tcp = HostTcp(Shell(Stack(shell.stack.config)))
+        shell.host_tcp.tcp = cast(TcpCalls, shell.stack.tcp)
         forwarder = Forwarder(cast(Shell, shell))
         try:
             await test(shell, forwarder)

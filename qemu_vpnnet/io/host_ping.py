@@ -19,6 +19,7 @@ import os
 import socket
 
 from qemu_vpnnet.core.actions import OP_PING_CLOSE, OP_PING_SEND, HostOp
+from qemu_vpnnet.io.core_calls import IcmpCalls
 from qemu_vpnnet.io.host_udp import (
     ICMP_DEST_UNREACH,
     READS_PER_WAKEUP,
@@ -49,6 +50,7 @@ class HostPing:
     def __init__(self, shell: Shell) -> None:
         self.shell = shell
         self.loop = shell.loop
+        self.icmp: IcmpCalls = shell.stack.icmp  # core/icmp.py IcmpProxy (a test may record its calls)
         self.sockets: dict[int, socket.socket] = {}
         self.refused_logged = False
         self.open_errors = 0
@@ -58,7 +60,7 @@ class HostPing:
         self.shell.op_performers[OP_PING_CLOSE] = self.close
 
     def open(self, flow: int, ipv6: bool = False) -> socket.socket | None:
-        icmp = self.shell.stack.icmp
+        icmp = self.icmp
         try:
             if ipv6:
                 sock = open_recverr_socket(socket.IPPROTO_ICMPV6, socket.AF_INET6)
@@ -108,9 +110,7 @@ class HostPing:
                     continue
                 unreach = UNREACH_ERRNOS.get(exc.errno or 0)
                 if unreach is not None:  # no route there: the guest hears it now
-                    self.shell.stack.icmp.host_error(
-                        op.flow, op.addr, ICMP_DEST_UNREACH, unreach, 0, op.data, self.loop.time()
-                    )
+                    self.icmp.host_error(op.flow, op.addr, ICMP_DEST_UNREACH, unreach, 0, op.data, self.loop.time())
                     self.shell.schedule_flush()
                     return
                 log.debug("ping flow %d: send to %s failed: %s", op.flow, op.addr, exc)
@@ -124,7 +124,7 @@ class HostPing:
             sock.close()
 
     def readable(self, flow: int, sock: socket.socket) -> None:
-        icmp = self.shell.stack.icmp
+        icmp = self.icmp
         now = self.loop.time()
         received = 0
         failed = False
@@ -146,7 +146,7 @@ class HostPing:
         errors = read_error_queue(sock)
         now = self.loop.time()
         for addr, _port, icmp_type, code, info, original in errors:
-            self.shell.stack.icmp.host_error(flow, addr, icmp_type, code, info, original, now)
+            self.icmp.host_error(flow, addr, icmp_type, code, info, original, now)
         if errors:
             self.shell.schedule_flush()
         return bool(errors)

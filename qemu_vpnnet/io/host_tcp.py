@@ -31,7 +31,7 @@ from qemu_vpnnet.core.actions import (
     HostOp,
 )
 from qemu_vpnnet.core.fwd import FORWARD, LOCAL, PROXY, TARGET_CMD, TARGET_UNIX, Route
-from qemu_vpnnet.core.tcp import TcpEngine
+from qemu_vpnnet.io.core_calls import TcpCalls
 from qemu_vpnnet.io.shell import Shell
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ class HostTcp:
 
     def __init__(self, shell: Shell) -> None:
         self.shell = shell
-        self.tcp: TcpEngine = shell.stack.tcp
+        self.tcp: TcpCalls = shell.stack.tcp  # core/tcp.py TcpEngine (a test may record its calls)
         self.conns: dict[int, HostConnection] = {}
         self.connecting: dict[int, asyncio.Task[None]] = {}
         self.commands: dict[int, asyncio.subprocess.Process] = {}  # cmd: forwards, by flow

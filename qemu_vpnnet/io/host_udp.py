@@ -28,6 +28,7 @@ import struct
 from typing import Final
 
 from qemu_vpnnet.core.actions import OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
+from qemu_vpnnet.io.core_calls import UdpCalls
 from qemu_vpnnet.io.shell import Shell
 
 try:  # a socket's datagrams of one batch in one sendmmsg (io/_batch_send.c); optional
@@ -146,6 +147,7 @@ class HostUdp:
     def __init__(self, shell: Shell) -> None:
         self.shell = shell
         self.loop = shell.loop
+        self.udp: UdpCalls = shell.stack.udp  # core/udp.py UdpNat (a test may record its calls)
         self.sockets: dict[int, socket.socket] = {}
         # each socket's address family as a plain int: socket.family builds an enum member at
         # every call (measured: 2 % of the backend's CPU on a UDP stream)
@@ -176,7 +178,7 @@ class HostUdp:
                 self.shell.out_of_descriptors("UDP socket", exc)
             elif self.open_errors <= 10 or self.open_errors % 1000 == 0:
                 log.warning("cannot open a UDP socket for flow %d: %s (%d failures)", op.flow, exc, self.open_errors)
-            self.shell.stack.udp.host_failed(op.flow, self.loop.time())
+            self.udp.host_failed(op.flow, self.loop.time())
             self.shell.schedule_flush()
             return
         self.sockets[op.flow] = sock
@@ -242,7 +244,7 @@ class HostUdp:
                 # details are on the error queue. Pass them on and send again.
                 reported = self.report_errors(op.flow, sock)
                 if isinstance(exc, ConnectionRefusedError) and not reported:
-                    self.shell.stack.udp.host_refused(op.flow, self.loop.time())
+                    self.udp.host_refused(op.flow, self.loop.time())
                     self.shell.schedule_flush()
                     reported = True
                 if reported:
@@ -250,9 +252,7 @@ class HostUdp:
                 unreach = UNREACH_ERRNOS.get(exc.errno or 0)
                 if unreach is not None:  # no route there: the guest hears it now, not after a timeout
                     counters.add("udp-host-unreachable")
-                    self.shell.stack.udp.host_error(
-                        op.flow, op.addr, op.port, ICMP_DEST_UNREACH, unreach, 0, self.loop.time()
-                    )
+                    self.udp.host_error(op.flow, op.addr, op.port, ICMP_DEST_UNREACH, unreach, 0, self.loop.time())
                     self.shell.schedule_flush()
                     return
                 counters.add("udp-host-send-errors")
@@ -271,7 +271,7 @@ class HostUdp:
             sock.close()
 
     def readable(self, flow: int, sock: socket.socket) -> None:
-        udp = self.shell.stack.udp
+        udp = self.udp
         now = self.loop.time()
         received = 0
         refused = False
@@ -299,7 +299,7 @@ class HostUdp:
         if not errors:
             return False
         now = self.loop.time()
-        udp = self.shell.stack.udp
+        udp = self.udp
         for addr, port, icmp_type, code, info, _original in errors:
             udp.host_error(flow, addr, port, icmp_type, code, info, now)
         self.shell.schedule_flush()
