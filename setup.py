@@ -9,11 +9,16 @@ import os
 from setuptools import Extension, find_packages, setup
 
 ext_modules = []
+SEGMENT_H = "qemu_vpnnet/core/_tcp_segment.h"  # the TCP header filling both C files share
 if os.environ.get("QEMU_VPNNET_PURE") != "1":
     # checksums and TCP segments in C: optional, the core falls back to its Python without it
-    ext_modules.append(Extension("qemu_vpnnet.core._fastpath", ["qemu_vpnnet/core/_fastpath.c"], optional=True))
+    ext_modules.append(
+        Extension("qemu_vpnnet.core._fastpath", ["qemu_vpnnet/core/_fastpath.c"], depends=[SEGMENT_H], optional=True)
+    )
     # one frame into a vhost-user guest's RX ring: optional, the core's Python does it without
-    ext_modules.append(Extension("qemu_vpnnet.core._vring", ["qemu_vpnnet/core/_vring.c"], optional=True))
+    ext_modules.append(
+        Extension("qemu_vpnnet.core._vring", ["qemu_vpnnet/core/_vring.c"], depends=[SEGMENT_H], optional=True)
+    )
     # a host UDP socket's datagrams of one turn in one sendmmsg: optional, sendto() each without it
     ext_modules.append(Extension("qemu_vpnnet.io._batch_send", ["qemu_vpnnet/io/_batch_send.c"], optional=True))
     try:

@@ -30,6 +30,8 @@ from integration.common import wait_until
 from integration.fixtures import BOTH_TRANSPORTS, NsGuestFactory, NsHostFactory, StartBackend, VmGuestFactory
 from integration.netns import Netns
 from integration.nsguest import NsGuest
+from integration.test_foundation import qmp_stats
+from qemu_vpnnet.core import virtqueue
 
 PY = sys.executable
 GATEWAY = "10.0.2.2"
@@ -199,10 +201,17 @@ def test_vm_200_mb_each_way_with_matching_sha256(
             f.write(chunk)
     http = servers.start("http", "127.0.0.1", "--dir", str(www))
     port = free_port()
-    backend = start_backend("--hostfwd", f"tcp:127.0.0.1:{port}-:8080")
+    qmp_path = tmp_path / "qmp.sock"
+    backend = start_backend("--hostfwd", f"tcp:127.0.0.1:{port}-:8080", "--qmp", f"unix:{qmp_path}")
     vm = vm_guest(VM_BOTH_WAYS.format(http=http.port), backend=backend, dhcp="once", memory_mb=512)
     down = vm.wait_for(r"^DOWN (\S+)  - in (\d+) s\n", 200)
     assert down.group(1) == srv.pattern_sha256(BIG), vm.console_text()[-2000:]
+    # the download went straight from the send buffers into the guest's RX buffers (when built
+    # with core/_vring.c): at least one 64 KiB segment each
+    counters = qmp_stats(qmp_path)["counters"]
+    assert isinstance(counters, dict)
+    if virtqueue.HAVE_RX_FILL:
+        assert counters.get("tx-direct-segments", 0) >= BIG // (64 * 1024), counters
     vm.wait_for(r"^UP-READY\n", 20)
     started = time.monotonic()
     size, sha = srv.http_fetch_sha256("127.0.0.1", port, "/big.bin")

@@ -28,10 +28,12 @@
 #include <stdint.h>
 #include <string.h>
 
-#define HEADER_LEN 54  /* Ethernet 14 + IPv4 20 + TCP 20 */
-#define HEADER6_LEN 74 /* Ethernet 14 + IPv6 40 + TCP 20 */
-#define TCP_ACK 0x10
-#define TCP_PSH 0x08
+#include "_tcp_segment.h"
+
+#define HEADER_LEN SEG_HEADER_LEN
+#define HEADER6_LEN SEG_HEADER6_LEN
+#define TCP_ACK SEG_TCP_ACK
+#define TCP_PSH SEG_TCP_PSH
 
 static uint64_t add_words(const unsigned char *p, Py_ssize_t n)
 {
@@ -65,12 +67,7 @@ static uint64_t add_words(const unsigned char *p, Py_ssize_t n)
     return acc;
 }
 
-static uint64_t fold(uint64_t acc)
-{
-    while (acc >> 16)
-        acc = (acc & 0xFFFF) + (acc >> 16);
-    return acc;
-}
+#define fold seg_fold
 
 /* The folded sum of the bytes' big-endian 16-bit words. */
 static uint64_t sum_be(const unsigned char *p, Py_ssize_t n)
@@ -94,19 +91,7 @@ static PyObject *fp_sum16(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLongLong(fold(total + start));
 }
 
-static void put16(unsigned char *p, uint64_t v)
-{
-    p[0] = (unsigned char)(v >> 8);
-    p[1] = (unsigned char)v;
-}
-
-static void put32(unsigned char *p, uint64_t v)
-{
-    p[0] = (unsigned char)(v >> 24);
-    p[1] = (unsigned char)(v >> 16);
-    p[2] = (unsigned char)(v >> 8);
-    p[3] = (unsigned char)v;
-}
+#define put16 seg_put16
 
 /* A non-negative Python int, or -1 with an exception set. */
 static long long arg_int(PyObject *obj, const char *name)
@@ -172,23 +157,11 @@ static PyObject *fp_tcp_segments(PyObject *self, PyObject *const *args, Py_ssize
         if (frame == NULL)
             goto fail;
         unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
-        memcpy(p, header, (size_t)hlen);
-        memcpy(p + hlen, buf + off, (size_t)n);
         uint64_t tcp_len = 20 + (uint64_t)n;
         uint64_t s = seq & 0xFFFFFFFF;
         uint64_t off_flags = (5u << 12) | TCP_ACK | (off + n == psh_end ? TCP_PSH : 0);
-        if (v6) {
-            put16(p + 18, tcp_len);
-        } else {
-            uint64_t id = ident & 0xFFFF;
-            put16(p + 16, 20 + tcp_len);
-            put16(p + 18, id);
-            put16(p + 24, ~fold(ip_base + 20 + tcp_len + id) & 0xFFFF);
-        }
-        put32(p + t + 4, s);
-        put32(p + t + 8, ack);
-        put16(p + t + 12, off_flags);
-        put16(p + t + 14, window);
+        seg_fill_header(p, header, (size_t)hlen, (uint64_t)n, s, ack, off_flags, window, ident, ip_base);
+        memcpy(p + hlen, buf + off, (size_t)n);
         if (checksum) {
             uint64_t total = tcp_base + tcp_len + (s >> 16) + (s & 0xFFFF) + ack_sum + off_flags + window
                 + sum_be(buf + off, (Py_ssize_t)n);
@@ -196,7 +169,6 @@ static PyObject *fp_tcp_segments(PyObject *self, PyObject *const *args, Py_ssize
         } else {
             put16(p + t + 16, 0); /* the guest's NIC takes a partial checksum: vhost_net fills it in */
         }
-        put16(p + t + 18, 0);
         int rc = PyList_Append(frames, frame);
         Py_DECREF(frame);
         if (rc < 0)

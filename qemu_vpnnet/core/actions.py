@@ -79,6 +79,7 @@ class Counters:
         self.rx_bytes = 0
         self.tx_frames = 0
         self.tx_bytes = 0
+        self.tx_direct = 0  # TCP segments written straight into a vhost-user guest's RX buffers
 
     def add(self, name: str, amount: int = 1) -> None:
         self.values[name] = self.values.get(name, 0) + amount
@@ -94,4 +95,6 @@ class Counters:
         if self.tx_frames:
             values["tx-frames"] = self.tx_frames
             values["tx-bytes"] = self.tx_bytes
+        if self.tx_direct:
+            values["tx-direct-segments"] = self.tx_direct
         return values

@@ -7,6 +7,7 @@ writes each port's frames in one call.
 from typing import Final, final
 
 from qemu_vpnnet.core.actions import Counters
+from qemu_vpnnet.core.vhost_net import NetDevice
 
 MAX_MACS: Final = 4096
 
@@ -27,6 +28,12 @@ class Switch:
         # ports whose guest takes TCP segments of up to 64 KiB (vhost-user with GUEST_TSO4/6):
         # port -> TSO_V4 | TSO_V6
         self.tso_ports: dict[int, int] = {}
+        # ports whose TCP segments may be written straight into the guest's RX ring (vhost-user,
+        # core/vhost_net.py direct_segments), and those written to since the shell last
+        # signalled their guests; direct_off: every frame must pass through out (a capture)
+        self.direct: dict[int, NetDevice] = {}
+        self.direct_written: list[int] = []
+        self.direct_off = False
 
     def attach(self, port: int) -> None:
         if port not in self.out:
@@ -39,6 +46,9 @@ class Switch:
             del self.out[port]
             self.congested.discard(port)
             self.tso_ports.pop(port, None)
+            device = self.direct.pop(port, None)
+            if device is not None:
+                device.written = []
             for mac in [m for m, p in self.mac_table.items() if p == port]:
                 del self.mac_table[mac]
 
@@ -84,6 +94,21 @@ class Switch:
         """Whether the port where dst_mac lives takes large TCP segments of that family."""
         port = self.mac_table.get(dst_mac)
         return port is not None and bool(self.tso_ports.get(port, 0) & flag)
+
+    def set_direct(self, port: int, device: NetDevice) -> None:
+        """port's TCP segments may go straight into device's RX ring (while it says it can)."""
+        if port in self.out:
+            device.port_id = port
+            device.written = self.direct_written
+            self.direct[port] = device
+
+    def direct_for(self, dst_mac: bytes) -> NetDevice | None:
+        """The device to write dst_mac's TCP segments into directly: its port's, when nothing is
+        queued for that port (a segment must not overtake a frame) and no capture watches."""
+        port = self.mac_table.get(dst_mac)
+        if port is None or self.direct_off or self.out[port]:
+            return None
+        return self.direct.get(port)
 
     def queue_for(self, dst_mac: bytes) -> list[bytes] | None:
         """The queue of the port where dst_mac lives; None when unknown (frames must flood)."""

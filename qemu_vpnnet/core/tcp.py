@@ -509,24 +509,50 @@ class TcpEngine:
         tso = bool(switch.tso_ports) and switch.takes_tso(
             conn.guest_mac, TSO_V6 if len(conn.guest_ip) == 16 else TSO_V4
         )
+        window = self.advertised_window(conn)
+        first = start  # the first byte not written straight into the guest's RX buffers
+        count = 0
         if tso:
             segment = (TSO_PAYLOAD // segment) * segment  # whole MSS pieces, for the guest's NIC to cut
-        count = tcp_segments(
-            frames,
-            conn.header,
-            conn.snd_buf,
-            start - conn.snd_una + conn.snd_off,
-            limit - conn.snd_una + conn.snd_off,
-            buf_end - conn.snd_una + conn.snd_off,
-            segment,
-            start,
-            conn.rcv_nxt,
-            self.advertised_window(conn),
-            out.ip_ident + 1,
-            conn.ip_base,
-            conn.tcp_base,
-            not tso,
-        )
+            device = switch.direct_for(conn.guest_mac)
+            if device is not None:
+                # straight from the send buffer into the guest's buffers, no frame in between
+                count = device.direct_segments(
+                    conn.header,
+                    conn.snd_buf,
+                    start - conn.snd_una + conn.snd_off,
+                    limit - conn.snd_una + conn.snd_off,
+                    buf_end - conn.snd_una + conn.snd_off,
+                    segment,
+                    conn.mss,
+                    start,
+                    conn.rcv_nxt,
+                    window,
+                    out.ip_ident + 1,
+                    conn.ip_base,
+                )
+                if count:
+                    out.counters.tx_direct += count
+                    first = start + count * segment
+                    if first > limit:
+                        first = limit
+        if first < limit:
+            count += tcp_segments(
+                frames,
+                conn.header,
+                conn.snd_buf,
+                first - conn.snd_una + conn.snd_off,
+                limit - conn.snd_una + conn.snd_off,
+                buf_end - conn.snd_una + conn.snd_off,
+                segment,
+                first,
+                conn.rcv_nxt,
+                window,
+                out.ip_ident + 1 + count,
+                conn.ip_base,
+                conn.tcp_base,
+                not tso,
+            )
         out.ip_ident = (out.ip_ident + count) & 0xFFFF
         if queue is not None:
             out.counters.tx_frames += count

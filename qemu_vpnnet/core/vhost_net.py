@@ -4,7 +4,9 @@
 switch's frames into the guest's RX buffers, over core/virtqueue.py's SplitQueues and with
 core/virtio_net.py's header rules. The shell (io/vhost_user_port.py) owns the sockets, eventfds
 and mappings, calls `take_tx` when the guest kicked TX and `fill_rx` when frames wait or the
-guest kicked RX, and signals the guest when they say so. A RingError (or a ValueError from the
+guest kicked RX, and signals the guest when they say so. The TCP engine may also write its
+segments straight into the RX ring (`direct_segments`, through the switch), skipping the frame
+in between; the shell then signals the guest once per batch (`take_direct_mark`). A RingError (or a ValueError from the
 queue: a used element that must not be written) means: drop the device.
 """
 
@@ -62,6 +64,15 @@ class NetDevice:
         self.guest_tso6 = False
         self.host_offloads = False
         self.last_error = ""  # why the latest frame was dropped (for the shell's log)
+        # direct RX: the ring while TCP segments may go straight in (the port keeps it: None while
+        # the ring does not run), the frames waiting for RX buffers (the port's queue: nothing may
+        # overtake them), and the used index before the first segments written since the shell
+        # last signalled (-1: none)
+        self.rx_queue: SplitQueue | None = None
+        self.rx_pending: deque[bytes] = deque()
+        self.rx_mark = -1
+        self.port_id = -1  # the switch port, set when the switch takes the device (Switch.set_direct)
+        self.written: list[int] = []  # the switch's list of ports with direct writes to signal
 
     def negotiate(self, features: int) -> None:
         self.mrg_rxbuf = bool(features & VIRTIO_NET_F_MRG_RXBUF)
@@ -167,6 +178,63 @@ class NetDevice:
             vnet.F_NEEDS_CSUM, gso, head_len, gso_size, num_buffers, start, vnet.TCP_CHECKSUM_OFFSET
         )
         return header, start + vnet.TCP_CHECKSUM_OFFSET, vnet.partial_tcp_checksum(frame, v6, start)
+
+    def direct_segments(
+        self,
+        header: bytes,
+        buf: bytearray,
+        off: int,
+        end: int,
+        psh_end: int,
+        segment: int,
+        mss: int,
+        seq: int,
+        ack: int,
+        window: int,
+        ident: int,
+        ip_base: int,
+    ) -> int:
+        """TCP segments of buf[off:end] (each segment bytes, the guest's MSS as gso_size) straight
+        into the guest's RX buffers, as NEEDS_CSUM frames like rx_offload marks them: the
+        number of segments written, from the first on (0 when none could be: the caller sends
+        them, or the rest, as frames). Only for a guest taking partial checksums, while its RX
+        ring runs with no frame waiting for buffers (else a segment would overtake it)."""
+        queue = self.rx_queue
+        if queue is None or self.rx_pending or not self.guest_csum or queue.broken:
+            return 0
+        used: list[int] = []
+        old = queue.used_idx
+        count = queue.write_segments(
+            self.hdr_len,
+            self.mrg_rxbuf,
+            used,
+            header,
+            buf,
+            off,
+            end,
+            psh_end,
+            segment,
+            mss,
+            seq,
+            ack,
+            window,
+            ident,
+            ip_base,
+            self.mtu,
+        )
+        if count:
+            queue.push_batch(used)
+            if self.rx_mark < 0:
+                self.rx_mark = old
+                self.written.append(self.port_id)
+        return count
+
+    def take_direct_mark(self) -> int:
+        """The used index before the segments written straight in since the last call (for
+        needs_notify), or -1 when there were none."""
+        mark = self.rx_mark
+        self.rx_mark = -1
+        return mark
 
     def fill_rx(self, queue: SplitQueue, pending: deque[bytes]) -> tuple[int, bool]:
         """Move frames from the front of pending into the guest's RX buffers while they fit: (the

@@ -104,6 +104,7 @@ except ImportError:
 
 try:  # one frame into the RX ring without a Python object per descriptor (core/_vring.c); optional
     from qemu_vpnnet.core._vring import rx_fill as c_rx_fill
+    from qemu_vpnnet.core._vring import rx_segments as c_rx_segments
 
     HAVE_RX_FILL: Final = True
 except ImportError:
@@ -428,6 +429,63 @@ class SplitQueue:
         )
         self._last_avail = (self._last_avail + taken) & 0xFFFF
         return taken
+
+    def write_segments(
+        self,
+        hdr_len: int,
+        mrg: bool,
+        used: list[int],
+        header: bytes,
+        buf: bytearray,
+        off: int,
+        end: int,
+        psh_end: int,
+        segment: int,
+        mss: int,
+        seq: int,
+        ack: int,
+        window: int,
+        ident: int,
+        ip_base: int,
+        mtu: int,
+    ) -> int:
+        """A connection's TCP segments of buf[off:end] straight into RX chains, in C (core/_vring.c
+        rx_segments: each its virtio-net header, the headers made from the template header, its
+        payload); their (head, length) pairs appended to used for push_batch. The number of
+        segments written, from the first on; 0 without the C fast path or where it declined
+        (the caller sends the rest as frames, through write_frame or pop() and write())."""
+        if not self.fast_rx or self.broken:
+            return 0
+        before = len(used)
+        count: int = c_rx_segments(
+            self.memory.c_views,
+            self.memory.c_table,
+            self._desc_view,
+            self._desc_off,
+            self._avail_view,
+            self._avail_off,
+            self.num,
+            self._last_avail,
+            self._in_flight,
+            hdr_len,
+            mrg,
+            used,
+            header,
+            buf,
+            off,
+            end,
+            psh_end,
+            segment,
+            mss,
+            seq,
+            ack,
+            window,
+            ident,
+            ip_base,
+            mtu,
+        )
+        self._last_avail = (self._last_avail + (len(used) - before) // 2) & 0xFFFF
+        return count
 
     def give_back(self, chains: list[Chain]) -> None:
         """Un-pop the last len(chains) chains popped, unused (RX: a frame that did not fit): the

@@ -469,6 +469,7 @@ def start_capture(shell: Shell, options: CaptureOptions) -> Capture:
         raise CaptureError(f"no QEMU port {options.port} (query-stats counts the guests; GUEST_CONNECTED names ports)")
     capture = Capture(options, shell.stack.config.gateway_mac)
     shell.capture = capture
+    shell.stack.out.switch.direct_off = True  # every frame through the switch's queues, where it sees them
     what = [options.filter.describe()]
     if options.filter.mac is not None:
         what.append("mac " + ":".join(f"{b:02x}" for b in options.filter.mac))
@@ -487,6 +488,7 @@ async def stop_capture(shell: Shell, timeout: float = 5.0) -> dict[str, object] 
     if capture is None:
         return None
     shell.capture = None
+    shell.stack.out.switch.direct_off = False
     capture.stop()
     if not await asyncio.to_thread(capture.join, timeout):
         log.warning("capture %s: the writer did not finish within %.0f s", capture.options.path, timeout)

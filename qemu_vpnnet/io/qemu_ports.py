@@ -79,6 +79,10 @@ class QemuPort:
         """Read nothing from this QEMU for a while (its guest floods us); a no-op where the
         transport is shared."""
 
+    def direct_written(self) -> None:
+        """The TCP engine wrote segments straight into this port's guest memory: signal the guest
+        if it asks for it (vhost-user; other ports take no direct writes)."""
+
 
 class StreamPort(asyncio.BufferedProtocol, QemuPort):
     """A stream connection from (or to) QEMU, read into one large buffer."""

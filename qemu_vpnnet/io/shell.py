@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Final
 from qemu_vpnnet.core.actions import HostOp
 from qemu_vpnnet.core.stack import NO_DEADLINE, Stack
 from qemu_vpnnet.core.switch import TSO_V4, TSO_V6
+from qemu_vpnnet.core.vhost_net import NetDevice
 
 if TYPE_CHECKING:
     from qemu_vpnnet.io.capture import Capture
@@ -164,6 +165,10 @@ class Shell:
         """port's guest NIC takes large TCP segments (vhost-user GUEST_TSO4/6), or no longer does."""
         self.stack.switch.set_tso(port.id, (TSO_V4 if tso4 else 0) | (TSO_V6 if tso6 else 0))
 
+    def port_direct(self, port: QemuPort, device: NetDevice) -> None:
+        """TCP segments toward port's guest may be written straight into device's RX ring."""
+        self.stack.switch.set_direct(port.id, device)
+
     def port_congested(self, port: QemuPort, congested: bool) -> None:
         """QEMU is not reading fast enough (or caught up): hold (or resume) TCP data toward it."""
         self.stack.port_congested(port.id, congested, self.loop.time())
@@ -252,6 +257,17 @@ class Shell:
                             continue
                         if dropped:
                             stack.counters.add("drop-port-congested", dropped)
+            written = stack.out.switch.direct_written
+            if written:  # TCP segments written straight into vhost-user guests' RX rings
+                port_ids = list(written)
+                written.clear()
+                for port_id in port_ids:
+                    port = self.ports.get(port_id)
+                    if port is not None:
+                        try:
+                            port.direct_written()
+                        except Exception:
+                            self.internal_error(f"signal to port {port_id}")
             if stack.out.events:
                 events = list(stack.out.events)
                 stack.out.events.clear()

@@ -76,7 +76,6 @@ class VhostUserPort(QemuPort):
         self.memory: MemoryTable | None = None
         self.queues: list[SplitQueue | None] = [None, None]
         self.kick_watch: list[int] = [-1, -1]  # the fd each ring's kick is watched on
-        self.pending: collections.deque[bytes] = collections.deque()  # frames waiting for RX buffers
         self.pending_bytes = 0
         self.congested = False
         self.closed = False
@@ -85,9 +84,12 @@ class VhostUserPort(QemuPort):
         self.held = False
         stack = shell.stack
         self.device = NetDevice(stack.config.gateway_mac, stack.config.mtu, stack.counters, stack.tcp.mss_toward)
+        # frames waiting for RX buffers; the device's own list, so that no direct write overtakes them
+        self.pending: collections.deque[bytes] = self.device.rx_pending
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._control_readable)
         self.shell.port_opened(self)
+        self.shell.port_direct(self, self.device)
 
     @property
     def inactive(self) -> bool:
@@ -151,7 +153,9 @@ class VhostUserPort(QemuPort):
         log.debug("port %d: %r -> %r", self.id, message, reply)
         if message.request == vu.SET_FEATURES:
             self._features_set()
-        if not self._perform(backend.take_effects()):
+        performed = self._perform(backend.take_effects())
+        self._sync_direct()
+        if not performed:
             return
         if reply is not None:
             try:
@@ -232,6 +236,7 @@ class VhostUserPort(QemuPort):
 
     def _release_memory(self) -> None:
         self.queues = [None, None]
+        self.device.rx_queue = None
         if self.memory is not None:
             self.memory.release()
             self.memory = None
@@ -281,7 +286,12 @@ class VhostUserPort(QemuPort):
         backend = self.backend
         started = backend.kicked(index)
         # effects only on a ring's first kick: the others take no list and walk none
-        if (backend.effects and not self._perform(backend.take_effects())) or not started:
+        if backend.effects:
+            performed = self._perform(backend.take_effects())
+            self._sync_direct()
+            if not performed:
+                return
+        if not started:
             return
         if index == vu.TX:
             self._process_tx()
@@ -369,6 +379,25 @@ class VhostUserPort(QemuPort):
             self._signal(vu.RX)
         self._update_congestion()
 
+    def _sync_direct(self) -> None:
+        """Let the TCP engine write into the RX ring directly while it runs and is enabled."""
+        queue = self.queues[vu.RX]
+        runs = queue is not None and not self.inactive and self.backend.rings[vu.RX].enabled
+        self.device.rx_queue = queue if runs else None
+
+    def direct_written(self) -> None:
+        mark = self.device.take_direct_mark()
+        queue = self.queues[vu.RX]
+        if mark < 0 or queue is None or self.inactive:
+            return
+        try:
+            notify = queue.needs_notify(mark)
+        except (RingError, ValueError) as exc:
+            self.drop(f"RX ring: {exc}")
+            return
+        if notify:
+            self._signal(vu.RX)
+
     def _update_congestion(self) -> None:
         if not self.congested and self.pending_bytes > WRITE_HIGH_WATER:
             self.congested = True
@@ -386,6 +415,7 @@ class VhostUserPort(QemuPort):
         if self.closed or self.dropping:
             return
         self.dropping = True
+        self.device.rx_queue = None
         self.shell.stack.counters.add("vhost-user-dropped")
         log.error("%s (port %d): %s; dropping this device", self.description, self.id, reason)
         self.loop.call_soon(self.close_device, reason)
