@@ -13,8 +13,11 @@ import socket
 import time
 from pathlib import Path
 
+import dpkt
+
 from integration import servers as srv
 from integration.fixtures import StartBackend, VmGuestFactory
+from integration.test_foundation import qmp_stats
 from integration.vmguest import DEFAULT_MAC, default_accel, vhost_user_args
 
 MB = 1 << 20
@@ -100,3 +103,49 @@ def test_a_guest_that_refuses_the_offloads_still_works(
         vm.kill()
     finally:
         servers.close()
+
+
+def test_a_capture_sees_every_segment_toward_a_vhost_user_guest(
+    start_backend: StartBackend, vm_guest: VmGuestFactory, vpnnet_run_dir: Path, tmp_path: Path
+) -> None:
+    """TCP segments toward a vhost-user guest skip the switch's queues (written straight into its
+    RX buffers) unless a capture watches: with --pcap every payload byte of a download is in the
+    file (the 64 KiB GSO segments as they are), and none went the direct way."""
+    size = 4 * MB
+    www = tmp_path / "www"
+    www.mkdir()
+    with open(www / "f.bin", "wb") as f:
+        for chunk in srv.pattern(size):
+            f.write(chunk)
+    servers = srv.Servers()
+    try:
+        http = servers.start("http", "127.0.0.1", "--dir", str(www))
+        path = vpnnet_run_dir / "capture.vu"
+        pcap = tmp_path / "down.pcap"
+        qmp_path = vpnnet_run_dir / "capture-vu.qmp"
+        backend = start_backend(
+            "--vhost-user", str(path), "--pcap", str(pcap), "--qmp", f"unix:{qmp_path}", "--writable", str(tmp_path)
+        )
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        vm = vm_guest(GUEST_FETCH.format(http=http.port), dhcp="once", qemu_args=nic_args(path))
+        down = vm.wait_for(r"^DOWN (\S+)  -\n", 90)
+        assert down.group(1) == srv.pattern_sha256(size)
+        counters = qmp_stats(qmp_path)["counters"]
+        assert isinstance(counters, dict) and "tx-direct-segments" not in counters, counters
+        vm.kill()
+        assert backend.stop() == 0  # the capture is written out and closed
+    finally:
+        servers.close()
+    payload = 0
+    largest = 0
+    with open(pcap, "rb") as f:
+        for _, data in dpkt.pcap.Reader(f):
+            eth = dpkt.ethernet.Ethernet(data)
+            ip = eth.data
+            if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.tcp.TCP) and ip.data.sport == http.port:
+                payload += len(ip.data.data)
+                largest = max(largest, len(data))
+    assert payload >= size, payload  # (the response's headers too)
+    assert largest > 1514, largest  # the guest took TSO segments, and the file holds them whole
