@@ -13,6 +13,7 @@
 #                     decompression, which halves a TCG boot (about 3 s vs 6 s).
 #                     Absent when the kernel has no PVH entry (CONFIG_PVH).
 #   build/initrd.gz   busybox + virtio-net modules + /init (vm-images/init)
+#                     + /bin/connloop (vm-images/connloop.c, when gcc is there)
 #                     + /udhcpc.script (vm-images/udhcpc.script) + /www
 #
 # Nothing is installed on the host for the kernel: its package is fetched with
@@ -179,7 +180,7 @@ fi
 # Everything the initramfs is made of; when its hash changes, rebuild.
 inputs_hash() {
     {
-        sha256sum "$HERE/init" "$HERE/udhcpc.script" "$HERE/build.sh" "$BUSYBOX"
+        sha256sum "$HERE/init" "$HERE/udhcpc.script" "$HERE/connloop.c" "$HERE/build.sh" "$BUSYBOX"
         cat "$OUT/kernel/version" "$OUT/kernel/modules.list"
         sha256sum "$OUT"/kernel/modules/*.ko
     } | sha256sum | cut -d' ' -f1
@@ -196,6 +197,13 @@ build_initrd() {
         [ "$applet" = bin/busybox ] && continue
         [ -e "$stage/$applet" ] || ln -s /bin/busybox "$stage/$applet"
     done
+    # the connection-rate client of scripts/bench's real-VM rows (static: the guest has no libc)
+    if command -v gcc >/dev/null; then
+        gcc -static -O2 -Wall -o "$stage/bin/connloop" "$HERE/connloop.c" \
+            || die "gcc could not build connloop.c"
+    else
+        log "no gcc: the guest gets no connloop (scripts/bench's VM connections/s row is left out)"
+    fi
     install -m 0755 "$HERE/init" "$stage/init"
     install -m 0755 "$HERE/udhcpc.script" "$stage/udhcpc.script"
     cp "$OUT"/kernel/modules/*.ko "$stage/lib/modules/vpnnet/"

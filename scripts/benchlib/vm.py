@@ -60,12 +60,18 @@ TRANSPORTS: dict[str, tuple[list[str] | None, str]] = {
 }
 DEFAULT_TRANSPORTS = "slirp,stream,stream-65520,vhost-user,vhost-user-no-offloads"
 PINGS = 100  # ICMP echo to the gateway address, 50 ms apart, before the transfers: the transport's latency
+# then new connections to a host HTTP server (benchlib/hostservers.py), one request each, this many in
+# flight, for this long (the guest's vm-images/connloop.c; the namespace rows run wrk with 32)
+CONN_SECONDS = 5
+CONN_CONCURRENCY = 16
 
 GUEST_SCRIPT = """\
 up() {{ cut -d' ' -f1 /proc/uptime; }}
 echo "BENCH-MTU $(cat /sys/class/net/eth0/mtu)"
 ping -c {pings} -i 0.05 10.0.2.2 | sed -n 's/.*time=\\([0-9.]*\\) ms.*/BENCH-RTT \\1/p'
 echo BENCH-RTT-DONE
+if command -v connloop >/dev/null; then connloop 10.0.2.2 {conn_port} {conn_seconds} {conn_concurrency}; fi
+echo BENCH-CONN-DONE
 i=1
 while [ $i -le {rounds} ]; do
   t0=$(up); timeout 300 wget -q -O /dev/null http://10.0.2.2:{port}/down$i; rc=$?; t1=$(up)
@@ -310,11 +316,19 @@ class Transport:
             self.add(f"{direction} backend CPU s/GiB", used.backend / gib)
             self.add(f"{direction} backend user CPU s/GiB", used.backend_user / gib)
 
-    def run(self, server: FileServer) -> dict[str, list[float]]:
+    def run(self, server: FileServer, http_port: int) -> dict[str, list[float]]:
         options, kind = TRANSPORTS[self.name]
         fwd = free_port()
         sock = self.dir / "net.sock"
-        script = GUEST_SCRIPT.format(rounds=self.rounds, port=server.port, guest_port=GUEST_PORT, pings=PINGS)
+        script = GUEST_SCRIPT.format(
+            rounds=self.rounds,
+            port=server.port,
+            guest_port=GUEST_PORT,
+            pings=PINGS,
+            conn_port=http_port,
+            conn_seconds=CONN_SECONDS,
+            conn_concurrency=CONN_CONCURRENCY,
+        )
         size_mib = -(-self.size // MIB)
         memory_mb = max(512, 2 * size_mib + 64)  # the guest's tmpfs holds half its RAM
         common = {
@@ -348,6 +362,20 @@ class Transport:
             raise RuntimeError(f"only {len(rtts)} of {PINGS} pings to the gateway answered")
         self.add("ping gateway RTT median ms", statistics.median(rtts))
         self.add("ping gateway RTT p99 ms", rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))])
+        before = self.cpu()
+        conn_done = self.vm.wait_for(r"^BENCH-CONN-DONE\n", CONN_SECONDS + 60, pos=done.end())
+        used = self.cpu() - before
+        conn = re.search(r"^BENCH-CONN (\d+) (\d+) ([\d.]+)\n", self.vm.console_text()[: conn_done.end()], re.MULTILINE)
+        if conn is None:
+            print(f"  vm {self.name}: the guest has no connloop (no gcc when its image was built)", file=sys.stderr)
+        else:
+            completed, failed, seconds = int(conn.group(1)), int(conn.group(2)), float(conn.group(3))
+            if failed > completed // 100:
+                raise RuntimeError(f"connections: {failed} failed, {completed} completed")
+            self.add("connections/s", completed / seconds)
+            if self.backend is not None and completed:
+                self.add("connections backend CPU us each", used.backend / completed * 1e6)
+            self.add("connections QEMU CPU us each", (used.vcpu + used.qemu_other) / max(completed, 1) * 1e6)
         for r in range(1, self.rounds + 1):
             m = self.vm.wait_for(_DOWN_RE.format(round=r), 320)
             used = self.cpu() - self.at_request[f"/down{r}"]
@@ -403,13 +431,19 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, dict[str, li
     oddities: dict[str, list[str]] = {}
     current: list[Transport] = []
     server = FileServer(big, lambda target: current[-1].on_request(target) if current else None)
+    http_port = free_port()
+    http = subprocess.Popen(
+        with_pdeathsig([VENV_PYTHON, str(Path(__file__).resolve().parent / "hostservers.py"), "http", str(http_port)]),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         for name in names:
             print(f"vm: {name}, {args.vm_rounds} x {args.vm_mb} MiB each way", file=sys.stderr, flush=True)
             transport = Transport(name, workdir, big, sha256, args.vm_rounds)
             current.append(transport)
             try:
-                transport.run(server)
+                transport.run(server, http_port)
             except (GuestError, RuntimeError, OSError) as exc:  # one failed transport must not lose the others
                 print(f"  vm {name}: {exc}", file=sys.stderr)
             finally:
@@ -421,6 +455,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, dict[str, li
             results[name] = transport.figures
     finally:
         server.stop()
+        stop(http)
         big.unlink(missing_ok=True)
     return results, oddities
 
@@ -429,6 +464,9 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, dict[str, li
 ROWS = [
     "ping gateway RTT median ms",
     "ping gateway RTT p99 ms",
+    "connections/s",
+    "connections backend CPU us each",
+    "connections QEMU CPU us each",
     "download Mbit/s",
     "upload Mbit/s",
     "download QEMU vCPU CPU s/GiB",
@@ -451,7 +489,7 @@ def _median(results: dict[str, dict[str, list[float]]], name: str, metric: str) 
 
 def table(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
     names = [n for n in args.vm_transports.split(",") if n in results]
-    pairs = (("vhost-user", "stream"), ("vhost-user", "stream-65520"), ("vhost-user", "slirp"))
+    pairs = (("vhost-user", "stream"), ("vhost-user", "stream-65520"), ("vhost-user", "slirp"), ("stream", "slirp"))
     ratios = [(a, b) for a, b in pairs if a in names and b in names]
     lines = [
         f"\n### real VM (tiny guest, {default_accel().split(',')[0].upper()}, MTU 1500; stream-65520 at 65520): "
@@ -471,6 +509,8 @@ def table(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) 
             continue
         for n in names:
             v = values[n]
+            if v is not None and abs(v) < 1e-9:
+                v = 0.0  # (a difference of CPU times that rounds to nothing, not -9e-15)
             row.append("—" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.3g}")
         for a, b in ratios:
             va, vb = values[a], values[b]
