@@ -830,3 +830,32 @@ def test_tiny_out_of_order_segments_and_sack_blocks_stay_bounded() -> None:
     g.frames()
     g.send(ACK, b"a" * 2, seq=base)  # the first hole filled: the queue drains what follows
     assert sum(len(o.data) for o in g.ops()) == 3
+
+
+def test_the_timer_heap_holds_the_live_deadlines_only_under_connection_churn() -> None:
+    """Each connection leaves superseded entries in the timer heap (its 60 s connect timeout
+    once established; a reset connection's). 20,000 connections opened and reset: the heap stays
+    within twice what is live (and at least its minimum), and the deadlines left still fire."""
+    g = Guest()
+    for i in range(20_000):
+        g.sport = 10_000 + i % 50_000
+        g.seq = 1000
+        flow = g.connect()
+        g.send(RST | ACK)
+        g.ops()
+        g.frames()
+        assert flow not in g.stack.tcp.flows
+        g.now += 0.002  # (within the guest's new-flow rate; all in the 60 s of the first's timeout)
+        assert len(g.stack.tcp.timers) <= max(T.TIMERS_MIN, 2 * len(g.stack.tcp.flows)) + 1
+    g.sport = 9000
+    g.seq = 1000
+    flow = g.connect()  # one live connection with data outstanding: its RTO still fires
+    g.stack.tcp.host_data(flow, b"x" * 100, g.now)
+    g.stack.flush(g.now)
+    assert [seg.data for seg in g.frames()] == [b"x" * 100]
+    for _ in range(3):  # compactions while it waits
+        g.stack.tcp.compact_timers()
+    g.now += 5
+    g.stack.timer(g.now)
+    g.stack.flush(g.now)
+    assert [seg.data for seg in g.frames()] == [b"x" * 100]  # retransmitted

@@ -116,6 +116,7 @@ ACK_EVERY: Final = 64 << 10
 DELAYED_ACK_TIME: Final = 0.001
 QUICKACK_BYTES: Final = 256 << 10
 INF: Final = float("inf")
+TIMERS_MIN: Final = 4096  # the timer heap is never compacted below this many entries
 
 
 def add_range(ranges: list[tuple[int, int]], left: int, right: int) -> None:
@@ -314,7 +315,10 @@ class TcpEngine:
         self.flows: dict[int, TcpConn] = {}
         self.by_key: dict[bytes, TcpConn] = {}
         self.dirty: dict[int, TcpConn] = {}
+        # (when, flow), a heap; an entry is live while it is its connection's queued_at, and the
+        # heap is rebuilt from the live ones when it outgrows timers_limit (below)
         self.timers: list[tuple[float, int]] = []
+        self.timers_limit = TIMERS_MIN
         self.delayed_acks: dict[int, TcpConn] = {}
         self.delayed_ack_at = INF
         # connections whose send buffer the guest acknowledged in full: kept SND_BUF_KEEP for the
@@ -338,7 +342,20 @@ class TcpEngine:
         conn.deadline = when
         if when < conn.queued_at:
             conn.queued_at = when
-            heapq.heappush(self.timers, (when, conn.flow))
+            timers = self.timers
+            heapq.heappush(timers, (when, conn.flow))
+            if len(timers) > self.timers_limit:
+                self.compact_timers()
+
+    def compact_timers(self) -> None:
+        """The timer heap from its live entries only. Superseded entries (a connection's connect
+        timeout after it was established, a gone connection's) would otherwise stay until their
+        time: under connection churn a heap of hundreds of thousands, every push and pop paying
+        for its depth. Rebuilt when it doubles, so the cost per entry stays constant."""
+        live = [(conn.queued_at, flow) for flow, conn in self.flows.items() if conn.queued_at != INF]
+        heapq.heapify(live)
+        self.timers = live
+        self.timers_limit = max(TIMERS_MIN, 2 * len(live))
 
     def remove(self, conn: TcpConn) -> None:
         conn.state = CLOSED
