@@ -330,7 +330,8 @@ class Transport:
             conn_concurrency=CONN_CONCURRENCY,
         )
         size_mib = -(-self.size // MIB)
-        memory_mb = max(512, 2 * size_mib + 64)  # the guest's tmpfs holds half its RAM
+        # the guest's tmpfs holds half the RAM its kernel sees (less than -m): 1000 MiB did not fit in 2064
+        memory_mb = max(512, 2 * size_mib + 256)
         common = {
             "image": ensure_vm_image(rebuild_if_stale=False),
             "dhcp": "once",
