@@ -30,10 +30,6 @@
 
 #include "_tcp_segment.h"
 
-#define HEADER_LEN SEG_HEADER_LEN
-#define HEADER6_LEN SEG_HEADER6_LEN
-#define TCP_ACK SEG_TCP_ACK
-#define TCP_PSH SEG_TCP_PSH
 
 static uint64_t add_words(const unsigned char *p, Py_ssize_t n)
 {
@@ -67,12 +63,10 @@ static uint64_t add_words(const unsigned char *p, Py_ssize_t n)
     return acc;
 }
 
-#define fold seg_fold
-
 /* The folded sum of the bytes' big-endian 16-bit words. */
 static uint64_t sum_be(const unsigned char *p, Py_ssize_t n)
 {
-    uint16_t folded = (uint16_t)fold(add_words(p, n));
+    uint16_t folded = (uint16_t)seg_fold(add_words(p, n));
     /* the words were added in host order: bring the folded sum to network order */
     const uint16_t probe = 1;
     if (*(const unsigned char *)&probe == 0)
@@ -88,10 +82,8 @@ static PyObject *fp_sum16(PyObject *self, PyObject *args)
         return NULL;
     uint64_t total = sum_be((const unsigned char *)view.buf, view.len);
     PyBuffer_Release(&view);
-    return PyLong_FromUnsignedLongLong(fold(total + start));
+    return PyLong_FromUnsignedLongLong(seg_fold(total + start));
 }
-
-#define put16 seg_put16
 
 /* A non-negative Python int, or -1 with an exception set. */
 static long long arg_int(PyObject *obj, const char *name)
@@ -119,12 +111,12 @@ static PyObject *fp_tcp_segments(PyObject *self, PyObject *const *args, Py_ssize
         return NULL;
     PyObject *frames = args[0];
     if (!PyList_Check(frames) || !PyBytes_Check(args[1])
-        || (PyBytes_GET_SIZE(args[1]) != HEADER_LEN && PyBytes_GET_SIZE(args[1]) != HEADER6_LEN)) {
+        || (PyBytes_GET_SIZE(args[1]) != SEG_HEADER_LEN && PyBytes_GET_SIZE(args[1]) != SEG_HEADER6_LEN)) {
         PyErr_SetString(PyExc_TypeError, "tcp_segments: frames must be a list, header 54 or 74 bytes");
         return NULL;
     }
     const Py_ssize_t hlen = PyBytes_GET_SIZE(args[1]);
-    const int v6 = hlen == HEADER6_LEN;
+    const int v6 = hlen == SEG_HEADER6_LEN;
     const Py_ssize_t t = v6 ? 54 : 34; /* where the TCP header starts */
     for (int i = 0; i < 10; i++) {
         v[i] = arg_int(args[3 + i], names[i]);
@@ -159,15 +151,15 @@ static PyObject *fp_tcp_segments(PyObject *self, PyObject *const *args, Py_ssize
         unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
         uint64_t tcp_len = 20 + (uint64_t)n;
         uint64_t s = seq & 0xFFFFFFFF;
-        uint64_t off_flags = (5u << 12) | TCP_ACK | (off + n == psh_end ? TCP_PSH : 0);
+        uint64_t off_flags = (5u << 12) | SEG_TCP_ACK | (off + n == psh_end ? SEG_TCP_PSH : 0);
         seg_fill_header(p, header, (size_t)hlen, (uint64_t)n, s, ack, off_flags, window, ident, ip_base);
         memcpy(p + hlen, buf + off, (size_t)n);
         if (checksum) {
             uint64_t total = tcp_base + tcp_len + (s >> 16) + (s & 0xFFFF) + ack_sum + off_flags + window
                 + sum_be(buf + off, (Py_ssize_t)n);
-            put16(p + t + 16, ~fold(total) & 0xFFFF);
+            seg_put16(p + t + 16, ~seg_fold(total) & 0xFFFF);
         } else {
-            put16(p + t + 16, 0); /* the guest's NIC takes a partial checksum: vhost_net fills it in */
+            seg_put16(p + t + 16, 0); /* the guest's NIC takes a partial checksum: vhost_net fills it in */
         }
         int rc = PyList_Append(frames, frame);
         Py_DECREF(frame);

@@ -505,7 +505,7 @@ static PyObject *vr_rx_segments(PyObject *self, PyObject *const *args, Py_ssize_
             return NULL;
         }
     }
-    if (err || mrg < 0)
+    if (mrg < 0)
         return NULL;
     long long off = v[0], end = v[1], psh_end = v[2], segment = v[3], mss = v[4], mtu = v[10];
     uint64_t seq = (uint64_t)v[5], ack = (uint64_t)v[6], window = (uint64_t)v[7], ident = (uint64_t)v[8];

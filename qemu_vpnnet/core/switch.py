@@ -29,10 +29,9 @@ class Switch:
         # port -> TSO_V4 | TSO_V6
         self.tso_ports: dict[int, int] = {}
         # ports whose TCP segments may be written straight into the guest's RX ring (vhost-user,
-        # core/vhost_net.py direct_segments), and those written to since the shell last
-        # signalled their guests; direct_off: every frame must pass through out (a capture)
+        # core/vhost_net.py direct_segments); direct_off: every frame must pass through out (a
+        # capture watches)
         self.direct: dict[int, NetDevice] = {}
-        self.direct_written: list[int] = []
         self.direct_off = False
 
     def attach(self, port: int) -> None:
@@ -46,9 +45,7 @@ class Switch:
             del self.out[port]
             self.congested.discard(port)
             self.tso_ports.pop(port, None)
-            device = self.direct.pop(port, None)
-            if device is not None:
-                device.written = []
+            self.direct.pop(port, None)
             for mac in [m for m, p in self.mac_table.items() if p == port]:
                 del self.mac_table[mac]
 
@@ -98,8 +95,6 @@ class Switch:
     def set_direct(self, port: int, device: NetDevice) -> None:
         """port's TCP segments may go straight into device's RX ring (while it says it can)."""
         if port in self.out:
-            device.port_id = port
-            device.written = self.direct_written
             self.direct[port] = device
 
     def direct_for(self, dst_mac: bytes) -> NetDevice | None:

@@ -527,6 +527,7 @@ class TcpEngine:
             conn.guest_mac, TSO_V6 if len(conn.guest_ip) == 16 else TSO_V4
         )
         window = self.advertised_window(conn)
+        base = conn.snd_off - conn.snd_una  # sequence number + base: its index in snd_buf
         first = start  # the first byte not written straight into the guest's RX buffers
         count = 0
         if tso:
@@ -537,9 +538,9 @@ class TcpEngine:
                 count = device.direct_segments(
                     conn.header,
                     conn.snd_buf,
-                    start - conn.snd_una + conn.snd_off,
-                    limit - conn.snd_una + conn.snd_off,
-                    buf_end - conn.snd_una + conn.snd_off,
+                    start + base,
+                    limit + base,
+                    buf_end + base,
                     segment,
                     conn.mss,
                     start,
@@ -558,9 +559,9 @@ class TcpEngine:
                 frames,
                 conn.header,
                 conn.snd_buf,
-                first - conn.snd_una + conn.snd_off,
-                limit - conn.snd_una + conn.snd_off,
-                buf_end - conn.snd_una + conn.snd_off,
+                first + base,
+                limit + base,
+                buf_end + base,
                 segment,
                 first,
                 conn.rcv_nxt,

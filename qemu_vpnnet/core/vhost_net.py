@@ -71,8 +71,6 @@ class NetDevice:
         self.rx_queue: SplitQueue | None = None
         self.rx_pending: deque[bytes] = deque()
         self.rx_mark = -1
-        self.port_id = -1  # the switch port, set when the switch takes the device (Switch.set_direct)
-        self.written: list[int] = []  # the switch's list of ports with direct writes to signal
 
     def negotiate(self, features: int) -> None:
         self.mrg_rxbuf = bool(features & VIRTIO_NET_F_MRG_RXBUF)
@@ -95,10 +93,8 @@ class NetDevice:
         while True:
             chain = queue.pop()
             if chain is None:
-                if self.event_idx:
-                    queue.set_avail_event()
-                    if queue.available():
-                        continue
+                if self.event_idx and queue.arm_kick():
+                    continue
                 break
             used.append(chain.head)
             used.append(0)
@@ -226,7 +222,6 @@ class NetDevice:
             queue.push_batch(used)
             if self.rx_mark < 0:
                 self.rx_mark = old
-                self.written.append(self.port_id)
         return count
 
     def take_direct_mark(self) -> int:
@@ -239,73 +234,70 @@ class NetDevice:
     def fill_rx(self, queue: SplitQueue, pending: deque[bytes]) -> tuple[int, bool]:
         """Move frames from the front of pending into the guest's RX buffers while they fit: (the
         bytes of frames taken from pending, delivered or dropped; whether to signal the guest)."""
-        hdr = self.hdr_len
         old = queue.used_idx
+        taken = self.fill_pass(queue, pending)
+        # frames wait for buffers: ask for a kick at the next one, and fill what came meanwhile
+        while pending and self.event_idx and queue.arm_kick():
+            taken += self.fill_pass(queue, pending)
+        return taken, queue.needs_notify(old)
+
+    def fill_pass(self, queue: SplitQueue, pending: deque[bytes]) -> int:
+        """fill_rx's work over the buffers there now: the bytes of frames taken from pending."""
+        hdr = self.hdr_len
         used: list[int] = []
         chains: list[Chain] = []
         taken = 0
         mrg = self.mrg_rxbuf
         nb_at = vnet.NUM_BUFFERS_AT if hdr == vnet.HEADER_LEN else -1
-        while True:
-            while pending:
-                frame = pending[0]
-                limit = queue.num - len(used) // 2  # push_batch takes at most num at once
-                header, patch_at, patch = self.rx_offload(frame, 0)
-                if queue.write_frame(header[:hdr], nb_at, frame, patch_at, patch, mrg, limit, used):
-                    taken += len(pending.popleft())
-                    continue
-                need = hdr + len(frame)
-                chains.clear()
-                room = 0
-                while room < need and len(chains) < limit:
-                    chain = queue.pop()
-                    if chain is None:
-                        break
-                    chains.append(chain)
-                    room += chain.writable_bytes
-                    if not mrg:
-                        break
-                if room < need:
-                    if chains and not mrg:
-                        # its one buffer is too small for this frame: the guest gets it back empty
-                        used.append(chains[0].head)
-                        used.append(0)
-                        taken += len(pending.popleft())
-                        self.counters.add("drop-vhost-rx-too-big")
-                        continue
-                    queue.give_back(chains)  # unused: the next pops return them
-                    if used:
-                        queue.push_batch(used)  # then try again with the whole ring
-                        used = []
-                        continue
-                    if len(chains) >= queue.num:
-                        taken += len(pending.popleft())  # the whole ring cannot hold it
-                        self.counters.add("drop-vhost-rx-too-big")
-                        continue
-                    break  # wait for the guest to give more buffers (it kicks RX)
-                if nb_at >= 0:  # the header as rx_offload made it above, with the chains counted
-                    header = header[:nb_at] + len(chains).to_bytes(2, "little") + header[nb_at + 2 :]
-                if patch_at >= 0:
-                    patched = bytearray(frame)
-                    patched[patch_at] = patch >> 8
-                    patched[patch_at + 1] = patch & 0xFF
-                    scatter(queue, chains, header[:hdr], patched, used)
-                else:
-                    scatter(queue, chains, header[:hdr], frame, used)
+        while pending:
+            frame = pending[0]
+            limit = queue.num - len(used) // 2  # push_batch takes at most num at once
+            header, patch_at, patch = self.rx_offload(frame, 0)
+            if queue.write_frame(header[:hdr], nb_at, frame, patch_at, patch, mrg, limit, used):
                 taken += len(pending.popleft())
-            if used:
-                queue.push_batch(used)
-                used = []
-            if not pending or not self.event_idx:
-                break
-            # ask for a kick when the guest adds a buffer to those there now (too few, or none),
-            # then look again: buffers it added before it saw the request would otherwise wait
-            # for a kick that never comes
-            waiting = queue.available()
-            queue.set_avail_event((queue.last_avail_idx + waiting) & 0xFFFF)
-            if queue.available() == waiting:
-                break
-        return taken, queue.needs_notify(old)
+                continue
+            need = hdr + len(frame)
+            chains.clear()
+            room = 0
+            while room < need and len(chains) < limit:
+                chain = queue.pop()
+                if chain is None:
+                    break
+                chains.append(chain)
+                room += chain.writable_bytes
+                if not mrg:
+                    break
+            if room < need:
+                if chains and not mrg:
+                    # its one buffer is too small for this frame: the guest gets it back empty
+                    used.append(chains[0].head)
+                    used.append(0)
+                    taken += len(pending.popleft())
+                    self.counters.add("drop-vhost-rx-too-big")
+                    continue
+                queue.give_back(chains)  # unused: the next pops return them
+                if used:
+                    queue.push_batch(used)  # then try again with the whole ring
+                    used = []
+                    continue
+                if len(chains) >= queue.num:
+                    taken += len(pending.popleft())  # the whole ring cannot hold it
+                    self.counters.add("drop-vhost-rx-too-big")
+                    continue
+                break  # wait for the guest to give more buffers (it kicks RX)
+            if nb_at >= 0:  # the header as rx_offload made it above, with the chains counted
+                header = header[:nb_at] + len(chains).to_bytes(2, "little") + header[nb_at + 2 :]
+            if patch_at >= 0:
+                patched = bytearray(frame)
+                patched[patch_at] = patch >> 8
+                patched[patch_at + 1] = patch & 0xFF
+                scatter(queue, chains, header[:hdr], patched, used)
+            else:
+                scatter(queue, chains, header[:hdr], frame, used)
+            taken += len(pending.popleft())
+        if used:
+            queue.push_batch(used)
+        return taken
 
 
 def scatter(queue: SplitQueue, chains: list[Chain], header: bytes, frame: bytes | bytearray, used: list[int]) -> None:

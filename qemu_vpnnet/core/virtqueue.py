@@ -654,6 +654,14 @@ class SplitQueue:
         store16(self._used_words, 2 + 4 * self.num, value)
         fence()  # visible before the caller re-reads avail.idx
 
+    def arm_kick(self) -> bool:
+        """EVENT_IDX: ask for a kick at the guest's next available chain (past those there now,
+        too few or none), then look again: True when chains came meanwhile, which the caller
+        must take itself (the guest may have added them before it saw the request: no kick)."""
+        seen = self.available()
+        self.set_avail_event((self._last_avail + seen) & 0xFFFF)
+        return self.available() != seen
+
     def set_no_notify(self, no_notify: bool) -> None:
         """Without EVENT_IDX: VIRTQ_USED_F_NO_NOTIFY asks the guest not to kick (a hint only)."""
         store16(self._used_words, 0, USED_F_NO_NOTIFY if no_notify else 0)

@@ -257,11 +257,9 @@ class Shell:
                             continue
                         if dropped:
                             stack.counters.add("drop-port-congested", dropped)
-            written = stack.out.switch.direct_written
-            if written:  # TCP segments written straight into vhost-user guests' RX rings
-                port_ids = list(written)
-                written.clear()
-                for port_id in port_ids:
+            # vhost-user guests whose RX rings took TCP segments straight in: signal them
+            for port_id, device in list(stack.out.switch.direct.items()):
+                if device.rx_mark >= 0:
                     port = self.ports.get(port_id)
                     if port is not None:
                         try:
