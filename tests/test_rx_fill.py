@@ -298,7 +298,15 @@ DESCS = st.one_of(GOOD, GOOD, st.tuples(ADDRS, LENGTHS, FLAGS, st.integers(0, 17
     held=st.lists(st.integers(0, 15), max_size=3),
     start=st.integers(0, 0xFFFF),
     sizes=st.lists(st.one_of(st.integers(14, 0x300), st.integers(14, 0x2000)), min_size=1, max_size=4),
-    features=st.sampled_from([MODERN | vu.VIRTIO_NET_F_MRG_RXBUF, MODERN, 0, vu.VIRTIO_NET_F_MRG_RXBUF]),
+    features=st.sampled_from(
+        [
+            MODERN | vu.VIRTIO_NET_F_MRG_RXBUF,
+            MODERN,
+            0,
+            vu.VIRTIO_NET_F_MRG_RXBUF,
+            MODERN | vu.VIRTIO_NET_F_MRG_RXBUF | vu.VIRTIO_RING_F_EVENT_IDX,  # (the kick it asks for, too)
+        ]
+    ),
 )
 def test_same_result_as_python_on_hostile_rings(
     num: int,
@@ -319,7 +327,10 @@ def test_same_result_as_python_on_hostile_rings(
     queues = []
     for g in (fast, slow):
         # heads the device holds already: popped from an earlier offer, at a lower index
-        q = SplitQueue(g.memory, num, UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED, False, (start - len(held_heads)) & 0xFFFF)
+        event_idx = bool(features & vu.VIRTIO_RING_F_EVENT_IDX)
+        q = SplitQueue(
+            g.memory, num, UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED, event_idx, (start - len(held_heads)) & 0xFFFF
+        )
         for head in held_heads:
             q._in_flight[head] = 1
         q.last_avail_idx = start
