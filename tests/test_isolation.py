@@ -7,6 +7,7 @@ import dpkt
 import pytest
 
 from qemu_vpnnet.core import actions as A
+from qemu_vpnnet.core import tcp as T
 from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.stack import Stack
 from qemu_vpnnet.core.tcp import CONNECT_TIMEOUT
@@ -219,6 +220,51 @@ def test_connections_per_guest_are_capped() -> None:
         syn(stack, 1, GUEST_MAC, a, sport)
     assert len([op for op in take_ops(stack) if op.kind == A.OP_TCP_CONNECT]) == 2
     assert stack.counters.get("tcp-refused-guest-connections") == 1
+
+
+def close_from_the_host(stack: Stack, mac: bytes, src: str, sport: int, flow: int, now: float) -> None:
+    """The host side of an established connection closes first (an HTTP server's Connection:
+    close); the guest acknowledges our FIN and sends its own: the flow ends in TIME_WAIT."""
+    stack.tcp.host_eof(flow, now)
+    stack.flush(now)
+    (fin,) = [parse(f).data.data for f in take(stack, 1)]
+    assert fin.flags & dpkt.tcp.TH_FIN
+    finack = dpkt.tcp.TH_FIN | ACK
+    stack.frame_received(1, tcp_frame(src, "192.0.2.1", sport, 80, 1001, fin.seq + 1, finack, mac=mac), now)
+    stack.flush(now)
+    take(stack, 1)
+
+
+def test_a_flow_in_time_wait_holds_no_host_socket_and_counts_for_no_limit() -> None:
+    stack, a, _b = two_guests()
+    stack.config.guest_max_tcp = 2
+    stack.guard.set_budget(2)
+    flows = []
+    for sport in (40000, 40001):
+        syn(stack, 1, GUEST_MAC, a, sport)
+        (op,) = take_ops(stack)
+        stack.tcp.host_connected(op.flow, 0.0)
+        stack.flush(0.0)
+        (synack,) = [parse(f).data.data for f in take(stack, 1)]
+        stack.frame_received(1, tcp_frame(a, "192.0.2.1", sport, 80, 1001, synack.seq + 1, ACK), 0.0)
+        flows.append(op.flow)
+    assert stack.guard.sockets == 2
+    for sport, flow in zip((40000, 40001), flows, strict=True):
+        close_from_the_host(stack, GUEST_MAC, a, sport, flow, 0.1)
+        assert stack.tcp.flows[flow].state == T.TIME_WAIT
+    assert [op.kind for op in take_ops(stack)] == [A.OP_TCP_SHUTDOWN, A.OP_TCP_CLOSE] * 2
+    # both host sockets are closed: the guest may open two more at once, within both limits
+    assert stack.guard.sockets == 0
+    for sport in (40002, 40003):
+        syn(stack, 1, GUEST_MAC, a, sport, 0.2)
+    assert [op.kind for op in take_ops(stack)] == [A.OP_TCP_CONNECT, A.OP_TCP_CONNECT]
+    assert stack.counters.get("tcp-refused-guest-connections") == 0
+    assert stack.counters.get("tcp-refused-no-fds") == 0 and stack.counters.get("fd-reclaimed") == 0
+    assert stack.guard.sockets == 2
+    # TIME_WAIT ends: the flows go, and the count of the two live ones stays
+    stack.timer(5.0)
+    assert all(flow not in stack.tcp.flows for flow in flows)
+    assert stack.guard.sockets == 2 and len(stack.guard.usage(GUEST_MAC, 5.0).tcp) == 2
 
 
 def test_new_flows_per_second_per_guest() -> None:
