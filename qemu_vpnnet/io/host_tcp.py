@@ -121,7 +121,7 @@ class HostConnection(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         if not self.gone:
             self.host.tcp.host_eof(self.flow, self.host.shell.now())
-            self.host.shell.schedule_flush()
+            self.host.shell.flush()  # the FIN goes out now, as data does
         return True  # keep our side open: the guest may still send (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -367,7 +367,7 @@ class HostTcp:
             return
         self.conns[flow] = conn
         self.tcp.host_connected(flow, self.shell.now())
-        self.shell.schedule_flush()
+        self.shell.flush()  # the SYN-ACK goes out now, not a turn of the loop later
 
     def op_send(self, op: HostOp) -> None:
         conn = self.conns.get(op.flow)
