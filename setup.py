@@ -21,6 +21,8 @@ if os.environ.get("QEMU_VPNNET_PURE") != "1":
     )
     # a host UDP socket's datagrams of one turn in one sendmmsg: optional, sendto() each without it
     ext_modules.append(Extension("qemu_vpnnet.io._batch_send", ["qemu_vpnnet/io/_batch_send.c"], optional=True))
+    # whether a host stream socket has only its peer's FIN left to read: optional, a socket object asks without
+    ext_modules.append(Extension("qemu_vpnnet.io._tcp_state", ["qemu_vpnnet/io/_tcp_state.c"], optional=True))
     try:
         from mypyc.build import mypycify
     except ImportError:

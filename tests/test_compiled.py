@@ -44,3 +44,16 @@ def test_checksum_implementation_matches_build() -> None:
     from qemu_vpnnet.core import checksum
 
     assert checksum.COMPILED == (checksum.__file__ or "").endswith(".so")
+
+
+#: the optional C helpers (setup.py): a build that failed one quietly would run the slower fallback
+C_HELPERS = ("core._fastpath", "core._vring", "io._batch_send", "io._tcp_state")
+
+
+@pytest.mark.skipif(os.environ.get("VPNNET_EXPECT_COMPILED") != "1", reason="checking the uncompiled sources")
+def test_the_optional_c_helpers_were_built() -> None:
+    for name in C_HELPERS:
+        importlib.import_module(f"qemu_vpnnet.{name}")
+    from qemu_vpnnet.io import host_tcp, host_udp
+
+    assert host_tcp.HAVE_TCP_STATE and host_udp.HAVE_BATCH_SEND

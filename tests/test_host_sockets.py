@@ -12,10 +12,13 @@ import asyncio
 import dataclasses
 import errno
 import os
+import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -26,9 +29,10 @@ import uvloop
 from qemu_vpnnet.core.actions import OP_PING_SEND, OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, HostOp
 from qemu_vpnnet.core.config import NetConfig
 from qemu_vpnnet.core.stack import Stack
+from qemu_vpnnet.io import host_tcp as host_tcp_module
 from qemu_vpnnet.io.core_calls import IcmpCalls, TcpCalls, UdpCalls
 from qemu_vpnnet.io.host_ping import HostPing
-from qemu_vpnnet.io.host_tcp import HostTcp
+from qemu_vpnnet.io.host_tcp import HostTcp, peer_closed
 from qemu_vpnnet.io.host_udp import HostUdp, icmp6_as_icmp4
 from qemu_vpnnet.io.shell import Shell
 
@@ -44,6 +48,7 @@ class Recorder:
         self._log = log
         self._event = event
         self.flows: dict[int, object] = {}  # TcpEngine.flows: HostTcp.opened() checks membership
+        self.on_call: Callable[[str], None] | None = None  # told each call's name, after recording
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         def record(*args: Any) -> None:
@@ -51,6 +56,8 @@ class Recorder:
                 args = args[:-1]  # now
             self._log.append((name, *args))
             self._event.set()
+            if self.on_call is not None:
+                self.on_call(name)
 
         return record
 
@@ -428,6 +435,117 @@ def test_a_spliced_host_socket_has_no_nagle_delay(loop: str) -> None:
         finally:
             host_tcp.close_all()
             server.close()
+
+    async def main() -> None:
+        await test(HostSide())
+
+    if loop == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(ours, theirs): a connected TCP pair on 127.0.0.1, ours non-blocking."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    ours.setblocking(False)
+    return ours, theirs
+
+
+def settle(sock: socket.socket) -> None:
+    """Until what the peer sent has reached sock (loopback: at once, but in softirq time)."""
+    select.select([sock], [], [], TIMEOUT)
+    time.sleep(0.01)
+
+
+@pytest.mark.parametrize("built", [True, False], ids=["c", "python"])
+def test_peer_closed_sees_only_a_fin_with_nothing_before_it(built: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """peer_closed (io/_tcp_state.c, or its Python fallback) asks, taking nothing: the data
+    before the FIN stays readable, and a reset's error stays for the read."""
+    if built:
+        pytest.importorskip("qemu_vpnnet.io._tcp_state")
+    monkeypatch.setattr(host_tcp_module, "HAVE_TCP_STATE", built)
+    ours, theirs = tcp_pair()
+    try:
+        assert not peer_closed(ours.fileno())  # nothing yet
+        theirs.sendall(b"answer")
+        theirs.shutdown(socket.SHUT_WR)
+        settle(ours)
+        assert not peer_closed(ours.fileno())  # data first
+        assert ours.recv(100) == b"answer"
+        assert peer_closed(ours.fileno())
+        assert peer_closed(ours.fileno())  # still: asking takes nothing
+        assert ours.recv(100) == b""
+    finally:
+        ours.close()
+        theirs.close()
+    ours, theirs = tcp_pair()
+    try:
+        theirs.sendall(b"partial")
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        theirs.close()  # a reset
+        settle(ours)
+        assert not peer_closed(ours.fileno())
+        assert ours.recv(100) == b"partial"
+        assert not peer_closed(ours.fileno())  # a reset is no FIN
+        with pytest.raises(ConnectionResetError):  # and its error is still there for the read
+            ours.recv(100)
+    finally:
+        ours.close()
+    a, b = socket.socketpair()  # a Unix stream socket (unix: and cmd: forwards) the same way
+    b.sendall(b"x")
+    b.shutdown(socket.SHUT_WR)
+    assert not peer_closed(a.fileno())
+    assert a.recv(10) == b"x"
+    assert peer_closed(a.fileno())
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("closes", [True, False], ids=["answer-and-close", "answer-only"])
+def test_an_answer_and_the_fin_behind_it_reach_the_core_in_one_read(loop: str, closes: bool) -> None:
+    """A server that answers and closes: the core is told of the data and the FIN in the same
+    callback (peer_closed after the short read), not a turn of the loop apart, and only once."""
+
+    async def test(side: HostSide) -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        host_tcp = side.host_tcp()
+        side.core.flows[5] = object()
+        seen_next_turn: list[list[str]] = []
+
+        def told() -> list[str]:  # host_read_buffer is asked before each read: not news
+            return [c[0] for c in side.calls if c[0] != "host_read_buffer"]
+
+        def on_call(name: str) -> None:
+            if name == "host_data":  # what the core was told by the start of the next turn
+                side.loop.call_soon(lambda: seen_next_turn.append(told()))
+
+        side.core.on_call = on_call
+        try:
+            await host_tcp.connect(5, "127.0.0.1", listener.getsockname()[1])
+            server, _ = listener.accept()
+            server.sendall(b"answer")  # both before the loop runs again: one read sees both
+            if closes:
+                server.shutdown(socket.SHUT_WR)
+            await side.call("host_data")
+            await asyncio.sleep(0.1)
+            names = told()
+            if closes:
+                assert seen_next_turn[0] == ["host_connected", "host_data", "host_eof"]
+                assert names == ["host_connected", "host_data", "host_eof"]  # the loop's own EOF: not again
+            else:
+                assert names == ["host_connected", "host_data"]
+                server.shutdown(socket.SHUT_WR)  # a FIN on its own: the loop's eof_received
+                await side.call("host_eof")
+            server.close()
+        finally:
+            host_tcp.close_all()
+            listener.close()
 
     async def main() -> None:
         await test(HostSide())

@@ -10,8 +10,10 @@ the core with host_connected() or host_refused(); a forward whose target fails i
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
+import select
 import shlex
 import signal
 import socket
@@ -37,6 +39,13 @@ from qemu_vpnnet.io.shell import Shell
 if TYPE_CHECKING:
     from qemu_vpnnet.io.http_proxy import HttpProxy
 
+try:  # whether a host socket's FIN waits behind what was read (io/_tcp_state.c); optional
+    from qemu_vpnnet.io._tcp_state import peer_closed as c_peer_closed
+
+    HAVE_TCP_STATE = True
+except ImportError:  # the package was built without it: a socket object asks
+    HAVE_TCP_STATE = False
+
 log = logging.getLogger("qemu_vpnnet.tcp")
 
 WRITE_HIGH_WATER: Final = 256 * 1024
@@ -56,6 +65,29 @@ def tune_stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
     return stream
 
 
+SIOCINQ: Final = 0x541B  # linux/sockios.h (= FIONREAD): bytes unread, not counting a FIN
+PEER_SHUT: Final = select.POLLIN | select.POLLRDHUP
+POLL_FAILED: Final = select.POLLERR | select.POLLNVAL
+
+
+def peer_closed(fd: int) -> bool:
+    """True when the peer of stream socket fd (TCP or Unix) shut its side (poll: POLLRDHUP, no error) with
+    nothing unread before its FIN (SIOCINQ); False otherwise and on errors. Takes nothing from
+    the socket and leaves a pending error to the event loop's read (io/_tcp_state.c says why)."""
+    if HAVE_TCP_STATE:
+        return c_peer_closed(fd)
+    poller = select.poll()
+    poller.register(fd, PEER_SHUT)
+    try:
+        events = poller.poll(0)
+        if not events or not events[0][1] & select.POLLRDHUP or events[0][1] & POLL_FAILED:
+            return False
+        unread = fcntl.ioctl(fd, SIOCINQ, b"\0\0\0\0")
+        return bool(struct.unpack("i", unread)[0] == 0)
+    except OSError:
+        return False
+
+
 SCRATCH_SIZE: Final = 256 << 10  # bytes one read of a host socket takes at most, outside a download
 EARLY_LIMIT: Final = 256 << 10  # bytes an accepted connection may send before it has a flow
 
@@ -69,6 +101,11 @@ class HostConnection(asyncio.BufferedProtocol):
     download: the two copies took 15 % of the backend's CPU). Otherwise the read goes into the
     HostTcp's scratch buffer and from there through host_data, as from the DNS and proxy sessions
     that call data_received.
+
+    A read that did not fill its buffer may have the peer's FIN right behind it, which the event
+    loop would report only on its next turn: peer_closed looks, so that an answer and its FIN
+    reach the guest in one segment. Then the loop's own eof_received comes too late to
+    matter.
     """
 
     def __init__(self, host: "HostTcp", flow: int, on_made: "Callable[[HostConnection], None] | None" = None) -> None:
@@ -82,9 +119,15 @@ class HostConnection(asyncio.BufferedProtocol):
         self.early: list[bytes] = []
         self.early_bytes = 0
         self.direct = False  # the last get_buffer handed out room in the flow's own send buffer
+        self.asked = 0  # bytes the last get_buffer handed out
+        self.fd = -1  # the host socket's descriptor, for peer_closed
+        self.eof_seen = False  # the peer's FIN was seen (and the core told)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tune_stream(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
         if self.on_made is not None:
             self.on_made(self)
 
@@ -93,33 +136,45 @@ class HostConnection(asyncio.BufferedProtocol):
         if not self.gone and self.flow >= 0:
             room = self.host.tcp.host_read_buffer(self.flow)
         self.direct = room is not None
-        return room if room is not None else self.host.scratch
+        buffer = room if room is not None else self.host.scratch
+        self.asked = len(buffer)
+        return buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        host = self.host
         if self.direct:
             self.direct = False
-            if not self.gone:
-                host = self.host
-                host.tcp.host_data_read(self.flow, nbytes, host.shell.now())
-                host.shell.flush()  # the segments go out now (see Shell.frames_received)
-        else:
-            self.data_received(self.host.scratch[:nbytes])
+            if self.gone:
+                return
+            host.tcp.host_data_read(self.flow, nbytes, host.shell.now())
+        elif not self.take(host.scratch[:nbytes]):
+            return
+        if nbytes < self.asked and self.fd >= 0 and peer_closed(self.fd):
+            self.eof_seen = True
+            host.tcp.host_eof(self.flow, host.shell.now())
+        host.shell.flush()  # the segments go out now (see Shell.frames_received)
 
     def data_received(self, data: bytes | memoryview) -> None:
+        if self.take(data):
+            self.host.shell.flush()  # the segments go out now (see Shell.frames_received)
+
+    def take(self, data: bytes | memoryview) -> bool:
+        """Hand data to the core; False when there is no flow to take it (yet)."""
         if self.gone:
-            return
+            return False
         if self.flow < 0:  # no flow yet: keep it (bounded: reading stops past EARLY_LIMIT)
             self.early.append(bytes(data))
             self.early_bytes += len(data)
             if self.early_bytes >= EARLY_LIMIT and self.transport is not None:
                 self.transport.pause_reading()
-            return
+            return False
         host = self.host
         host.tcp.host_data(self.flow, data, host.shell.now())
-        host.shell.flush()  # the segments go out now (see Shell.frames_received)
+        return True
 
     def eof_received(self) -> bool:
-        if not self.gone:
+        if not self.gone and not self.eof_seen:
+            self.eof_seen = True
             self.host.tcp.host_eof(self.flow, self.host.shell.now())
             self.host.shell.flush()  # the FIN goes out now, as data does
         return True  # keep our side open: the guest may still send (half-close)
