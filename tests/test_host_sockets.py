@@ -108,11 +108,16 @@ class HostSide:
                 await self.called.wait()
 
 
-def run(test: Callable[[HostSide], Awaitable[None]]) -> None:
+def run(test: Callable[[HostSide], Awaitable[None]], loop: str = "asyncio") -> None:
+    """test on a fresh HostSide, on asyncio's own event loop or on uvloop's."""
+
     async def main() -> None:
         await test(HostSide())
 
-    asyncio.run(main())
+    if loop == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 def have_ipv6_loopback() -> bool:
@@ -436,13 +441,7 @@ def test_a_spliced_host_socket_has_no_nagle_delay(loop: str) -> None:
             host_tcp.close_all()
             server.close()
 
-    async def main() -> None:
-        await test(HostSide())
-
-    if loop == "uvloop":
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
+    run(test, loop)
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -547,13 +546,7 @@ def test_an_answer_and_the_fin_behind_it_reach_the_core_in_one_read(loop: str, c
             host_tcp.close_all()
             listener.close()
 
-    async def main() -> None:
-        await test(HostSide())
-
-    if loop == "uvloop":
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
+    run(test, loop)
 
 
 @needs_ipv6
