@@ -437,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=GUEST_NEW_FLOWS,
         metavar="PER_SECOND",
-        help=f"new TCP connections and UDP flows per second of one guest, in bursts of twice as "
-        f"many (default {GUEST_NEW_FLOWS})",
+        help=f"new TCP connections per second of one guest, a new UDP flow counting as four, in "
+        f"bursts of twice as many (default {GUEST_NEW_FLOWS})",
     )
     r = p.add_argument_group(
         "outbound policy (see docs/policy.rst): each new flow's route -- direct, forward, local or refuse"

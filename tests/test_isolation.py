@@ -277,9 +277,14 @@ def test_new_flows_per_second_per_guest() -> None:
     assert stack.counters.get("tcp-refused-guest-rate") == 5
     syn(stack, 1, GUEST_MAC, a, 40100, 0.5)  # half a second later: five tokens back
     assert stack.counters.get("tcp-refused-guest-rate") == 5
-    for sport in range(41000, 41020):
+    for sport in range(41000, 41020):  # four tokens left; a UDP flow costs DATAGRAM_FLOW_TOKENS
         stack.frame_received(1, udp_to(GUEST_MAC, a, "192.0.2.1", sport, 53), 0.5)
-    assert stack.counters.get("udp-refused-guest-rate") == 16
+    assert stack.counters.get("udp-refused-guest-rate") == 19
+    for sport in range(42000, 42004):  # 1.6 s later: sixteen tokens, four UDP flows
+        stack.frame_received(1, udp_to(GUEST_MAC, a, "192.0.2.1", sport, 53), 2.1)
+    assert stack.counters.get("udp-refused-guest-rate") == 19
+    stack.frame_received(1, udp_to(GUEST_MAC, a, "192.0.2.1", 42004, 53), 2.1)
+    assert stack.counters.get("udp-refused-guest-rate") == 20
 
 
 def test_udp_flows_per_guest_evict_that_guests_oldest() -> None:

@@ -27,6 +27,7 @@ from qemu_vpnnet.core.actions import OP_UDP_CLOSE, OP_UDP_OPEN, OP_UDP_SEND, Hos
 from qemu_vpnnet.core.config import ip_str
 from qemu_vpnnet.core.flow_table import IdleFlow, IdleFlows, flow_key
 from qemu_vpnnet.core.fwd import DIRECT, FORWARD, LOCAL, PROTO_UDP, REFUSE, REPLY_DROP, Route
+from qemu_vpnnet.core.guard import DATAGRAM_FLOW_TOKENS
 from qemu_vpnnet.core.icmp import ICMP_DEST_UNREACH, UNREACH_ADMIN, UNREACH_FRAG_NEEDED
 from qemu_vpnnet.core.output import Output
 from qemu_vpnnet.core.packets import IPPROTO_UDP, is_unicast_outside, udp_quote, udp_segment
@@ -159,7 +160,7 @@ class UdpNat:
         flow limit is kept by the table (its oldest flow is evicted)."""
         guard = self.out.guard
         usage = guard.usage(mac, now)
-        if not guard.allow_new_flow(usage, now):
+        if not guard.allow_new_flow(usage, now, DATAGRAM_FLOW_TOKENS):
             guard.refuse("udp-refused-guest-rate", mac, now)
             return False
         if not guard.need_socket(usage, now) and not self.table.evict_oldest_of(mac):
