@@ -235,7 +235,6 @@ class TcpConn:
         self.route: Route = DIRECT_ROUTE  # decided at the guest's SYN (core/fwd.py), kept for life
         self.host_port = remote_port  # where the host connect goes (a forward's target port)
         self.usage: GuestUsage | None = None  # the guest that opened it (core/guard.py); None: forwarded
-        self.holds_socket = False  # counted in the guard's host sockets (and its guest's connections)
         self.fd_retries = 0
         # send side (host -> guest)
         self.iss = 0
@@ -360,18 +359,18 @@ class TcpEngine:
 
     def release_socket(self, conn: TcpConn) -> None:
         """The flow's host socket is closed: it no longer counts against the host-socket budget,
-        nor against its guest's connections (a flow in TIME_WAIT holds none: at wrk's 8,000
-        connections per second its two seconds would otherwise be 16,000 connections)."""
-        if conn.holds_socket:
-            conn.holds_socket = False
-            guard = self.out.guard
-            guard.sockets -= 1
-            if conn.usage is not None:
-                guard.tcp_closed(conn.usage, conn.flow)
+        nor against its guest's connections. Every flow in the table holds one but a flow in
+        TIME_WAIT (at wrk's 8,000 connections per second its two seconds would otherwise be
+        16,000 connections): called on entering TIME_WAIT, or on removal from any other state."""
+        guard = self.out.guard
+        guard.sockets -= 1
+        if conn.usage is not None:
+            guard.tcp_closed(conn.usage, conn.flow)
 
     def remove(self, conn: TcpConn) -> None:
+        held = conn.state != TIME_WAIT
         conn.state = CLOSED
-        if self.flows.pop(conn.flow, None) is not None:
+        if self.flows.pop(conn.flow, None) is not None and held:
             self.release_socket(conn)
         if self.by_key.get(conn.key) is conn:
             del self.by_key[conn.key]
@@ -766,7 +765,6 @@ class TcpEngine:
         conn.host_port = host_port
         conn.route = route
         conn.usage = usage
-        conn.holds_socket = True
         guard.sockets += 1
         guard.tcp_opened(usage, conn.flow)
         conn.rcv_nxt = seq + 1
@@ -1368,7 +1366,6 @@ class TcpEngine:
         conn.rcv_wscale = RCV_WSCALE
         self.flows[conn.flow] = conn
         self.by_key[key] = conn
-        conn.holds_socket = True
         self.out.guard.sockets += 1
         self.send_syn(conn)
         self.set_deadline(conn, now + conn.rto)
