@@ -289,15 +289,27 @@ def iperf_lossy(setup: Setup, seconds: int, reverse: bool, guest_cc: str, per_mi
     return {f"tcp {direction} x1, {per_mille / 10:g}% lost, Gbit/s": rate}
 
 
-def iperf_udp(setup: Setup, seconds: int) -> dict[str, float]:
+#: the host receiver's socket buffer in the second UDP sweep: iperf3 -w on the client sets the
+#: server's SO_RCVBUF (the kernel caps it at net.core.rmem_max and doubles it)
+UDP_WIDE_BUFFER = "4M"
+
+
+def iperf_udp(setup: Setup, seconds: int, receiver_buffer: str = "") -> dict[str, float]:
     """Raise the offered rate until loss passes 1%: the best received rate below the knee. And what
     arrives of 500 Mbit/s and 1 Gbit/s offered, always measured: the knee alone swings with where
-    the host's receiver (iperf3, its default 208 KiB socket buffer) happens to drop 1%."""
+    the host's receiver (iperf3, its default 208 KiB socket buffer) happens to drop 1%.
+
+    With ``receiver_buffer`` (iperf3 -w) the host's receiver has a buffer that absorbs the bursts
+    of a busy 2-CPU machine: its socket then drops nothing (UdpRcvbufErrors stay 0) and what is
+    lost is lost on the way there, in QEMU's TAP queue: the knee is the transport's own."""
     best = 0.0
     below_knee = True
     figures: dict[str, float] = {}
     length = min(setup.mtu, 9000) - 28
-    for rate in ("200M", "500M", "1G", "2G", "4G"):
+    window = ["-w", receiver_buffer] if receiver_buffer else []
+    suffix = f", receiver -w {receiver_buffer}" if receiver_buffer else ""
+    rates = ("1G", "2G", "3G", "4G", "6G") if receiver_buffer else ("200M", "500M", "1G", "2G", "4G")
+    for rate in rates:
         cmd = [
             "iperf3",
             "-c",
@@ -309,6 +321,7 @@ def iperf_udp(setup: Setup, seconds: int) -> dict[str, float]:
             rate,
             "-l",
             str(length),
+            *window,
             "-t",
             str(seconds),
             "-J",
@@ -319,14 +332,14 @@ def iperf_udp(setup: Setup, seconds: int) -> dict[str, float]:
             break
         summary = out["end"]["sum"]
         received = summary["bits_per_second"] * (1 - summary["lost_percent"] / 100) / 1e9
-        if rate in ("500M", "1G"):
+        if rate in ("500M", "1G") and not receiver_buffer:
             figures[f"udp guest->host Gbit/s received of {rate} offered"] = received
         if below_knee:
             best = max(best, received)  # the first rate past 1% loss still counts, as it always did
             below_knee = summary["lost_percent"] <= 1.0
         if not below_knee and rate not in ("200M", "500M"):
             break
-    return {"udp guest->host Gbit/s (<1% loss)": best, **figures}
+    return {f"udp guest->host Gbit/s (<1% loss){suffix}": best, **figures}
 
 
 def sockperf(setup: Setup, seconds: int) -> dict[str, float]:
@@ -469,6 +482,7 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
             tests.append(lambda: iperf_lossy(setup, min(t, 5), True, args.guest_cc, args.loss))
     if not args.quick and setup.backend != "harness":
         tests.append(lambda: iperf_udp(setup, 3))
+        tests.append(lambda: iperf_udp(setup, 3, UDP_WIDE_BUFFER))
     if args.flood and setup.backend != "harness" and args.flood_peers is not None:
         if args.flood_only:
             tests = []
