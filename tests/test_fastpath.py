@@ -7,6 +7,7 @@ import pytest
 
 from qemu_vpnnet.core import tcp_wire
 from qemu_vpnnet.core.checksum import checksum, finish, pseudo_header_sum, sum16
+from qemu_vpnnet.io import framing
 
 GUEST_MAC = bytes.fromhex("525400123456")
 GW_MAC = bytes.fromhex("525400123502")
@@ -163,3 +164,50 @@ def test_c_segments_reject_bad_arguments() -> None:
         tcp_wire.c_tcp_segments([], header, buf, 0, 10, 10, 0, 0, 0, 0, 0, 0, 0)  # mss 0
     with pytest.raises(TypeError):
         tcp_wire.c_tcp_segments([], header[:10], buf, 0, 10, 10, 1460, 0, 0, 0, 0, 0, 0)
+
+
+def stream_cases() -> list[tuple[bytes, int, int]]:
+    """(buffer, start, end): whole and cut frames, a start inside the buffer, bad prefixes."""
+    import random
+
+    rng = random.Random(14)
+    cases: list[tuple[bytes, int, int]] = []
+    for _ in range(200):
+        frames = [
+            os.urandom(rng.choice((1, 13, 14, 60, 1514, 9000, framing.MAX_FRAME))) for _ in range(rng.randint(0, 6))
+        ]
+        pad = os.urandom(rng.randint(0, 40))  # what came before start: not looked at
+        data = pad + b"".join(framing.frame_parts(frames))
+        if rng.random() < 0.2:  # garbage where a prefix should be: a zero length or one too large
+            bad = rng.choice((0, framing.MAX_FRAME + 1, 0xFFFFFFFF)).to_bytes(4, "big")
+            data = data + bad + os.urandom(rng.randint(0, 100))
+        start = len(pad)
+        end = rng.choice((len(data), rng.randint(start, len(data))))  # all of it, or cut anywhere
+        cases.append((data, start, end))
+    return cases
+
+
+@pytest.mark.skipif(not framing.HAVE_C, reason="the C extension is not built (plain sources)")
+def test_c_split_frames_equals_python() -> None:
+    """The C framing loop and the Python one give the same frames, remainder and errors."""
+    for data, start, end in stream_cases():
+        outcomes = []
+        for split in (framing.split_frames, framing.split_frames_loop):
+            frames: list[bytes] = []
+            try:
+                outcome: object = split(bytearray(data), start, end, frames)
+            except framing.FramingError as exc:
+                outcome = str(exc)
+            outcomes.append((outcome, frames))
+        assert outcomes[0] == outcomes[1]
+        assert all(type(f) is bytes for f in outcomes[0][1])
+
+
+@pytest.mark.skipif(not framing.HAVE_C, reason="the C extension is not built (plain sources)")
+def test_c_split_frames_rejects_bounds_outside_the_buffer() -> None:
+    with pytest.raises(ValueError):
+        framing.c_split_frames(bytearray(8), 0, 9, [], framing.MAX_FRAME)
+    with pytest.raises(ValueError):
+        framing.c_split_frames(bytearray(8), 5, 4, [], framing.MAX_FRAME)
+    with pytest.raises(ValueError):
+        framing.c_split_frames(bytearray(8), -1, 4, [], framing.MAX_FRAME)

@@ -22,6 +22,13 @@
  *     A false 14th argument, checksum, leaves the TCP checksum 0 and the payload unsummed: for a
  *     vhost-user guest that takes partial checksums (core/vhost_net.py writes the pseudo-header
  *     sum into the field as it fills the guest's buffer, and marks the frame NEEDS_CSUM).
+ *
+ * split_frames(buf, start, end, frames, max_frame) -> int
+ *     QEMU's stream framing (io/framing.py): appends to the list frames, as bytes, every whole
+ *     frame of buf[start:end] (a 4-byte big-endian length, then that many bytes) and returns where
+ *     the remainder starts. A length of 0 or above max_frame stops it: then it returns -1 - pos,
+ *     pos where that length prefix starts (the frames before it are appended). One allocation
+ *     and one copy per frame; the Python loop copies each twice (a bytearray slice, then bytes).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -177,6 +184,42 @@ fail:
     return NULL;
 }
 
+static PyObject *fp_split_frames(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, end, max_frame;
+    PyObject *frames;
+    if (!PyArg_ParseTuple(args, "y*nnO!n", &view, &start, &end, &PyList_Type, &frames, &max_frame))
+        return NULL;
+    if (start < 0 || end > view.len || start > end) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "split_frames: start and end outside the buffer");
+        return NULL;
+    }
+    const unsigned char *buf = (const unsigned char *)view.buf;
+    Py_ssize_t pos = start;
+    while (end - pos >= 4) {
+        const unsigned char *p = buf + pos;
+        Py_ssize_t length = ((Py_ssize_t)p[0] << 24) | ((Py_ssize_t)p[1] << 16) | ((Py_ssize_t)p[2] << 8) | p[3];
+        if (length == 0 || length > max_frame) {
+            pos = -1 - pos;
+            break;
+        }
+        if (end - pos - 4 < length)
+            break;
+        PyObject *frame = PyBytes_FromStringAndSize((const char *)p + 4, length);
+        if (frame == NULL || PyList_Append(frames, frame) < 0) {
+            Py_XDECREF(frame);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        Py_DECREF(frame);
+        pos += 4 + length;
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(pos);
+}
+
 /* A full memory barrier: a store to the shared rings made visible before a later load of the
    guest's side (x86 may otherwise let the load pass the store). */
 static PyObject *fp_fence(PyObject *self, PyObject *unused)
@@ -187,6 +230,8 @@ static PyObject *fp_fence(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"fence", fp_fence, METH_NOARGS, "A full memory barrier (for rings shared with another process)."},
+    {"split_frames", fp_split_frames, METH_VARARGS,
+     "Append the whole stream-framed frames of buf[start:end] to a list; return where the rest starts."},
     {"sum16", fp_sum16, METH_VARARGS, "One's-complement 16-bit sum of a bytes-like object, plus start."},
     {"tcp_segments", (PyCFunction)(void (*)(void))fp_tcp_segments, METH_FASTCALL,
      "Append checksummed TCP frames for buf[off:end] to a list; return how many."},
