@@ -18,6 +18,8 @@ KEY_V6: Final = 1 << 160  # set in the flow keys of IPv6 guests (address << 16 |
 
 def flow_key(addr: bytes, ident: int) -> int:
     """One table key per (guest address, identifier or port), apart for the two families."""
+    if len(addr) == 4:  # by index: compiled, this is a few native operations, not a call
+        return (addr[0] << 40) | (addr[1] << 32) | (addr[2] << 24) | (addr[3] << 16) | ident
     key = (int.from_bytes(addr, "big") << 16) | ident
     return key | KEY_V6 if len(addr) == 16 else key
 

@@ -32,8 +32,6 @@ from qemu_vpnnet.core.packets import (
     icmp_message,
     mac_str,
     unpack_arp,
-    unpack_ipv4,
-    unpack_udp,
 )
 from qemu_vpnnet.core.tcp import TcpEngine
 from qemu_vpnnet.core.udp import UdpNat
@@ -221,7 +219,17 @@ class Stack:
         if len(frame) < ETH_HLEN + IP_HLEN:
             self.out.drop("short-ip")
             return
-        ver_ihl, tos, total_len, ident, frag, ttl, proto, csum, src, dst = unpack_ipv4(frame, ETH_HLEN)
+        # the header's fields read by index: compiled, no tuple and no struct call per frame
+        ver_ihl = frame[14]
+        tos = frame[15]
+        total_len = (frame[16] << 8) | frame[17]
+        ident = (frame[18] << 8) | frame[19]
+        frag = (frame[20] << 8) | frame[21]
+        ttl = frame[22]
+        proto = frame[23]
+        csum = (frame[24] << 8) | frame[25]
+        src = frame[26:30]
+        dst = frame[30:34]
         ihl = (ver_ihl & 0x0F) * 4
         if ver_ihl >> 4 != 4 or ihl < IP_HLEN or total_len < ihl or ETH_HLEN + total_len > len(frame):
             self.out.drop("bad-ip-length")
@@ -277,7 +285,9 @@ class Stack:
         if end - start < UDP_HLEN:
             self.out.drop("short-udp")
             return
-        sport, dport, length, _csum = unpack_udp(frame, start)
+        sport = (frame[start] << 8) | frame[start + 1]
+        dport = (frame[start + 2] << 8) | frame[start + 3]
+        length = (frame[start + 4] << 8) | frame[start + 5]
         if length < UDP_HLEN or length > end - start:
             self.out.drop("bad-udp-length")
             return
