@@ -648,3 +648,28 @@ def test_ping_sockets_and_no_route_in_a_namespace_of_our_own() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "namespace checks passed" in result.stdout
+
+
+def test_batch_send_reuses_a_parsed_address_only_for_the_same_text_and_port() -> None:
+    """io/_batch_send.c parses an address once per run of ops sharing its text object and port: a
+    new port or a new text is parsed again, and no reference to the text is kept after the call."""
+    batch_send = pytest.importorskip("qemu_vpnnet.io._batch_send")
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+        echo_server(socket.AF_INET, "127.0.0.1") as first,
+        echo_server(socket.AF_INET, "127.0.0.1") as second,
+    ):
+        text = "".join(["127.0.0.", "1"])  # a str object of its own
+        ports = [first.getsockname()[1], second.getsockname()[1]]
+        order = [0, 0, 1, 1, 0, 1]
+        ops = [HostOp(OP_UDP_SEND, 1, addr=text, port=ports[k], data=b"%d" % i) for i, k in enumerate(order)]
+        ops.append(HostOp(OP_UDP_SEND, 1, addr="127.0.0.2", port=ports[0], data=b"elsewhere"))
+        ops.append(HostOp(OP_UDP_SEND, 1, addr=text, port=70000, data=b"bad port"))
+        before = sys.getrefcount(text)
+        assert batch_send.send_datagrams(sock.fileno(), socket.AF_INET, ops, 0) == (7, errno.EINVAL, 0)
+        assert sys.getrefcount(text) == before
+        assert [first.recv(100) for _ in range(3)] == [b"0", b"1", b"4"]
+        assert [second.recv(100) for _ in range(3)] == [b"2", b"3", b"5"]
+        first.setblocking(False)
+        with pytest.raises(BlockingIOError):  # "elsewhere" went to 127.0.0.2, not to the address before it
+            first.recv(100)
