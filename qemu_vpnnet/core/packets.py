@@ -158,10 +158,6 @@ def unpack_arp(data: bytes, offset: int) -> tuple[int, int, int, int, int, bytes
     return _ARP.unpack_from(data, offset)
 
 
-def unpack_ipv4(data: bytes, offset: int) -> tuple[int, int, int, int, int, int, int, int, bytes, bytes]:
-    return _IP.unpack_from(data, offset)
-
-
 def unpack_udp(data: bytes, offset: int) -> tuple[int, int, int, int]:
     return _UDP.unpack_from(data, offset)
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dpkt
@@ -58,6 +59,20 @@ def percentiles(samples: list[float]) -> str:
     return f"{statistics.median(s):8.1f} {s[len(s) // 10]:8.1f} {s[len(s) * 9 // 10]:8.1f} {s[int(len(s) * 0.99)]:8.1f}"
 
 
+def time_pauses(gaps: list[float], count: int, kick: Callable[[int], float]) -> dict[float, list[float]]:
+    """{pause: microseconds}: count calls of kick(seq), each after that pause; kick returns the
+    seconds from its kick to the answer."""
+    results: dict[float, list[float]] = {}
+    for gap in gaps:
+        samples: list[float] = []
+        for seq in range(count):
+            if gap:
+                time.sleep(gap)
+            samples.append(kick(seq) * 1e6)
+        results[gap] = samples
+    return results
+
+
 def backend_gaps(path: Path, gaps: list[float], count: int) -> dict[float, list[float]]:
     client = VhostUserClient(path)
     try:
@@ -66,58 +81,51 @@ def backend_gaps(path: Path, gaps: list[float], count: int) -> dict[float, list[
         if gateway_mac is None:
             raise SystemExit("the backend answered no ARP request for the gateway")
         call = client.rings[0].call
-        results: dict[float, list[float]] = {}
-        for gap in gaps:
-            samples: list[float] = []
-            for seq in range(count):
-                if gap:
-                    time.sleep(gap)
-                frame = echo_request(gateway_mac, seq)
-                started = time.perf_counter()
-                client.send_frame(frame)
-                ready, _, _ = select.select([call], [], [], 1.0)
-                elapsed = time.perf_counter() - started
-                try:  # the call's count, so that the next kick's select waits for its own
-                    os.eventfd_read(call)
-                except BlockingIOError:
-                    pass
-                if not ready or not client.receive_frames(1.0):
-                    raise SystemExit(f"echo request {seq} after a {gap * 1000:g} ms pause: no answer")
-                samples.append(elapsed * 1e6)
-            results[gap] = samples
-        return results
+
+        def kick(seq: int) -> float:
+            frame = echo_request(gateway_mac, seq)
+            started = time.perf_counter()
+            client.send_frame(frame)
+            ready, _, _ = select.select([call], [], [], 1.0)
+            elapsed = time.perf_counter() - started
+            try:  # the call's count, so that the next kick's select waits for its own
+                os.eventfd_read(call)
+            except BlockingIOError:
+                pass
+            if not ready or not client.receive_frames(1.0):
+                raise SystemExit(f"echo request {seq}: no answer")
+            return elapsed
+
+        return time_pauses(gaps, count, kick)
     finally:
         client.close()
 
 
 def echo_gaps(gaps: list[float], count: int) -> dict[float, list[float]]:
-    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
     call = os.eventfd(0, os.EFD_NONBLOCK)
     proc = subprocess.Popen(
-        with_pdeathsig([VENV_PYTHON, "-c", ECHO_PROCESS, str(kick), str(call)]), pass_fds=(kick, call)
+        with_pdeathsig([VENV_PYTHON, "-c", ECHO_PROCESS, str(kick_fd), str(call)]), pass_fds=(kick_fd, call)
     )
+
+    def kick(seq: int) -> float:
+        started = time.perf_counter()
+        os.eventfd_write(kick_fd, 1)
+        select.select([call], [], [], 1.0)
+        elapsed = time.perf_counter() - started
+        try:
+            os.eventfd_read(call)
+        except BlockingIOError:
+            raise SystemExit("the echo process did not answer") from None
+        return elapsed
+
     try:
         time.sleep(1.0)
-        results: dict[float, list[float]] = {}
-        for gap in gaps:
-            samples: list[float] = []
-            for _ in range(count):
-                if gap:
-                    time.sleep(gap)
-                started = time.perf_counter()
-                os.eventfd_write(kick, 1)
-                select.select([call], [], [], 1.0)
-                samples.append((time.perf_counter() - started) * 1e6)
-                try:
-                    os.eventfd_read(call)
-                except BlockingIOError:
-                    raise SystemExit("the echo process did not answer") from None
-            results[gap] = samples
-        return results
+        return time_pauses(gaps, count, kick)
     finally:
         proc.kill()
         proc.wait()
-        os.close(kick)
+        os.close(kick_fd)
         os.close(call)
 
 
