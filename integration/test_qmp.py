@@ -132,6 +132,25 @@ def test_query_version(qmp_backend: Qmp) -> None:
     ]
 
 
+def test_garbage_collector_is_tuned_and_watched(
+    qmp_backend: Qmp, start_backend: StartBackend, vpnnet_run_dir: Path
+) -> None:
+    """The backend freezes start-up's objects after a first full collection, which query-stats
+    counts with its pause; --gc-defaults keeps Python's settings (io/gc_tuning.py)."""
+    tuned = qmp_backend.ctl_json("stats")
+    assert isinstance(tuned, dict)
+    collector = tuned["gc"]
+    assert collector["thresholds"] == [50_000, 10, 10]
+    assert collector["frozen-objects"] > 5_000
+    assert collector["collections"][2] >= 1 and collector["longest-pause-ms"][2] > 0
+    assert "garbage collector: collections [" in qmp_backend.ctl("stats").stdout
+    path = vpnnet_run_dir / f"qmp{os.getpid()}-{next(_serial)}.sock"
+    plain = start_backend("--qmp", f"unix:{path}", "--gc-defaults")
+    assert wait_until(path.is_socket, 10), plain.log_text()
+    collector = Qmp(plain, path).ctl_json("stats")["gc"]  # type: ignore[index]
+    assert collector["thresholds"] == [700, 10, 10] and collector["frozen-objects"] == 0
+
+
 def test_hostfwd_add_list_remove_with_ctl_and_qmp_shell(qmp_backend: Qmp) -> None:
     watcher = qmp_backend.watch(
         "--count", "2", "--timeout", "30", "--event", "HOSTFWD_ADDED", "--event", "HOSTFWD_REMOVED"

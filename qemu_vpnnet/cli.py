@@ -28,6 +28,8 @@ from qemu_vpnnet.core.packets import parse_mac
 from qemu_vpnnet.core.stack import Stack
 from qemu_vpnnet.hostfwd import HostFwdSyntaxError, parse_hostfwd
 from qemu_vpnnet.io.forwards import Forwarder, ForwardError
+from qemu_vpnnet.io.gc_tuning import WATCH as gc_watch
+from qemu_vpnnet.io.gc_tuning import freeze_startup, tune_gc
 from qemu_vpnnet.io.host_side import install_host_side
 from qemu_vpnnet.io.http_proxy import start_proxy
 from qemu_vpnnet.io.policy_control import Policy
@@ -323,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="USEC",
         help="after a light request/reply turn keep polling this long instead of sleeping: lower "
         "round-trip latency for some CPU while such traffic flows; 0 turns it off (default 200)",
+    )
+    n.add_argument(
+        "--gc-defaults",
+        action="store_true",
+        help="keep Python's garbage collector as it comes (io/gc_tuning.py; for comparison: scripts/bench-gc)",
     )
     v = p.add_argument_group("IPv6 (see docs/ipv6.rst; defaults are QEMU -netdev user's)")
     v.add_argument(
@@ -764,7 +771,11 @@ async def serve(args: argparse.Namespace, config: NetConfig) -> int:
     )
     for hint in qemu_hints(args):
         log.info("QEMU arguments: %s", hint)
+    gc_watch.install()
+    if not args.gc_defaults:  # start-up is over: what it made is never walked again
+        log.debug("garbage collector: %d start-up objects frozen", freeze_startup())
     await stop.wait()
+    gc_watch.uninstall()
     log.info("stopping")
     policy.close()
     await qmp.close()
@@ -791,6 +802,8 @@ def run_backend(argv: Sequence[str]) -> int:
     from qemu_vpnnet.io.malloc_tuning import tune_malloc
 
     tune_malloc()
+    if not args.gc_defaults:
+        tune_gc()
     return uvloop.run(serve(args, config))
 
 

@@ -212,6 +212,12 @@ def format_stats(stats: dict[str, object]) -> str:
                     f"  {u.get('mac')}  tcp {u.get('tcp')} (connecting {u.get('pending')})  "
                     f"datagram flows {u.get('datagram-flows')}"
                 )
+    gc_stats = stats.get("gc")
+    if isinstance(gc_stats, dict):
+        lines.append(
+            f"garbage collector: collections {gc_stats.get('collections')} (young, middle, full), "
+            f"paused {gc_stats.get('pause-ms')} ms, longest {gc_stats.get('longest-pause-ms')} ms"
+        )
     counters = stats.get("counters")
     if isinstance(counters, dict) and counters:
         width = max(len(str(name)) for name in counters)

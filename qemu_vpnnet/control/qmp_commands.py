@@ -22,6 +22,7 @@ from qemu_vpnnet.hostfwd import (
     parse_hostfwd,
 )
 from qemu_vpnnet.io.forwards import ForwardError
+from qemu_vpnnet.io.gc_tuning import WATCH as gc_watch
 
 if TYPE_CHECKING:
     import asyncio
@@ -266,6 +267,7 @@ async def cmd_query_stats(ctx: Context, args: dict[str, object]) -> object:
         "host-sockets": stack.guard.sockets,  # held by flows, against the budget (docs/isolation.rst)
         "host-socket-budget": stack.guard.fd_budget,
         "guest-usage": stack.guard.describe(),
+        "gc": gc_watch.describe(),  # the garbage collector's pauses (io/gc_tuning.py)
     }
 
 
