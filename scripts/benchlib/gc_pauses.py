@@ -16,7 +16,6 @@ import asyncio
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,12 +29,12 @@ sys.path.insert(0, str(REPO))
 
 from scripts.benchlib.main import (  # noqa: E402
     GATEWAY,
-    HERE,
-    VENV_PYTHON,
     WRK_PORT_RANGE,
     HostServers,
     Setup,
     cpu_seconds,
+    hold_idle_connections,
+    release_idle_connections,
     wrk_run,
 )
 
@@ -78,16 +77,8 @@ def one_round(mode: str, idle: int, seconds: int, workdir: Path) -> dict[str, fl
     figures: dict[str, float] = {}
     setup.start()
     try:
-        assert setup.guest is not None
-        holder = setup.guest.popen(
-            [VENV_PYTHON, str(HERE / "guest_idle.py"), GATEWAY, str(HostServers.HOLD), str(idle)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        holder, line = hold_idle_connections(setup, idle)
         try:
-            assert holder.stdout is not None
-            line = holder.stdout.readline()
             m = re.search(r"opened=(\d+)", line)
             figures["idle connections held"] = float(m.group(1)) if m else 0.0
             time.sleep(1.0)
@@ -114,13 +105,7 @@ def one_round(mode: str, idle: int, seconds: int, workdir: Path) -> dict[str, fl
                 figures["longest collector pause ms (whole run)"] = max(after["longest-pause-ms"])
                 figures["objects frozen at start-up"] = float(after["frozen-objects"])
         finally:
-            if holder.stdin is not None:
-                holder.stdin.close()
-            try:
-                holder.wait(30)
-            except subprocess.TimeoutExpired:
-                holder.kill()
-                holder.wait()
+            release_idle_connections(holder)
     finally:
         setup.stop()
     return figures

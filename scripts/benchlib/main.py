@@ -430,10 +430,10 @@ def wrk(setup: Setup, seconds: int) -> dict[str, float]:
     return figures
 
 
-def idle_connections(setup: Setup, count: int) -> dict[str, float]:
+def hold_idle_connections(setup: Setup, count: int) -> tuple[subprocess.Popen[str], str]:
+    """The guest opens count connections to the host's holding server and keeps them until
+    release_idle_connections; its report line (opened=N failed=N seconds=S)."""
     assert setup.guest is not None
-    pid = setup.memory_pid()
-    base = rss_mb(pid)
     proc = setup.guest.popen(
         [VENV_PYTHON, str(HERE / "guest_idle.py"), GATEWAY, str(HostServers.HOLD), str(count)],
         stdin=subprocess.PIPE,
@@ -442,17 +442,32 @@ def idle_connections(setup: Setup, count: int) -> dict[str, float]:
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
+        return proc, proc.stdout.readline()
+    except BaseException:
+        release_idle_connections(proc)
+        raise
+
+
+def release_idle_connections(proc: subprocess.Popen[str]) -> None:
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def idle_connections(setup: Setup, count: int) -> dict[str, float]:
+    pid = setup.memory_pid()
+    base = rss_mb(pid)
+    proc, line = hold_idle_connections(setup, count)
+    try:
         m = re.search(r"opened=(\d+) failed=(\d+) seconds=([\d.]+)", line)
         time.sleep(1.0)
         rss = rss_mb(pid)
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        release_idle_connections(proc)
     if not m:
         return {}
     opened = int(m.group(1))
